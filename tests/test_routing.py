@@ -222,9 +222,34 @@ def _random_options(rng, router, batch_prioritized):
   return (G, S, E), options
 
 
+def _assert_routing_layout(routing, msg):
+  """The `Routing` contract (types.py) that dispatchers rely on."""
+  token, expert = np.asarray(routing.token), np.asarray(routing.expert)
+  slot, weight = np.asarray(routing.slot), np.asarray(routing.weight)
+  capacity = routing.capacity
+  kept = slot < capacity
+  # Slots are in [0, C]; C marks a dropped assignment, whose weight is 0.
+  assert np.all((slot >= 0) & (slot <= capacity)), msg
+  assert np.all(weight[~kept] == 0), msg
+  # No two kept assignments share an expert slot.
+  for g in range(token.shape[0]):
+    used = list(zip(expert[g][kept[g]], slot[g][kept[g]]))
+    assert len(used) == len(set(used)), msg
+  positions = np.arange(token.shape[1])
+  if routing.choices_per_token is not None:  # token-major: a // K
+    np.testing.assert_array_equal(token, np.broadcast_to(
+        positions // routing.choices_per_token, token.shape), err_msg=msg)
+  else:  # expert-major: expert a // C, slot a % C
+    np.testing.assert_array_equal(expert, np.broadcast_to(
+        positions // capacity, expert.shape), err_msg=msg)
+    np.testing.assert_array_equal(slot, np.broadcast_to(
+        positions % capacity, slot.shape), err_msg=msg)
+
+
 def _assert_matches_reference(logits, options, routing, combine, label):
   want = reference(logits, **options)
   msg = f"{label}: shape={logits.shape} options={options}"
+  _assert_routing_layout(routing, msg)
   assert routing.capacity == want["capacity"], msg
   np.testing.assert_allclose(combine, want["combine"], rtol=0, atol=1e-6, err_msg=msg)
   np.testing.assert_allclose(float(routing.aux_loss), want["aux_loss"], rtol=1e-5,
@@ -275,11 +300,6 @@ def test_dropless_drops_nothing(router, batch_prioritized, seed):
   np.testing.assert_array_equal((combine > 0).sum(-1), options["top_k"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known bug: metrics.load_metrics computes dropped_fraction as "
-    "1 - mean(kept); under jit XLA's mean is not exactly 1 for all-kept, so "
-    "nothing dropped reads as +-3e-8 (e.g. -2.98e-08 here). Remove this "
-    "marker once it is computed as mean(~kept)."))
 def test_dropped_fraction_is_exactly_zero_when_nothing_is_dropped():
   # Switch, dropless (C = S = 3): every assignment is kept.
   routing, _ = _run(np.zeros((1, 3, 4)), router="switch", capacity_factor=0.0)
@@ -315,8 +335,22 @@ def test_overflow_drops_the_last_token_by_position():
                                           [0.0, 0.0]], atol=1e-6)
   np.testing.assert_array_equal(np.asarray(routing.kept), [[True, True, False]])
   np.testing.assert_array_equal(np.asarray(routing.slot), [[0, 1, 2]])  # 2 == C: dropped
+  # The dropped assignment's own weight is 0 too, not only its combine row.
+  np.testing.assert_allclose(np.asarray(routing.weight), [[0.7, 0.6, 0.0]], atol=1e-6)
   # 1 of 3 assignments dropped.
   np.testing.assert_allclose(float(routing.metrics["dropped_fraction"]), 1 / 3, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["switch", "expert_choice"])
+def test_capacity_ignores_float_noise(router):
+  # S=45, E=3, capacity_factor=2.2: 2.2 * 45 / 3 = 33.00000000000001 in binary
+  # floating point, but C = 33, not 34 (for switch K=1 the product is the same).
+  logits = np.zeros((1, 45, 3))
+  logits[..., 0] = 1.0  # every token wants expert 0, all tied for it
+  routing, combine = _run(logits, router=router, capacity_factor=2.2)
+  assert routing.capacity == 33
+  # Expert 0 serves tokens 0..32 (by position / lower position wins ties).
+  np.testing.assert_array_equal(combine[0, :, 0] > 0, np.arange(45) < 33)
 
 
 def test_batch_prioritized_changes_who_is_dropped():

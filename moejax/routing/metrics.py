@@ -27,5 +27,5 @@ def load_metrics(expert_counts: jax.Array, kept: jax.Array) -> dict[str, jax.Arr
   return {
       "expert_load": load,
       "load_max_over_mean": jnp.max(load) * load.shape[0],
-      "dropped_fraction": 1.0 - jnp.mean(kept.astype(jnp.float32)),
+      "dropped_fraction": jnp.mean((~kept).astype(jnp.float32)),
   }
