@@ -2,12 +2,20 @@ r"""Forward+backward time of `MoELayer` per dispatcher, next to a dense FFN.
 
     python -m experiments.bench_layer                      # the full grid
     python -m experiments.bench_layer --num_experts=64 --top_k=2 --dispatch=gather
+    python -m experiments.bench_layer --breakdown --num_experts=8,64,256 --top_k=2
 
 Prints one JSON object per line: a result per (dispatch, E, k) and a final
 summary. The yardstick is a dense FFN with the same active FLOPs (hidden
 k * expert_hidden), timed in the same process; `ratio_to_dense` is the MoE
 median time over the dense median time. Times are medians of --repeats runs
 after one compile-and-warm-up call.
+
+`--breakdown` profiles the gather layer instead: it times, each as its own
+jitted forward+backward, the router (router matmul, `route`, losses and
+metrics), the experts alone on a capacity buffer of the layer's shape, and a
+memory floor: one pass that reads every expert parameter and writes a
+same-sized gradient (what any forward+backward must do at least once). The
+parts explain where the layer's time goes as E grows at fixed k.
 """
 
 import json
@@ -20,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import routing as routing_lib
 from moejax.nn import MoELayer
 
 _DISPATCH = flags.DEFINE_list("dispatch", ["gather", "dropless", "einsum"], "Dispatchers.")
@@ -31,8 +40,20 @@ _HIDDEN = flags.DEFINE_integer("expert_hidden", 512, "Expert hidden width H.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per sequence (= routing group).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Profile the gather layer's parts.")
 _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+  """Median seconds of `fn(*args)` after one compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
@@ -47,13 +68,49 @@ def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
       return jnp.sum(y * cotangent) + aux["weighted_loss"]
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
-  jax.block_until_ready(step(params, x))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return _median_seconds(step, params, x, repeats=repeats)
+
+
+def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
+  """Seconds of the gather layer's parts (see the module docstring)."""
+  tokens = x.reshape(-1, x.shape[-1])
+  groups = x.shape[0]
+  kernel = layer.router_kernel[...]
+  experts_graph, expert_params = nnx.split(layer.experts)
+
+  @jax.jit
+  def router_step(kernel, tokens):
+    def loss(kernel, tokens):
+      logits = jnp.dot(tokens, kernel).reshape(groups, -1, kernel.shape[-1])
+      r = routing_lib.route(logits, router="topk", top_k=layer.top_k,
+                            capacity_factor=layer.capacity_factor)
+      return jnp.sum(r.weight) + r.aux_loss + r.z_loss + sum(
+          jnp.sum(v) for v in r.metrics.values())
+    return jax.grad(loss, argnums=(0, 1))(kernel, tokens)
+
+  capacity = routing_lib.token_choice_capacity(
+      num_tokens=tokens.shape[0] // groups, num_experts=layer.num_experts,
+      top_k=layer.top_k, capacity_factor=layer.capacity_factor, min_capacity=1)
+  buffer = jax.random.normal(jax.random.key(1),
+                             (layer.num_experts, groups * capacity, x.shape[-1]))
+
+  @jax.jit
+  def experts_step(params, buffer):
+    def loss(params, buffer):
+      return jnp.sum(nnx.merge(experts_graph, params)(buffer))
+    return jax.grad(loss, argnums=(0, 1))(params, buffer)
+
+  @jax.jit
+  def memory_floor(params):
+    return jax.tree.map(lambda p: p * 2.0, params)
+
+  return {
+      "router": _median_seconds(router_step, kernel, tokens, repeats=repeats),
+      "experts": _median_seconds(experts_step, expert_params, buffer, repeats=repeats),
+      "param_memory_floor": _median_seconds(memory_floor, expert_params, repeats=repeats),
+      "capacity_rows_over_tokens": layer.num_experts * groups * capacity / (
+          tokens.shape[0] * layer.top_k),
+  }
 
 
 def main(argv):
@@ -77,6 +134,14 @@ def main(argv):
                          capacity_factor=capacity_factor, dispatch=dispatch,
                          rngs=nnx.Rngs(0), **common)
         seconds = _time_layer(layer, x, _REPEATS.value)
+        if _BREAKDOWN.value and dispatch == "gather":
+          parts = _breakdown(layer, x, _REPEATS.value)
+          print(json.dumps({"breakdown": True, "num_experts": num_experts, "top_k": top_k,
+                            "layer_over_dense": round(seconds / dense_seconds[top_k], 3),
+                            **{f"{name}_over_dense": round(value / dense_seconds[top_k], 3)
+                               for name, value in parts.items() if name != "capacity_rows_over_tokens"},
+                            "capacity_rows_over_tokens": round(parts["capacity_rows_over_tokens"], 3)}),
+                flush=True)
         result = {"layer": "moe", "dispatch": dispatch, "num_experts": num_experts,
                   "top_k": top_k, "capacity_factor": capacity_factor,
                   "seconds": round(seconds, 5),
