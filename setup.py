@@ -12,12 +12,25 @@ setuptools.setup(
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
-        "optax",
+        "optax>=0.2.5",
         "orbax-checkpoint",
         "ml-collections",
         "chex",
         "absl-py",
         "numpy",
+        "tqdm",
+        # TensorBoard event files without importing TensorFlow in the train loop.
+        "tensorboardX",
+        # moejax.data: TFDS builds and reads datasets with TensorFlow (kept off
+        # accelerators). tensorflow-cpu has wheels for Linux x86_64 only; elsewhere
+        # (macOS, Linux aarch64) the plain tensorflow wheel is the CPU build.
+        "tensorflow-datasets>=4.9",
+        "tensorflow-cpu; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "tensorflow; platform_system != 'Linux' or platform_machine != 'x86_64'",
+        # TFDS 4.9.x imports importlib_resources unconditionally but declares it for
+        # Python < 3.9 only.
+        "importlib_resources",
+        "sentencepiece",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],

@@ -21,6 +21,8 @@ from moejax.nn.experts import MLP, Experts, _hidden_activation
 ROUTER_OPTIONS = ("batch_prioritized", "renormalize", "jitter", "noise_std",
                   "min_capacity")
 DENSE = "dense"
+# How tokens form routing groups (see `MoELayer`, `group_by`).
+GROUP_BY = ("sequence", "batch")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -38,7 +40,16 @@ class MoELayer(nnx.Module):
     expert_hidden: H of one expert before `granularity`.
     router: "dense" or a name in `routing.ROUTERS`.
     capacity_factor: see `routing.route`; 0 = dropless.
-    group_size: tokens per routing group; default one group per sequence.
+    group_size: tokens per routing group; default one group per sequence
+      (group_by="sequence") or one group per position (group_by="batch").
+    group_by: "sequence": a group is group_size consecutive tokens of the
+      flattened [B*L] batch. "batch": the batch is transposed to [L, B] first,
+      so a group holds tokens at one position of different sequences
+      (group_size must then divide B). Routers whose decision for a token
+      depends on the rest of its group (expert choice, batch-prioritized
+      token choice, top-k's later choices under a capacity) then see no later
+      position: routing is causal in time, as a decoder needs (Wang et al.
+      2024, "Auxiliary-Loss-Free Load Balancing", §5.2).
     dispatch: a name in `dispatch.DISPATCHERS`.
     activation: "gelu" or "swiglu".
     num_shared_experts: always-active experts of hidden expert_hidden /
@@ -56,7 +67,8 @@ class MoELayer(nnx.Module):
 
   def __init__(self, *, d_model: int, num_experts: int, top_k: int, expert_hidden: int,
                router: str = "topk", capacity_factor: float = 1.25,
-               group_size: Optional[int] = None, dispatch: str = "gather",
+               group_size: Optional[int] = None, group_by: str = "sequence",
+               dispatch: str = "gather",
                activation: str = "gelu", num_shared_experts: int = 0,
                granularity: int = 1, aux_loss_weight: float = 1e-2,
                z_loss_weight: float = 1e-3, dtype=jnp.float32, rngs: nnx.Rngs,
@@ -71,6 +83,8 @@ class MoELayer(nnx.Module):
       _positive_int(name, value)
     if group_size is not None:
       _positive_int("group_size", group_size)
+    if group_by not in GROUP_BY:
+      raise ValueError(f"unknown group_by {group_by!r}; valid values: {list(GROUP_BY)}")
     if isinstance(num_shared_experts, bool) or not isinstance(num_shared_experts, int) \
         or num_shared_experts < 0:
       raise ValueError(f"num_shared_experts must be an integer >= 0, got {num_shared_experts!r}")
@@ -90,6 +104,7 @@ class MoELayer(nnx.Module):
     self.expert_hidden = expert_hidden // granularity
     self.capacity_factor = capacity_factor
     self.group_size = group_size
+    self.group_by = group_by
     self.dispatch = dispatch
     self.aux_loss_weight = aux_loss_weight
     self.z_loss_weight = z_loss_weight
@@ -148,17 +163,28 @@ class MoELayer(nnx.Module):
       zero = jnp.zeros((), jnp.float32)
       aux = {"aux_loss": zero, "z_loss": zero, "weighted_loss": zero}
     else:
-      y, aux = self._route_and_run(tokens, length, deterministic, rng)
+      y, aux = self._route_and_run(x, deterministic, rng)
     if self.shared is not None:
       y = y + self.shared(tokens)
     return y.reshape(batch, length, -1).astype(self.dtype), aux
 
-  def _route_and_run(self, tokens: jax.Array, length: int, deterministic: bool,
+  def _route_and_run(self, x: jax.Array, deterministic: bool,
                      rng: Optional[jax.Array]):
-    group_size = self.group_size or length
-    if tokens.shape[0] % group_size:
-      raise ValueError(f"group_size={group_size} does not divide the "
-                       f"{tokens.shape[0]} tokens of the batch")
+    """[B, L, D] -> ([B*L, D] in the order of x, aux)."""
+    batch, length, d_model = x.shape
+    if self.group_by == "batch":
+      # [L, B, D]: consecutive tokens share a position, so groups never mix positions.
+      x = jnp.swapaxes(x, 0, 1)
+      group_size = self.group_size or batch
+      if batch % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the batch size "
+                         f"{batch} (group_by='batch' groups tokens at one position)")
+    else:
+      group_size = self.group_size or length
+      if batch * length % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the "
+                         f"{batch * length} tokens of the batch")
+    tokens = x.reshape(-1, d_model)
     options = dict(self.router_options)
     jitter = options.pop("jitter", 0.0)
     jitter_rng = noise_rng = None
@@ -183,4 +209,7 @@ class MoELayer(nnx.Module):
     aux["z_loss"] = routing.z_loss
     aux["weighted_loss"] = (self.aux_loss_weight * routing.aux_loss
                             + self.z_loss_weight * routing.z_loss)
-    return y.reshape(tokens.shape[0], -1), aux
+    y = y.reshape(x.shape[:2] + (-1,))
+    if self.group_by == "batch":
+      y = jnp.swapaxes(y, 0, 1)
+    return y.reshape(batch * length, -1), aux

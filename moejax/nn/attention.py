@@ -1,0 +1,115 @@
+"""Causal multi-head self-attention with rotary position embeddings.
+
+Letters: B batch, L sequence (queries), M sequence (keys), N heads, P head
+dim, D model width, T = B*L tokens. Kernels are float32 parameters cast to the
+compute dtype at use; the softmax is always float32.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
+  """<float32>[P/2] rotation frequencies theta_i = base^(-2i/P).
+
+  RoFormer (Su et al. 2021), eq. 15.
+  """
+  if head_dim % 2:
+    raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  return base ** -exponents
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotates query or key vectors by their positions (RoFormer, Su et al. 2021).
+
+  Feature i of the first half and feature i of the second half of each head
+  form a pair rotated by the angle position * theta_i (the "rotate half"
+  layout of GPT-NeoX / LLaMA; RoFormer eq. 34 pairs adjacent features, which
+  is the same map up to a fixed permutation of the head's features). Hence
+  <rope(q, m), rope(k, n)> depends on m and n only through m - n (eq. 16).
+
+  Args:
+    x: [..., L, N, P] queries or keys.
+    positions: <int>[L] or [..., L] position of each token.
+    base: the RoPE base (10000 in RoFormer).
+
+  Returns:
+    [..., L, N, P], same dtype as x (the rotation is done in float32).
+  """
+  half = x.shape[-1] // 2
+  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(x.shape[-1], base)
+  cos = jnp.cos(angles)[..., None, :]  # [..., L, 1, P/2], broadcast over heads
+  sin = jnp.sin(angles)[..., None, :]
+  x1 = x[..., :half].astype(jnp.float32)
+  x2 = x[..., half:].astype(jnp.float32)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(P) + causal mask) v, heads-major.
+
+  Args:
+    q, k, v: [B, N, L, P] (head axis before the sequence axis).
+
+  Returns:
+    [B, N, L, P] in the dtype of v.
+
+  An explicit masked einsum in heads-major layout: on XLA:CPU (B=32, L=128,
+  N=4, P=32, float32, 2 cores) it took 8.2 ms forward and 21.9 ms forward +
+  backward, against 10.8 ms and 47.3 ms for
+  `jax.nn.dot_product_attention(..., is_causal=True)` (its [B, L, N, P]
+  layout) and 25 ms / 23 ms for the same einsum in [B, L, N, P] layout.
+  """
+  length = q.shape[-2]
+  scores = jnp.einsum("bnlp,bnmp->bnlm", q, k).astype(jnp.float32)
+  scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # key m <= query l
+  scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnlm,bnmp->bnlp", weights, v)
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with RoPE on queries and keys.
+
+  Parameters: `qkv` <float32>[D, 3, N, P] (query, key, value projections) and
+  `out` <float32>[N, P, D]; no biases (as in PaLM / LLaMA).
+  """
+
+  def __init__(self, *, d_model: int, num_heads: int, head_dim: int,
+               rope_base: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+    rope_frequencies(head_dim, rope_base)  # validates head_dim
+    self.d_model = d_model
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.rope_base = rope_base
+    self.dtype = dtype
+    # Fan-in scaling over the contracted axes (D for qkv, N*P for out).
+    qkv_init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2, 3))
+    out_init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+    self.qkv = nnx.Param(qkv_init(rngs.params(), (d_model, 3, num_heads, head_dim),
+                                  jnp.float32))
+    self.out = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, d_model),
+                                  jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l."""
+    batch, length, d_model = x.shape
+    width = self.num_heads * self.head_dim
+    # 2-D dots: a 3-D operand ran ~2.2x slower forward+backward on XLA:CPU.
+    tokens = x.reshape(batch * length, d_model).astype(self.dtype)
+    qkv = jnp.dot(tokens, self.qkv[...].astype(self.dtype).reshape(d_model, 3 * width))
+    qkv = qkv.reshape(batch, length, 3, self.num_heads, self.head_dim)
+    positions = jnp.arange(length, dtype=jnp.int32)
+    q = apply_rope(qkv[:, :, 0], positions, self.rope_base)  # [B, L, N, P]
+    k = apply_rope(qkv[:, :, 1], positions, self.rope_base)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, qkv[:, :, 2]))  # [B, N, L, P]
+    context = jnp.swapaxes(causal_attention(q, k, v), 1, 2)  # [B, L, N, P]
+    y = jnp.dot(context.reshape(batch * length, width),
+                self.out[...].astype(self.dtype).reshape(width, d_model))
+    return y.reshape(batch, length, d_model)

@@ -1,0 +1,1 @@
+"""Training: config, optimizer, checkpoints, metrics and the train loop."""

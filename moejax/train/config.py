@@ -1,0 +1,165 @@
+"""The run configuration: every key with its default, and validation.
+
+`default_config()` is the single definition of the keys; files in configs/
+start from it and change what their run needs. `validate_config` checks a
+config before anything is built or compiled and raises `ValueError` naming the
+offending key.
+"""
+
+import ml_collections
+
+
+def moe_config() -> ml_collections.ConfigDict:
+  """The keys of `MoELayer` (see moejax/nn/moe_layer.py)."""
+  moe = ml_collections.ConfigDict()
+  moe.num_experts = 8
+  moe.top_k = 2
+  moe.expert_hidden = 256
+  moe.router = "topk"              # switch | topk | expert_choice | dense
+  moe.capacity_factor = 1.25       # 0 = dropless (token choice)
+  moe.min_capacity = 1
+  moe.group_size = ml_collections.config_dict.placeholder(int)  # None = one group per sequence
+  moe.group_by = "sequence"        # sequence | batch (causal routing for expert choice)
+  moe.dispatch = "gather"          # gather | einsum | dropless
+  moe.activation = "gelu"          # gelu | swiglu
+  moe.num_shared_experts = 0
+  moe.granularity = 1
+  moe.batch_prioritized = False
+  moe.renormalize = ml_collections.config_dict.placeholder(bool)  # None = on for top_k > 1
+  moe.jitter = 0.0
+  moe.noise_std = 0.0
+  moe.aux_loss_weight = 1e-2
+  moe.z_loss_weight = 1e-3
+  return moe
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key with its default (documented in the README config table)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 300
+  config.train.batch_size = 32           # global, over all processes
+  config.train.seq_len = 128
+  config.train.learning_rate = 3e-3
+  config.train.warmup_steps = 30
+  config.train.final_lr_fraction = 0.1  # cosine decays to learning_rate * this
+  config.train.weight_decay = 0.1
+  config.train.grad_clip = 1.0
+  config.train.b1 = 0.9
+  config.train.b2 = 0.95
+  config.train.log_every = 10
+  config.train.eval_every = 100
+  config.train.eval_batches = 4
+  config.train.checkpoint_every = 100
+  config.train.keep_checkpoints = 3
+  config.train.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "synthetic_mixture"
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)
+  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
+  config.data.text_key = "text"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.tokenizer = "byte"
+  config.data.vocab_size = 512
+  config.data.num_domains = 4
+  config.data.branching = 4
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_layers = 4
+  config.model.d_model = 128
+  config.model.num_heads = 4
+  config.model.head_dim = ml_collections.config_dict.placeholder(int)  # None = d_model / num_heads
+  config.model.moe_every = 1
+  config.model.first_dense_layers = 0
+  config.model.tie_embeddings = True
+  config.model.rope_base = 10000.0
+  config.model.dtype = "float32"          # compute dtype: float32 | bfloat16
+  config.model.moe = moe_config()
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1                   # -1 = all remaining devices
+  config.mesh.expert = 1
+  config.mesh.model = 1
+  return config
+
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def _key_paths(config: ml_collections.ConfigDict, prefix: str = "config") -> dict[str, object]:
+  paths = {}
+  for name, value in config.items():
+    path = f"{prefix}.{name}"
+    if isinstance(value, ml_collections.ConfigDict):
+      paths.update(_key_paths(value, path))
+    else:
+      paths[path] = value
+  return paths
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad key; builds and compiles nothing.
+
+  Checks that the keys are exactly those of `default_config()` (a typo in a
+  config file is an error, as it is on the command line), the values of the
+  train, model and mesh sections, and the data section through
+  `moejax.data.validate_data_config`. The MoE options are checked by the model
+  itself (`moejax.train.trainer.build_model` under `nnx.eval_shape`).
+  """
+  expected = _key_paths(default_config())
+  given = _key_paths(config)
+  unknown = sorted(set(given) - set(expected))
+  missing = sorted(set(expected) - set(given))
+  _require(not unknown, f"unknown config key(s) {unknown}; see the README config table")
+  _require(not missing, f"config is missing key(s) {missing}")
+
+  train = config.train
+  for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
+              "checkpoint_every", "keep_checkpoints"):
+    value = train[key]
+    _require(_is_int(value) and value > 0,
+             f"config.train.{key} must be a positive integer, got {value!r}")
+  _require(_is_int(train.warmup_steps) and 0 <= train.warmup_steps <= train.steps,
+           f"config.train.warmup_steps must be an integer in [0, config.train.steps="
+           f"{train.steps}], got {train.warmup_steps!r}")
+  _require(train.learning_rate > 0,
+           f"config.train.learning_rate must be > 0, got {train.learning_rate!r}")
+  _require(0 <= train.final_lr_fraction <= 1,
+           f"config.train.final_lr_fraction must be in [0, 1], got {train.final_lr_fraction!r}")
+  _require(train.weight_decay >= 0,
+           f"config.train.weight_decay must be >= 0, got {train.weight_decay!r}")
+  _require(train.grad_clip >= 0,
+           f"config.train.grad_clip must be >= 0 (0 = off), got {train.grad_clip!r}")
+  for key in ("b1", "b2"):
+    _require(0 <= train[key] < 1, f"config.train.{key} must be in [0, 1), got {train[key]!r}")
+  _require(train.peak_flops_per_device is None or train.peak_flops_per_device > 0,
+           f"config.train.peak_flops_per_device must be > 0 or None, "
+           f"got {train.peak_flops_per_device!r}")
+
+  model = config.model
+  for key in ("num_layers", "d_model", "num_heads", "moe_every"):
+    _require(_is_int(model[key]) and model[key] > 0,
+             f"config.model.{key} must be a positive integer, got {model[key]!r}")
+  _require(model.dtype in _DTYPES,
+           f"config.model.dtype must be one of {list(_DTYPES)}, got {model.dtype!r}")
+  for key in ("data", "expert", "model"):
+    value = config.mesh[key]
+    _require(_is_int(value) and (value == -1 or value > 0),
+             f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
+
+  # Imported here: moejax.data pulls in TFDS lazily, the config module stays light.
+  from moejax import data  # pylint: disable=g-import-not-at-top
+  data.validate_data_config(config.data)

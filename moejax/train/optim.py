@@ -1,0 +1,29 @@
+"""The optimizer: AdamW with linear warmup, cosine decay and gradient clipping."""
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to `learning_rate` over `warmup_steps`, then cosine decay to
+  `learning_rate * final_lr_fraction` at `steps` (Loshchilov & Hutter 2017).
+  A function of the step only, so a resumed run follows the same curve."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
+      decay_steps=train.steps, end_value=train.learning_rate * train.final_lr_fraction)
+
+
+def _decay_mask(params):
+  # Decay matrices (kernels, embeddings), not RMSNorm scales or vectors.
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Clip by global norm (off when grad_clip = 0), then AdamW (decoupled weight
+  decay on matrices only, Loshchilov & Hutter 2019). The state has the same
+  structure whatever the options, so a run can resume with other values."""
+  adamw = optax.adamw(learning_rate_schedule(train), b1=train.b1, b2=train.b2,
+                      weight_decay=train.weight_decay, mask=_decay_mask)
+  max_norm = train.grad_clip if train.grad_clip else float("inf")
+  return optax.chain(optax.clip_by_global_norm(max_norm), adamw)
