@@ -8,6 +8,8 @@ offending key.
 
 import ml_collections
 
+from moejax import data
+
 
 def moe_config() -> ml_collections.ConfigDict:
   """The keys of `MoELayer` (see moejax/nn/moe_layer.py)."""
@@ -56,17 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "synthetic_mixture"
-  config.data.data_dir = ml_collections.config_dict.placeholder(str)
-  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
-  config.data.text_key = "text"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.tokenizer = "byte"
-  config.data.vocab_size = 512
-  config.data.num_domains = 4
-  config.data.branching = 4
+  # config.data: name, data_dir, manual_dir, text_key, train_split, eval_split,
+  # tokenizer, vocab_size, num_domains, branching (see moejax/data/pipeline.py).
+  config.data = data.default_config()
 
   config.model = ml_collections.ConfigDict()
   config.model.num_layers = 4
@@ -160,6 +154,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_int(value) and (value == -1 or value > 0),
              f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
 
-  # Imported here: moejax.data pulls in TFDS lazily, the config module stays light.
-  from moejax import data  # pylint: disable=g-import-not-at-top
   data.validate_data_config(config.data)
