@@ -7,6 +7,7 @@ config describes. Letters: B batch, L sequence, G groups, S tokens per group,
 E experts, K choices per token, D model width, H expert hidden width.
 """
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -16,6 +17,7 @@ from flax import nnx
 from moejax import dispatch as dispatch_lib
 from moejax import routing as routing_lib
 from moejax.nn.experts import MLP, Experts, _hidden_activation
+from moejax.parallel import expert_parallel
 
 # Options forwarded to `routing.route` (besides top_k and capacity_factor).
 ROUTER_OPTIONS = ("batch_prioritized", "renormalize", "jitter", "noise_std",
@@ -171,6 +173,7 @@ class MoELayer(nnx.Module):
   def _route_and_run(self, x: jax.Array, deterministic: bool,
                      rng: Optional[jax.Array]):
     """[B, L, D] -> ([B*L, D] in the order of x, aux)."""
+    inputs = x
     batch, length, d_model = x.shape
     if self.group_by == "batch":
       # [L, B, D]: consecutive tokens share a position, so groups never mix positions.
@@ -184,32 +187,40 @@ class MoELayer(nnx.Module):
       if batch * length % group_size:
         raise ValueError(f"group_size={group_size} does not divide the "
                          f"{batch * length} tokens of the batch")
-    tokens = x.reshape(-1, d_model)
+    groups = x.reshape(-1, group_size, d_model)
+    y, aux = expert_parallel.routed_forward(
+        functools.partial(self._route, deterministic=deterministic), self._dispatcher,
+        groups, self.router_kernel[...], self.experts, rng, dtype=self.dtype,
+        mesh=expert_parallel.parallel_mesh())
+    aux["weighted_loss"] = (self.aux_loss_weight * aux["aux_loss"]
+                            + self.z_loss_weight * aux["z_loss"])
+    y = y.reshape(x.shape[:2] + (-1,))
+    if self.group_by == "batch":
+      y = expert_parallel.match_sharding(jnp.swapaxes(y, 0, 1), inputs)
+    return y.reshape(batch * length, -1), aux
+
+  def _route(self, groups: jax.Array, router_kernel: jax.Array,
+             rng: Optional[jax.Array], *, deterministic: bool) -> routing_lib.Routing:
+    """<float>[G, S, D] groups -> their `Routing` (float32 router).
+
+    Runs once per device on its own groups under expert parallelism, so it
+    reads the router kernel from its argument, not from `self`.
+    """
+    num_groups, group_size, d_model = groups.shape
     options = dict(self.router_options)
     jitter = options.pop("jitter", 0.0)
     jitter_rng = noise_rng = None
     if rng is not None:
       jitter_rng, noise_rng = jax.random.split(rng)
-    router_input = tokens.astype(jnp.float32)
+    router_input = groups.reshape(num_groups * group_size, d_model).astype(jnp.float32)
     if jitter and not deterministic:
       if rng is None:
         raise ValueError("rng is required for router jitter when deterministic=False")
       # Switch Transformer jitters the router input, not the logits.
       router_input = routing_lib.apply_jitter(router_input, jitter, jitter_rng)
-    logits = jnp.dot(router_input, self.router_kernel[...])  # [G*S, E] float32
-    logits = logits.reshape(-1, group_size, self.num_experts)
-    routing = routing_lib.route(
+    logits = jnp.dot(router_input, router_kernel)  # [G*S, E] float32
+    logits = logits.reshape(num_groups, group_size, self.num_experts)
+    return routing_lib.route(
         logits, router=self.router, top_k=self.top_k,
         capacity_factor=self.capacity_factor, rng=noise_rng,
         deterministic=deterministic, **options)
-    groups = tokens.reshape(-1, group_size, tokens.shape[-1]).astype(self.dtype)
-    y = self._dispatcher(groups, routing, self.experts)
-    aux = dict(routing.metrics)
-    aux["aux_loss"] = routing.aux_loss
-    aux["z_loss"] = routing.z_loss
-    aux["weighted_loss"] = (self.aux_loss_weight * routing.aux_loss
-                            + self.z_loss_weight * routing.z_loss)
-    y = y.reshape(x.shape[:2] + (-1,))
-    if self.group_by == "batch":
-      y = jnp.swapaxes(y, 0, 1)
-    return y.reshape(batch * length, -1), aux

@@ -27,6 +27,7 @@ import tqdm
 from flax import nnx
 
 from moejax import data as data_lib
+from moejax import parallel
 from moejax.nn import TransformerLM
 from moejax.scaling import accounting
 from moejax.train import checkpoints
@@ -67,6 +68,47 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
 def check_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> None:
   """Builds the model abstractly (no parameters allocated, nothing compiled)."""
   nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(0)))
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The device mesh of `config.mesh`, validated against the devices and the
+  model (experts, heads and hidden widths must divide over their axes)."""
+  moe, model = config.model.moe, config.model
+  routed = moe.router != "dense"
+  sizes = parallel.validate_mesh_config(
+      config.mesh, num_devices=jax.device_count(),
+      num_experts=moe.num_experts * moe.granularity if routed else None,
+      num_heads=model.num_heads, expert_hidden=moe.expert_hidden // moe.granularity)
+  batch_shards = sizes["data"] * sizes["expert"]
+  if config.train.batch_size % batch_shards:
+    raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
+                     f"by config.mesh.data * config.mesh.expert = {batch_shards}")
+  return parallel.make_mesh(config.mesh)
+
+
+def init_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sharding.Mesh,
+               tx: optax.GradientTransformation):
+  """Parameters and optimizer state, created directly in their shardings.
+
+  Initialization is a function of `config.seed` only (threefry random bits do
+  not depend on the sharding), so every mesh starts from the same parameters.
+  """
+  def init_params():
+    return nnx.split(build_model(config, vocab_size, nnx.Rngs(config.seed)))[1]
+
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(config.seed))))
+  shardings = parallel.param_shardings(abstract_params, mesh)
+  params = jax.jit(init_params, out_shardings=shardings)()
+  opt_state = jax.jit(tx.init)(params)
+  return graphdef, params, opt_state
+
+
+def global_batch(local_batch: dict[str, np.ndarray],
+                 sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays split over the batch mesh axes."""
+  return {name: jax.make_array_from_process_local_data(sharding, value)
+          for name, value in local_batch.items()}
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -186,10 +228,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   config_lib.validate_config(config)
   train = config.train
-  if config.mesh.expert != 1 or config.mesh.model != 1:
-    raise ValueError(
-        f"config.mesh.expert={config.mesh.expert}, config.mesh.model={config.mesh.model}: "
-        "expert and model parallelism are not available in this version; set both to 1")
   process_index, process_count = jax.process_index(), jax.process_count()
   if train.batch_size % process_count:
     raise ValueError(f"config.train.batch_size={train.batch_size} is not divisible by the "
@@ -200,19 +238,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       cache_dir=os.path.join(workdir, "data_cache"))
   vocab_size = dataset.vocab_size
   check_model_config(config, vocab_size)
+  mesh = make_mesh(config)
 
   is_main = process_index == 0
   os.makedirs(workdir, exist_ok=True)
-  model = build_model(config, vocab_size, nnx.Rngs(config.seed))
-  graphdef, params = nnx.split(model)
   tx = optim.make_optimizer(train)
   schedule = optim.learning_rate_schedule(train)
-  opt_state = tx.init(params)
+  with parallel.activate(mesh):
+    graphdef, params, opt_state = init_state(config, vocab_size, mesh, tx)
 
   checkpointer = checkpoints.Checkpointer(workdir, keep=train.keep_checkpoints)
   iterator = dataset.train_iterator()
   start = checkpointer.latest_step() or 0
   if start:
+    # The abstract target carries this run's shardings: a checkpoint written
+    # under another mesh (or process count) is resharded on restore.
     abstract = jax.tree.map(_abstract, {"params": params, "opt_state": opt_state})
     state, data_state = checkpointer.restore(start, abstract)
     params, opt_state = state["params"], state["opt_state"]
@@ -235,7 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
   train_step = make_train_step(graphdef, tx, schedule, config.seed)
   eval_step = make_eval_step(graphdef)
-  eval_batches = dataset.eval_batches(train.eval_batches)
+  batch_sharding = parallel.batch_sharding(mesh)
+  eval_batches = [global_batch(b, batch_sharding)
+                  for b in dataset.eval_batches(train.eval_batches)]
   tokens_per_step = train.batch_size * train.seq_len
   peak = metrics_lib.peak_flops_per_device(train.peak_flops_per_device) * jax.device_count()
   flops_per_token = summary["train_flops_per_token"]
@@ -246,9 +288,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_saved = start or None
   record: dict[str, float] = {}
   timer_start, timer_step = None, start
-  with _Preemption() as preemption:
+  with _Preemption() as preemption, parallel.activate(mesh):
     for step in range(start, train.steps):
-      batch = next(iterator)
+      batch = global_batch(next(iterator), batch_sharding)
       params, opt_state, metrics, finite = train_step(params, opt_state, batch,
                                                       jnp.asarray(step, jnp.int32))
       ok = ok & finite

@@ -1,0 +1,343 @@
+"""Expert parallelism: the routed part of an MoE layer inside `jax.shard_map`.
+
+GShard (Lepikhin et al. 2020, §3.2) / Switch Transformer (Fedus et al. 2021,
+§2.2, Fig. 9): routing groups [G, S, D] are split over the "batch" mesh axes
+(a group never spans devices), the routed experts [E, ...] over the "expert"
+axes and their hidden units over the "mlp" axes (names from `LOGICAL_RULES`).
+Each device routes its own G_l = G / (batch devices) groups exactly as one
+device would (same capacity C per group), fills its buffer [E, G_l*C, D],
+and one `all_to_all` over the expert axes gives it [E_l, X*G_l*C, D] for its
+E_l = E / X local experts (X = expert-axis devices); one `all_to_all` brings
+the outputs back, and the unchanged dispatcher combines them. With "model"
+devices M > 1 each device holds [E_l, D, H/M] kernels and the expert outputs
+are `psum`-med over "model" (Megatron-LM, Shoeybi et al. 2019).
+
+The dispatchers are untouched: they call `ShardedExperts`, which satisfies
+the `dispatch.base.Experts` contract across devices. The einsum dispatcher
+exchanges its one-hot-dispatched buffer the same way.
+
+Dropless (`dispatch="dropless"`) exchanges rows sorted by expert. Its exact
+ragged exchange would be `jax.lax.ragged_all_to_all`, which XLA:CPU does not
+implement, so every backend uses a padded exchange: each device sends every
+other device a block of `rows_per_shard` rows, a static bound on the rows it
+can route there (G_l*S*min(K, E_l) assignments plus block padding), and the
+receiver compacts what it got by local expert before one grouped matmul.
+Nothing is dropped; the padding costs up to X times the local rows in
+all_to_all bytes (not in expert FLOPs).
+
+Router losses and metrics are means over groups or tokens, and every device
+holds the same number of both, so their `pmean` over the batch axes equals the
+one-device value; `load_max_over_mean` (a max, not a mean) is recomputed from
+the averaged `expert_load`.
+"""
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import AxisType, PartitionSpec
+
+from moejax import dispatch as dispatch_lib
+from moejax.dispatch import permute
+from moejax.parallel import rules
+from moejax.parallel.mesh import current_mesh
+from moejax.routing import Routing
+
+# The blocked grouped matmul of XLA:CPU (dispatch/grouped_matmul.py) starts
+# its loop from a zero carry that varies over no mesh axis, which shard_map's
+# varying-axes check (check_vma) rejects. The dropless dispatcher therefore
+# runs unchecked; its outputs and gradients are compared with one device in
+# tests/test_parallel.py.
+_UNCHECKED_DISPATCHERS = (dispatch_lib.dropless_dispatch,)
+
+# route(groups <float>[G, S, D], router_kernel <float32>[D, E], rng) -> Routing.
+RouteFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], Routing]
+
+
+def _free_axes(mesh, logical: str) -> tuple[str, ...]:
+  """Mesh axes of `logical` that split `mesh` (size > 1) and are not manual yet."""
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  return tuple(a for a in rules.mesh_axes(logical)
+               if a in types and types[a] != AxisType.Manual and mesh.shape[a] > 1)
+
+
+def _size(mesh, axes: tuple[str, ...]) -> int:
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def parallel_mesh():
+  """The ambient mesh if it splits the MoE layer (any batch, expert or mlp
+  axis of size > 1), else None (the layer then runs on one device)."""
+  mesh = current_mesh()
+  if mesh is None:
+    return None
+  axes = {a for logical in ("batch", "expert", "mlp") for a in _free_axes(mesh, logical)}
+  return mesh if _size(mesh, tuple(axes)) > 1 else None
+
+
+def routing_aux(routing: Routing) -> dict[str, jax.Array]:
+  """The router losses and metrics a layer reports (before weighting)."""
+  aux = dict(routing.metrics)
+  aux["aux_loss"] = routing.aux_loss
+  aux["z_loss"] = routing.z_loss
+  return aux
+
+
+def mean_over_shards(aux: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
+  """One-device values of `routing_aux` from its per-shard values.
+
+  Valid because each shard holds the same number of groups, tokens and
+  assignments, so a mean of per-shard means is the global mean. The one
+  non-mean, `load_max_over_mean` = E * max_e expert_load
+  (`routing.metrics.load_metrics`), is recomputed from the mean load.
+  """
+  if not axes:
+    return aux
+  aux = {name: jax.lax.pmean(value, axes) for name, value in aux.items()}
+  if "expert_load" in aux and "load_max_over_mean" in aux:
+    load = aux["expert_load"]
+    aux["load_max_over_mean"] = jnp.max(load) * load.shape[-1]
+  return aux
+
+
+def _gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """y[r] = x[index[r]] (zero where index[r] == len(x)) for a partial
+  permutation; `inverse[t]` is the row of y holding x[t] (len(y) if none).
+  Forward and backward are both gathers (see `dispatch.permute`)."""
+  num_rows = x.shape[0]
+  return permute.to_buffer(x, jnp.arange(num_rows, dtype=jnp.int32), inverse, index,
+                           num_rows, 1)
+
+
+def _inverse(dest: jax.Array, num_rows: int) -> jax.Array:
+  """<int32>[num_rows] source of each destination row (len(dest) if empty)."""
+  return permute.buffer_sources(jnp.arange(dest.shape[0], dtype=jnp.int32), dest,
+                                num_rows, dest.shape[0])
+
+
+class ShardedExperts:
+  """The `dispatch.base.Experts` contract for experts split across devices.
+
+  Called inside `shard_map`: `local` holds this device's kernels
+  [E_l, D, H_l]; the buffers it receives index all E experts.
+
+  Args:
+    local: the device's `nn.Experts` (E_l experts, hidden H / model devices).
+    expert_axes: mesh axes the experts are split over (X devices).
+    model_axes: mesh axes their hidden units are split over.
+    num_shards: X.
+    max_assignments: a bound on the assignments one device can route to one
+      expert shard (sizes the dropless exchange); None = all its rows.
+  """
+
+  def __init__(self, local: nnx.Module, *, expert_axes: tuple[str, ...],
+               model_axes: tuple[str, ...], num_shards: int,
+               max_assignments: Optional[int] = None):
+    self.local = local
+    self.expert_axes = expert_axes
+    self.model_axes = model_axes
+    self.num_shards = num_shards
+    self.max_assignments = max_assignments
+
+  def _all_to_all(self, x: jax.Array) -> jax.Array:
+    """[X, ...] chunk i to expert shard i -> [X, ...] chunk i from shard i."""
+    if not self.expert_axes:
+      return x
+    return jax.lax.all_to_all(x, self.expert_axes, 0, 0, tiled=True)
+
+  def _sum_hidden_shards(self, y: jax.Array) -> jax.Array:
+    return jax.lax.psum(y, self.model_axes) if self.model_axes else y
+
+  def __call__(self, buffer: jax.Array) -> jax.Array:
+    """<dtype>[E, N, D] rows for every expert -> [E, N, D] their outputs."""
+    num_experts, num_rows, d_model = buffer.shape
+    shards = self.num_shards
+    local_experts = num_experts // shards
+    x = self._all_to_all(buffer.reshape(shards, local_experts, num_rows, d_model))
+    # [X (source), E_l, N, D] -> [E_l, X*N, D]: each local expert's rows from all sources.
+    x = jnp.swapaxes(x, 0, 1).reshape(local_experts, shards * num_rows, d_model)
+    y = self._sum_hidden_shards(self.local(x))
+    y = jnp.swapaxes(y.reshape(local_experts, shards, num_rows, -1), 0, 1)
+    return self._all_to_all(y).reshape(num_experts, num_rows, -1)
+
+  def _rows_per_shard(self, num_rows: int, local_experts: int, block_size: int) -> int:
+    if self.max_assignments is None:
+      return num_rows
+    bound = self.max_assignments + local_experts * (block_size - 1)
+    return min(num_rows, -(-bound // block_size) * block_size)
+
+  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
+    """[R, D] rows sorted by expert (`group_sizes` [E]) -> [R, D] outputs.
+
+    The padded dropless exchange (see the module docstring): send each shard
+    its experts' rows, compact the received rows by local expert, run one
+    grouped matmul, and send the outputs back.
+    """
+    num_rows, d_model = rows.shape
+    shards = self.num_shards
+    num_experts = group_sizes.shape[0]
+    local_experts = num_experts // shards
+    per_shard = self._rows_per_shard(num_rows, local_experts, block_size)  # M
+    exchanged = shards * per_shard
+    group_sizes = group_sizes.astype(jnp.int32)
+
+    # Row r of expert e goes to row (e // E_l) * M + (r - first row of that shard).
+    row = jnp.arange(num_rows, dtype=jnp.int32)
+    expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
+    shard = jnp.minimum(expert // local_experts, shards - 1)
+    shard_rows = group_sizes.reshape(shards, local_experts).sum(axis=1)
+    shard_start = jnp.cumsum(shard_rows) - shard_rows
+    send_dest = jnp.where(expert < num_experts,
+                          shard * per_shard + row - shard_start[shard], exchanged)
+    send_source = _inverse(send_dest, exchanged)
+    send = _gather_rows(rows, send_source, send_dest)
+
+    received = self._all_to_all(send.reshape(shards, per_shard, d_model))
+    received_sizes = self._all_to_all(group_sizes.reshape(shards, local_experts))
+    compact_dest = _compact_layout(received_sizes, per_shard)
+    compact_source = _inverse(compact_dest, exchanged)
+    compact = _gather_rows(received.reshape(exchanged, d_model), compact_source,
+                           compact_dest)
+    out = self.local.grouped(compact, received_sizes.sum(axis=0), block_size)
+    out = self._sum_hidden_shards(out)
+    out = _gather_rows(out, compact_dest, compact_source)  # received layout
+
+    returned = self._all_to_all(out.reshape(shards, per_shard, -1))
+    return _gather_rows(returned.reshape(exchanged, -1), send_dest, send_source)
+
+
+def _compact_layout(received_sizes: jax.Array, per_shard: int) -> jax.Array:
+  """Row of each received row once sorted by (local expert, source shard).
+
+  Args:
+    received_sizes: <int32>[X, E_l] rows per local expert sent by each shard;
+      each shard's rows are sorted by expert, padding after them.
+    per_shard: M, rows received from each shard.
+
+  Returns:
+    <int32>[X*M] row in the compact layout; X*M for padding rows.
+  """
+  shards, local_experts = received_sizes.shape
+  position = jnp.arange(per_shard, dtype=jnp.int32)
+  chunk_end = jnp.cumsum(received_sizes, axis=1)  # [X, E_l]
+  expert = jax.vmap(lambda ends: jnp.searchsorted(ends, position, side="right"))(chunk_end)
+  valid = expert < local_experts  # [X, M]
+  expert = jnp.minimum(expert, local_experts - 1)
+  chunk_start = jnp.take_along_axis(chunk_end - received_sizes, expert, axis=1)
+  from_earlier_shards = jnp.cumsum(received_sizes, axis=0) - received_sizes  # [X, E_l]
+  before = jnp.take_along_axis(from_earlier_shards, expert, axis=1)
+  expert_rows = received_sizes.sum(axis=0)
+  expert_start = (jnp.cumsum(expert_rows) - expert_rows)[expert]
+  dest = expert_start + before + position[None, :] - chunk_start
+  return jnp.where(valid, dest, shards * per_shard).reshape(-1).astype(jnp.int32)
+
+
+def _max_assignments(routing: Routing, local_experts: int) -> int:
+  """Assignments one device can route to one shard of E_l experts."""
+  if routing.choices_per_token is not None:  # a token picks an expert at most once
+    return routing.num_groups * routing.num_tokens * min(routing.choices_per_token,
+                                                         local_experts)
+  return routing.num_groups * local_experts * routing.capacity
+
+
+def _reshard_if_explicit(x: Any, spec: Any, mesh) -> Any:
+  """Explicit meshes need inputs already in shard_map's in_specs; Auto meshes
+  let shard_map reshard them."""
+  if x is None or AxisType.Explicit not in mesh.axis_types:
+    return x
+  # `spec` is a prefix of `x` (one PartitionSpec per Variable of a State).
+  return jax.tree.map(lambda s, sub: jax.tree.map(lambda a: jax.sharding.reshard(a, s), sub),
+                      spec, x, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
+  """`x` resharded like `like` (same shape) on an Explicit mesh, where shape
+  ops on sharded dimensions need it; unchanged otherwise (GSPMD decides)."""
+  sharding = jax.typeof(like).sharding
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if (spec is None or mesh is None or mesh.empty
+      or not any(t == AxisType.Explicit for t in mesh.axis_types)):
+    return x
+  return jax.sharding.reshard(x, spec)
+
+
+def _check_divisible(what: str, value: int, axes: tuple[str, ...], mesh, hint: str) -> None:
+  devices = _size(mesh, axes)
+  if value % devices:
+    sizes = "*".join(f"{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(f"MoELayer: {what} = {value} is not divisible by the {devices} "
+                     f"devices of mesh axes {sizes}; {hint}")
+
+
+def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
+                   router_kernel: jax.Array, experts: nnx.Module,
+                   rng: Optional[jax.Array], *, dtype, mesh=None):
+  """route -> dispatch -> experts -> combine, on one device or expert parallel.
+
+  Args:
+    route: see `RouteFn`; runs per device on its own groups.
+    dispatcher: a `dispatch.DISPATCHERS` function.
+    groups: <float>[G, S, D] tokens in routing groups (router precision).
+    router_kernel: <float32>[D, E].
+    experts: the `nn.Experts` module with kernels [E, D, H] / [E, H, D].
+    rng: router-noise key or None. Under a mesh each batch shard folds in its
+      index, so noise is independent across shards (and equal in distribution,
+      not bitwise, to one device's).
+    dtype: expert compute dtype.
+    mesh: None for one device, else the (abstract) mesh (`parallel_mesh()`).
+
+  Returns:
+    y: <dtype>[G, S, D] combined expert outputs.
+    aux: `routing_aux` averaged over all groups.
+  """
+  if mesh is None:
+    routing = route(groups, router_kernel, rng)
+    return dispatcher(groups.astype(dtype), routing, experts), routing_aux(routing)
+
+  batch_axes = _free_axes(mesh, "batch")
+  expert_axes = _free_axes(mesh, "expert")
+  model_axes = _free_axes(mesh, "mlp")
+  num_shards = _size(mesh, expert_axes)
+  _check_divisible("the number of routing groups G", groups.shape[0], batch_axes, mesh,
+                   "a routing group never spans devices: change the batch size, "
+                   "group_size or config.mesh")
+  _check_divisible("num_experts (x granularity)", router_kernel.shape[-1], expert_axes,
+                   mesh, "change config.mesh.expert")
+  graphdef, state = nnx.split(experts)
+  state_axes = rules.param_logical_axes({"experts": state})["experts"]
+  for leaf, axes in zip(jax.tree.leaves(state), jax.tree.leaves(
+      state_axes, is_leaf=lambda a: isinstance(a, tuple))):
+    _check_divisible("the expert hidden width (expert_hidden / granularity)",
+                     leaf.shape[axes.index("mlp")], model_axes, mesh,
+                     "change config.mesh.model")
+  used = tuple(dict.fromkeys(batch_axes + expert_axes + model_axes))
+  state_specs = jax.tree.map(lambda axes: rules.logical_to_spec(axes, mesh, keep=used),
+                             state_axes, is_leaf=lambda a: isinstance(a, tuple))
+  batch_spec = rules.logical_to_spec(("batch",), mesh, keep=used)
+  replicated = PartitionSpec()
+
+  def local(groups, router_kernel, state, rng):
+    if rng is not None and batch_axes:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
+    routing = route(groups, router_kernel, rng)
+    local_experts = routing.num_experts // num_shards
+    sharded = ShardedExperts(nnx.merge(graphdef, state), expert_axes=expert_axes,
+                             model_axes=model_axes, num_shards=num_shards,
+                             max_assignments=_max_assignments(routing, local_experts))
+    y = dispatcher(groups.astype(dtype), routing, sharded)
+    return y, mean_over_shards(routing_aux(routing), batch_axes)
+
+  in_specs = (batch_spec, replicated, state_specs, replicated)
+  args = (groups, router_kernel, state, rng)
+  args = tuple(_reshard_if_explicit(arg, arg_spec, mesh)
+               for arg, arg_spec in zip(args, in_specs))
+  # Manual over every axis not manual yet (the whole mesh, normally): a
+  # partly manual region mixing in Explicit axes is not supported everywhere.
+  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
+  axis_names = manual if len(manual) < len(mesh.axis_names) else frozenset()
+  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                       out_specs=(batch_spec, replicated), axis_names=axis_names,
+                       check_vma=dispatcher not in _UNCHECKED_DISPATCHERS)(*args)

@@ -1,0 +1,146 @@
+"""Device meshes from `config.mesh`, and the ambient mesh the layers read.
+
+A mesh has the three axes of `AXES`: "data" (batch), "expert" (routed experts,
+and a second batch axis for everything else) and "model" (attention heads and
+expert hidden units). `config.mesh` gives their sizes; -1 fills the devices
+left over by the other two.
+
+The one mechanism for layers to find the mesh is JAX's *ambient* mesh: the
+trainer enters `activate(mesh)` (which is `jax.set_mesh(mesh)`), and
+`current_mesh()` returns it as a `jax.sharding.AbstractMesh`, inside jit as
+well as outside. Nothing is threaded through module constructors or calls.
+"""
+
+import contextlib
+import math
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import jax
+from jax.sharding import AxisType
+
+AXES = ("data", "expert", "model")
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+
+
+def _get(mesh_config: Any, key: str) -> Any:
+  if isinstance(mesh_config, Mapping):
+    return mesh_config[key]
+  return getattr(mesh_config, key)
+
+
+def _keys(mesh_config: Any) -> list[str]:
+  if isinstance(mesh_config, Mapping) or hasattr(mesh_config, "keys"):
+    return list(mesh_config.keys())
+  return list(AXES)
+
+
+def validate_mesh_config(mesh_config: Any, *, num_devices: int,
+                         num_experts: Optional[int] = None,
+                         num_heads: Optional[int] = None,
+                         expert_hidden: Optional[int] = None) -> dict[str, int]:
+  """Resolves `config.mesh` against the devices and checks the model divides.
+
+  Args:
+    mesh_config: a mapping (dict or ConfigDict) with the integer keys of
+      `AXES`; -1 (at most one) means "the devices left over".
+    num_devices: devices the mesh must cover exactly.
+    num_experts: routed experts after granularity (E), or None (no check).
+    num_heads: attention heads (N), or None.
+    expert_hidden: hidden width of one expert after granularity (H), or None.
+      The dense FFN and the shared experts have widths that are multiples of
+      it, so they divide too.
+
+  Returns:
+    {"data": ..., "expert": ..., "model": ...} with -1 resolved.
+
+  Raises:
+    ValueError naming the config keys involved.
+  """
+  unknown = sorted(set(_keys(mesh_config)) - set(AXES))
+  if unknown:
+    raise ValueError(f"config.mesh: unknown key(s) {unknown}; valid keys: {list(AXES)}")
+  sizes = {}
+  for axis in AXES:
+    value = _get(mesh_config, axis)
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+      raise ValueError(f"config.mesh.{axis} must be -1 (fill) or a positive integer, "
+                       f"got {value!r}")
+    sizes[axis] = value
+  fill = [axis for axis in AXES if sizes[axis] == -1]
+  if len(fill) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got "
+                     f"{', '.join(f'config.mesh.{axis}' for axis in fill)}")
+  formula = "*".join(AXES)
+  if fill:
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices % fixed:
+      others = [axis for axis in AXES if axis != fill[0]]
+      raise ValueError(
+          f"config.mesh: the {num_devices} devices are not divisible by "
+          f"{'*'.join(others)} = {'*'.join(str(sizes[a]) for a in others)} = {fixed} "
+          f"(config.mesh.{fill[0]} = -1 takes the rest)")
+    sizes[fill[0]] = num_devices // fixed
+  total = math.prod(sizes.values())
+  if total != num_devices:
+    raise ValueError(f"config.mesh: {formula} = "
+                     f"{'*'.join(str(sizes[a]) for a in AXES)} = {total} does not match "
+                     f"the {num_devices} devices")
+  checks = (
+      (num_experts, "config.model.moe.num_experts (x granularity)", "expert"),
+      (num_heads, "config.model.num_heads", "model"),
+      (expert_hidden, "config.model.moe.expert_hidden (/ granularity)", "model"),
+  )
+  for value, name, axis in checks:
+    if value is not None and value % sizes[axis]:
+      raise ValueError(f"{name} = {value} is not divisible by config.mesh.{axis} = "
+                       f"{sizes[axis]}")
+  return sizes
+
+
+def _axis_type(axis_types: Any) -> AxisType:
+  if isinstance(axis_types, AxisType):
+    return axis_types
+  if isinstance(axis_types, str) and axis_types.lower() in AXIS_TYPES:
+    return AXIS_TYPES[axis_types.lower()]
+  raise ValueError(f"axis_types must be one of {list(AXIS_TYPES)}, got {axis_types!r}")
+
+
+def make_mesh(mesh_config: Any, *, devices: Optional[Sequence[jax.Device]] = None,
+              axis_types: Any = "auto") -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over `devices` (default: all devices).
+
+  Args:
+    mesh_config: see `validate_mesh_config`.
+    devices: the devices to use, in mesh order; default `jax.devices()`.
+    axis_types: "auto" (GSPMD propagates shardings from the parameters and
+      the batch) or "explicit" (shardings are part of array types, the
+      default of `jax.make_mesh`), for all three axes. `nn.MoELayer` runs
+      under both; `nn.TransformerLM` needs "auto" (its embedding gather and
+      attention reshapes carry no `out_sharding`).
+
+  Returns:
+    A `jax.sharding.Mesh` with axes `AXES`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = validate_mesh_config(mesh_config, num_devices=len(devices))
+  kind = _axis_type(axis_types)
+  return jax.make_mesh(tuple(sizes[axis] for axis in AXES), AXES,
+                       axis_types=(kind,) * len(AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh) -> Iterator[jax.sharding.Mesh]:
+  """Makes `mesh` the ambient mesh (`jax.set_mesh`) for the enclosed code.
+
+  Functions traced inside (jit, grad) see it through `current_mesh()`; the
+  MoE layer then runs expert parallel. Trace (call or lower) the train step
+  inside this context: a function traced outside runs on one device.
+  """
+  with jax.set_mesh(mesh):
+    yield mesh
+
+
+def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
+  """The ambient mesh (see `activate`), or None when none is set."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh

@@ -1,0 +1,154 @@
+"""Logical axis names -> mesh axes, and the logical axes of every parameter.
+
+Two tables, each written once:
+  * `LOGICAL_RULES`: which mesh axes split a logical axis ("expert" ->
+    "expert", "mlp" -> "model", ...). Layers ask it for axis names instead of
+    hard-coding them.
+  * `PARAM_AXES`: which logical axes each parameter has, by its path in the
+    model (e.g. `layers/0/ffn/experts/wi` [E, D, H] -> ("expert", "embed",
+    "mlp")). A parameter no rule matches is an error, so a new parameter gets
+    a rule instead of being silently replicated.
+
+Letters: E experts, D model width, H hidden width, N heads, P head dim, V vocab.
+"""
+
+import re
+from typing import Any, Collection, Optional, Sequence, Union
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+MeshAxes = Union[None, str, tuple[str, ...]]
+
+# Logical axis -> mesh axis (or axes, or None = replicated).
+LOGICAL_RULES: dict[str, MeshAxes] = {
+    # Activations: a batch row (and a routing group) lives on one device of
+    # every (data, expert) pair; the "expert" axis doubles as a batch axis for
+    # everything but the routed experts (GShard, Lepikhin et al. 2020, §3.2).
+    "batch": ("data", "expert"),
+    "expert": "expert",   # routed experts [E, ...]
+    "mlp": "model",       # hidden units of experts and dense FFNs
+    "heads": "model",     # attention heads (Megatron-LM, Shoeybi et al. 2019)
+    "embed": None,
+    "vocab": None,
+    "head_dim": None,
+    "qkv": None,
+    "router": None,       # router logits over all E: every device routes its own tokens
+    "layers": None,       # a stacked-layers axis (nnx.scan), if a model adds one
+}
+
+# Parameter path (regex on "/"-joined names, first match wins) -> logical axes.
+PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Routed experts (nn.Experts): wi / wi_gate / wi_up [E, D, H], wo [E, H, D].
+    (r"(^|/)experts/(wi|wi_gate|wi_up)$", ("expert", "embed", "mlp")),
+    (r"(^|/)experts/wo$", ("expert", "mlp", "embed")),
+    # Dense FFN (MoELayer.ffn) and shared experts (MoELayer.shared), nn.MLP.
+    (r"(^|/)(ffn|shared)/(wi|wi_gate|wi_up)$", ("embed", "mlp")),
+    (r"(^|/)(ffn|shared)/wo$", ("mlp", "embed")),
+    (r"(^|/)router_kernel$", ("embed", "router")),               # [D, E]
+    (r"(^|/)attention/qkv$", ("embed", "qkv", "heads", "head_dim")),  # [D, 3, N, P]
+    (r"(^|/)attention/out$", ("heads", "head_dim", "embed")),    # [N, P, D]
+    (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]
+    (r"(^|/)output_kernel$", ("embed", "vocab")),                # [D, V]
+    (r"(^|/)[a-z_]*norm/scale$", ("embed",)),                    # RMSNorm [D]
+)
+
+
+def mesh_axes(logical: Optional[str]) -> tuple[str, ...]:
+  """The mesh axes that split logical axis `logical` (() = replicated)."""
+  if logical is None:
+    return ()
+  if logical not in LOGICAL_RULES:
+    raise ValueError(f"unknown logical axis {logical!r}; valid axes: "
+                     f"{sorted(LOGICAL_RULES)} (moejax.parallel.LOGICAL_RULES)")
+  axes = LOGICAL_RULES[logical]
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Optional[Any] = None, *,
+                    keep: Optional[Collection[str]] = None) -> PartitionSpec:
+  """PartitionSpec of an array whose dimensions have these logical names.
+
+  Mesh axes that `mesh` lacks (e.g. a mesh without "model") or that have
+  size 1 there, and axes not in `keep` when given, are left out: splitting
+  over one device is replicating, and Explicit meshes then type fewer
+  dimensions as sharded.
+  """
+  entries, used = [], set()
+  for logical in logical_axes:
+    axes = tuple(a for a in mesh_axes(logical)
+                 if (mesh is None or mesh.shape.get(a, 1) > 1)
+                 and (keep is None or a in keep))
+    if used & set(axes):
+      raise ValueError(f"logical axes {tuple(logical_axes)} use mesh axes "
+                       f"{sorted(used & set(axes))} twice")
+    used |= set(axes)
+    entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*entries)
+
+
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _is_param(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
+  names = "/".join(_key_name(key) for key in path)
+  shape = tuple(getattr(leaf, "shape", ()))
+  for pattern, axes in PARAM_AXES:
+    if re.search(pattern, names):
+      if len(axes) != len(shape):
+        raise ValueError(f"parameter {names!r} has shape {shape} but its rule "
+                         f"{pattern!r} gives {len(axes)} axes {axes}")
+      return axes
+  raise ValueError(f"no sharding rule for parameter {names!r} with shape {shape}; "
+                   "add one to moejax.parallel.rules.PARAM_AXES")
+
+
+def param_logical_axes(params_state: Any) -> Any:
+  """Logical axes of every parameter.
+
+  Args:
+    params_state: an `nnx.State` of parameters (from `nnx.split` or
+      `nnx.eval_shape`; leaves are Variables) or a nested dict of arrays.
+
+  Returns:
+    The same structure with a tuple of logical names (one per dimension) in
+    place of each parameter. Tuples are pytrees: map over the result with
+    `is_leaf=lambda x: isinstance(x, tuple)`.
+
+  Raises:
+    ValueError: a parameter matches no rule of `PARAM_AXES`, or its rank
+      differs from its rule's.
+  """
+  return jax.tree_util.tree_map_with_path(_leaf_axes, params_state, is_leaf=_is_param)
+
+
+def param_shardings(params_state: Any, mesh: jax.sharding.Mesh) -> Any:
+  """NamedSharding of every parameter on `mesh`, via `LOGICAL_RULES`.
+
+  Returns the structure of `params_state` with a NamedSharding in place of
+  each parameter (a valid `jax.device_put` / `out_shardings` prefix tree).
+  """
+  def sharding(path, leaf):
+    return NamedSharding(mesh, logical_to_spec(_leaf_axes(path, leaf), mesh))
+  return jax.tree_util.tree_map_with_path(sharding, params_state, is_leaf=_is_param)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the "batch" mesh axes, rest replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), mesh))
+
+
+def shard_like(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)`; shardings may be a prefix tree."""
+  return jax.device_put(tree, shardings)

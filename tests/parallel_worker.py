@@ -1,0 +1,222 @@
+"""Multi-device checks for tests/test_parallel.py, run in a subprocess.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_worker.py
+
+(the flag must be set before jax starts; the pytest process has one device).
+Prints one JSON object: case name -> {"ok": bool, ...details}. Every case
+compares a mesh run against the same computation on one device.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+import traceback
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax import parallel
+from moejax.nn import MoELayer, NonCausalRoutingWarning, TransformerLM
+
+# |got - want| <= RTOL * (|want| + ATOL_FRACTION * max|want|) per leaf: float32
+# sums over devices run in another order; the floor scales with the leaf.
+RTOL, ATOL_FRACTION = 1e-5, 0.1
+MESHES = {"8x1x1": (8, 1, 1), "2x4x1": (2, 4, 1), "1x8x1": (1, 8, 1), "2x2x2": (2, 2, 2),
+          "1x1x8": (1, 1, 8)}
+ROUTERS = {
+    # top-2 with drops: C = ceil(1.0 * 2 * 16 / 8) = 4 slots for 32 choices per group.
+    "topk": dict(router="topk", top_k=2, capacity_factor=1.0),
+    "switch": dict(router="switch", top_k=1, capacity_factor=1.0),
+    "expert_choice": dict(router="expert_choice", top_k=1, capacity_factor=1.0),
+    "dropless": dict(router="topk", top_k=2, capacity_factor=0.0, dispatch="dropless"),
+}
+NUM_EXPERTS, D_MODEL, HIDDEN, BATCH, LENGTH = 8, 12, 16, 8, 16
+
+
+def mesh_config(shape):
+  return dict(zip(parallel.AXES, shape))
+
+
+def max_rel_error(a, b) -> float:
+  """Largest |a - b| in units of the tolerance over all leaves; <= 1 passes."""
+  worst = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape, (x.shape, y.shape)
+    floor = ATOL_FRACTION * np.max(np.abs(y), initial=0) + 1e-30
+    worst = max(worst, float(np.max(np.abs(x - y) / (RTOL * (np.abs(y) + floor)),
+                                    initial=0)))
+  return worst
+
+
+def layer_loss_fn(graphdef, cotangent):
+  def loss(params, x):
+    y, aux = nnx.merge(graphdef, params)(x)
+    return jnp.sum(y * cotangent) + 10.0 * aux["weighted_loss"], aux
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+
+
+def layer_case(mesh_shape, router_kwargs, axis_types, **layer_kwargs):
+  layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
+                   rngs=nnx.Rngs(0), **router_kwargs, **layer_kwargs)
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL))
+  cotangent = jax.random.normal(jax.random.key(2), (BATCH, LENGTH, D_MODEL))
+  expected = layer_loss_fn(graphdef, cotangent)(params, x)
+
+  mesh = parallel.make_mesh(mesh_config(mesh_shape), axis_types=axis_types)
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    x = parallel.shard_like(x, parallel.batch_sharding(mesh))
+    compiled = layer_loss_fn(graphdef, cotangent).lower(params, x).compile()
+    got = compiled(params, x)
+    hlo = compiled.as_text()
+  (loss, aux), grads = got
+  (loss_1, aux_1), grads_1 = expected
+  errors = {"loss": max_rel_error(loss, loss_1), "aux": max_rel_error(aux, aux_1),
+            "grads": max_rel_error(grads, grads_1)}
+  assert set(aux) == set(aux_1), (sorted(aux), sorted(aux_1))
+  return {"ok": max(errors.values()) <= 1.0, "errors": errors,
+          "num_all_to_all": count_all_to_all(hlo),
+          "aux": {k: np.asarray(v).tolist() for k, v in aux.items()}}
+
+
+def count_all_to_all(hlo: str) -> int:
+  """all-to-all instructions (the op, not instruction names or their uses)."""
+  return len(re.findall(r"[) ]all-to-all(-start)?\(", hlo))
+
+
+def all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
+  """Result and operand array shapes of every all-gather in an HLO module."""
+  shapes = set()
+  for line in hlo.splitlines():
+    if re.search(r"\ball-gather(-start)?\(", line):
+      for dims in re.findall(r"\b(?:pred|[sfu]\d+|bf16)\[([\d,]*)\]", line):
+        shapes.add(tuple(int(d) for d in dims.split(",") if d))
+  return shapes
+
+
+def lm_case(axis_types):
+  """A TransformerLM train-step gradient on mesh (2, 4, 1) vs one device."""
+  vocab, d_model, hidden, experts = 64, 32, 48, 8
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", NonCausalRoutingWarning)
+    model = TransformerLM(vocab_size=vocab, num_layers=2, d_model=d_model, num_heads=4,
+                          moe=dict(num_experts=experts, top_k=2, expert_hidden=hidden,
+                                   capacity_factor=1.0, num_shared_experts=1),
+                          moe_every=2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, vocab)
+
+  def loss(params, tokens):
+    logits, aux = nnx.merge(graphdef, params)(tokens)
+    log_probs = jax.nn.log_softmax(logits[:, :-1])
+    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)
+    return jnp.mean(nll) + aux["weighted_loss"]
+
+  step = jax.jit(jax.value_and_grad(loss))
+  expected = step(params, tokens)
+  mesh = parallel.make_mesh(mesh_config((2, 4, 1)), axis_types=axis_types)
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    tokens = parallel.shard_like(tokens, parallel.batch_sharding(mesh))
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    got = compiled(params, tokens)
+    hlo = compiled.as_text()
+    # The detector itself: gathering an expert kernel on purpose is seen.
+    kernel = params["layers"][1]["ffn"]["experts"]["wi"][...]
+    gather = jax.jit(lambda w: w + 1.0, out_shardings=jax.NamedSharding(
+        mesh, jax.P())).lower(kernel).compile().as_text()
+  kernel_shapes = {(experts, d_model, hidden), (experts, hidden, d_model),
+                   (experts // 4, d_model, hidden), (experts // 4, hidden, d_model)}
+  gathered = sorted(all_gathered_shapes(hlo) & kernel_shapes)
+  detector_works = (experts, d_model, hidden) in all_gathered_shapes(gather)
+  errors = {"loss": max_rel_error(got[0], expected[0]),
+            "grads": max_rel_error(got[1], expected[1])}
+  return {"ok": not gathered and detector_works and max(errors.values()) <= 1.0,
+          "errors": errors, "num_all_to_all": count_all_to_all(hlo),
+          "detector_works": detector_works,
+          "gathered_expert_kernels": [list(s) for s in gathered]}
+
+
+def indivisible_groups_case():
+  """4 groups cannot split over data*expert = 8 devices."""
+  layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
+                   top_k=2, rngs=nnx.Rngs(0))
+  mesh = parallel.make_mesh(mesh_config((2, 4, 1)))
+  try:
+    with parallel.activate(mesh):
+      jax.jit(lambda x: layer(x)[0])(jnp.ones((4, LENGTH, D_MODEL)))
+  except ValueError as error:
+    return {"ok": "routing groups" in str(error) and "8 devices" in str(error),
+            "message": str(error)}
+  return {"ok": False, "message": "no error"}
+
+
+def noisy_case():
+  """Router jitter and noise under a mesh: runs, finite, differs per shard."""
+  layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
+                   top_k=2, jitter=0.1, noise_std=1.0, rngs=nnx.Rngs(0))
+  mesh = parallel.make_mesh(mesh_config((2, 4, 1)))
+  # Every sequence is the same, so only the noise can make shards differ.
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, LENGTH, D_MODEL)),
+                       (BATCH, LENGTH, D_MODEL))
+  with parallel.activate(mesh):
+    y, aux = jax.jit(lambda x, key: layer(x, deterministic=False, rng=key))(
+        x, jax.random.key(0))
+  y = np.asarray(y).reshape(BATCH, LENGTH, D_MODEL)
+  return {"ok": bool(np.all(np.isfinite(y))) and not np.allclose(y[0], y[1]),
+          "aux_loss": float(aux["aux_loss"])}
+
+
+def cases():
+  for mesh_name, shape in MESHES.items():
+    for router_name, router_kwargs in ROUTERS.items():
+      if mesh_name == "1x1x8" and router_name != "topk":
+        continue  # model parallel only: the routers are covered by 2x2x2
+      yield f"layer/{mesh_name}/{router_name}/explicit", (
+          lambda s=shape, r=router_kwargs: layer_case(s, r, "explicit"))
+  for router_name, router_kwargs in ROUTERS.items():
+    yield f"layer/2x2x2/{router_name}/auto", (
+        lambda r=router_kwargs: layer_case((2, 2, 2), r, "auto"))
+  yield "layer/2x4x1/einsum/explicit", lambda: layer_case(
+      (2, 4, 1), dict(ROUTERS["topk"], dispatch="einsum"), "explicit")
+  yield "layer/2x2x2/swiglu_shared_batch/auto", lambda: layer_case(
+      (2, 2, 2), ROUTERS["topk"], "auto", activation="swiglu", num_shared_experts=1,
+      group_by="batch")
+  yield "layer/2x4x1/swiglu_shared_batch/explicit", lambda: layer_case(
+      (2, 4, 1), ROUTERS["topk"], "explicit", activation="swiglu", num_shared_experts=1,
+      group_by="batch")
+  yield "lm/2x4x1/auto", lambda: lm_case("auto")
+  yield "indivisible_groups", indivisible_groups_case
+  yield "noisy", noisy_case
+
+
+def case_names() -> list[str]:
+  return [name for name, _ in cases()]
+
+
+def main(selected):
+  assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  results = {}
+  for name, case in cases():
+    if selected and not any(re.search(pattern, name) for pattern in selected):
+      continue
+    start = time.perf_counter()
+    try:
+      results[name] = case()
+    except Exception:  # pylint: disable=broad-except
+      results[name] = {"ok": False, "error": traceback.format_exc(limit=-8)}
+    results[name]["seconds"] = round(time.perf_counter() - start, 2)
+    print(name, results[name]["ok"], results[name]["seconds"], file=sys.stderr, flush=True)
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  main(sys.argv[1:])
