@@ -7,8 +7,8 @@ Prints one JSON object: case name -> {"ok": bool, ...details}. Every case
 compares a mesh run against the same computation on one device.
 """
 
+import functools
 import json
-import os
 import re
 import sys
 import time
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax import parallel
+from moejax import dispatch, parallel
 from moejax.nn import MoELayer, NonCausalRoutingWarning, TransformerLM
 
 # |got - want| <= RTOL * (|want| + ATOL_FRACTION * max|want|) per leaf: float32
@@ -61,13 +61,29 @@ def layer_loss_fn(graphdef, cotangent):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
-def layer_case(mesh_shape, router_kwargs, axis_types, **layer_kwargs):
-  layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
-                   rngs=nnx.Rngs(0), **router_kwargs, **layer_kwargs)
-  graphdef, params = nnx.split(layer)
-  x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL))
-  cotangent = jax.random.normal(jax.random.key(2), (BATCH, LENGTH, D_MODEL))
-  expected = layer_loss_fn(graphdef, cotangent)(params, x)
+_ONE_DEVICE_CACHE = {}
+
+
+def one_device(layer_kwargs, block_size=None):
+  """(graphdef, params, x, cotangent, ((loss, aux), grads)) without a mesh."""
+  key = json.dumps(dict(layer_kwargs, block_size=block_size), sort_keys=True)
+  if key not in _ONE_DEVICE_CACHE:
+    layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
+                     rngs=nnx.Rngs(0), **layer_kwargs)
+    if block_size is not None:  # block_size=1: ragged_dot, the GPU/TPU dropless path
+      layer._dispatcher = functools.partial(dispatch.dropless_dispatch,
+                                            block_size=block_size)
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(1), (BATCH, LENGTH, D_MODEL))
+    cotangent = jax.random.normal(jax.random.key(2), (BATCH, LENGTH, D_MODEL))
+    expected = layer_loss_fn(graphdef, cotangent)(params, x)
+    _ONE_DEVICE_CACHE[key] = graphdef, params, x, cotangent, expected
+  return _ONE_DEVICE_CACHE[key]
+
+
+def layer_case(mesh_shape, router_kwargs, axis_types, block_size=None, **layer_kwargs):
+  graphdef, params, x, cotangent, expected = one_device(
+      dict(router_kwargs, **layer_kwargs), block_size)
 
   mesh = parallel.make_mesh(mesh_config(mesh_shape), axis_types=axis_types)
   with parallel.activate(mesh):
@@ -101,27 +117,41 @@ def all_gathered_shapes(hlo: str) -> set[tuple[int, ...]]:
   return shapes
 
 
-def lm_case(axis_types):
-  """A TransformerLM train-step gradient on mesh (2, 4, 1) vs one device."""
-  vocab, d_model, hidden, experts = 64, 32, 48, 8
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", NonCausalRoutingWarning)
-    model = TransformerLM(vocab_size=vocab, num_layers=2, d_model=d_model, num_heads=4,
-                          moe=dict(num_experts=experts, top_k=2, expert_hidden=hidden,
-                                   capacity_factor=1.0, num_shared_experts=1),
-                          moe_every=2, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model)
-  tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, vocab)
+LM_VOCAB, LM_D_MODEL, LM_HEADS, LM_HIDDEN, LM_EXPERTS = 64, 32, 4, 48, 8
+_LM_CACHE = {}
 
-  def loss(params, tokens):
-    logits, aux = nnx.merge(graphdef, params)(tokens)
-    log_probs = jax.nn.log_softmax(logits[:, :-1])
-    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)
-    return jnp.mean(nll) + aux["weighted_loss"]
 
-  step = jax.jit(jax.value_and_grad(loss))
-  expected = step(params, tokens)
-  mesh = parallel.make_mesh(mesh_config((2, 4, 1)), axis_types=axis_types)
+def lm_one_device():
+  """(graphdef, params, tokens, loss, (loss, grads)) of a 2-layer LM (a dense
+  layer, then an MoE layer with a shared expert) without a mesh."""
+  if not _LM_CACHE:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", NonCausalRoutingWarning)
+      model = TransformerLM(
+          vocab_size=LM_VOCAB, num_layers=2, d_model=LM_D_MODEL, num_heads=LM_HEADS,
+          moe=dict(num_experts=LM_EXPERTS, top_k=2, expert_hidden=LM_HIDDEN,
+                   capacity_factor=1.0, num_shared_experts=1),
+          moe_every=2, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, LM_VOCAB)
+
+    def loss(params, tokens):
+      logits, aux = nnx.merge(graphdef, params)(tokens)
+      log_probs = jax.nn.log_softmax(logits[:, :-1])
+      nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)
+      return jnp.mean(nll) + aux["weighted_loss"]
+
+    expected = jax.jit(jax.value_and_grad(loss))(params, tokens)
+    _LM_CACHE["lm"] = graphdef, params, tokens, loss, expected
+  return _LM_CACHE["lm"]
+
+
+def lm_case(axis_types, mesh_shape=(2, 4, 1)):
+  """A TransformerLM train-step gradient on a mesh vs one device; expert
+  kernels are never all-gathered, nor (with "model" > 1) attention heads."""
+  _, params, tokens, loss, expected = lm_one_device()
+  _, experts_split, model_split = mesh_shape
+  mesh = parallel.make_mesh(mesh_config(mesh_shape), axis_types=axis_types)
   with parallel.activate(mesh):
     params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
     tokens = parallel.shard_like(tokens, parallel.batch_sharding(mesh))
@@ -132,16 +162,28 @@ def lm_case(axis_types):
     kernel = params["layers"][1]["ffn"]["experts"]["wi"][...]
     gather = jax.jit(lambda w: w + 1.0, out_shardings=jax.NamedSharding(
         mesh, jax.P())).lower(kernel).compile().as_text()
+  experts, d_model, hidden = LM_EXPERTS, LM_D_MODEL, LM_HIDDEN
   kernel_shapes = {(experts, d_model, hidden), (experts, hidden, d_model),
-                   (experts // 4, d_model, hidden), (experts // 4, hidden, d_model)}
-  gathered = sorted(all_gathered_shapes(hlo) & kernel_shapes)
+                   (experts // experts_split, d_model, hidden),
+                   (experts // experts_split, hidden, d_model),
+                   (experts // experts_split, d_model, hidden // model_split),
+                   (experts // experts_split, hidden // model_split, d_model)}
+  head_dim = d_model // LM_HEADS
+  head_shapes = {(d_model, 3, LM_HEADS, head_dim), (d_model, LM_HEADS, head_dim),
+                 (LM_HEADS, head_dim, d_model), (d_model, 3 * d_model)}
+  gathered_shapes = all_gathered_shapes(hlo)
+  gathered = sorted(gathered_shapes & kernel_shapes)
+  gathered_heads = sorted(gathered_shapes & head_shapes) if model_split > 1 else []
   detector_works = (experts, d_model, hidden) in all_gathered_shapes(gather)
   errors = {"loss": max_rel_error(got[0], expected[0]),
             "grads": max_rel_error(got[1], expected[1])}
-  return {"ok": not gathered and detector_works and max(errors.values()) <= 1.0,
+  return {"ok": (not gathered and not gathered_heads and detector_works
+                 and max(errors.values()) <= 1.0),
           "errors": errors, "num_all_to_all": count_all_to_all(hlo),
           "detector_works": detector_works,
-          "gathered_expert_kernels": [list(s) for s in gathered]}
+          "gathered_expert_kernels": [list(s) for s in gathered],
+          "gathered_attention_kernels": [list(s) for s in gathered_heads],
+          "all_gathered_shapes": sorted(list(s) for s in gathered_shapes)}
 
 
 def indivisible_groups_case():
@@ -184,6 +226,8 @@ def cases():
   for router_name, router_kwargs in ROUTERS.items():
     yield f"layer/2x2x2/{router_name}/auto", (
         lambda r=router_kwargs: layer_case((2, 2, 2), r, "auto"))
+  yield "layer/2x4x1/dropless_ragged_dot/explicit", lambda: layer_case(
+      (2, 4, 1), ROUTERS["dropless"], "explicit", block_size=1)
   yield "layer/2x4x1/einsum/explicit", lambda: layer_case(
       (2, 4, 1), dict(ROUTERS["topk"], dispatch="einsum"), "explicit")
   yield "layer/2x2x2/swiglu_shared_batch/auto", lambda: layer_case(
@@ -193,6 +237,9 @@ def cases():
       (2, 4, 1), ROUTERS["topk"], "explicit", activation="swiglu", num_shared_experts=1,
       group_by="batch")
   yield "lm/2x4x1/auto", lambda: lm_case("auto")
+  yield "lm/2x4x1/explicit", lambda: lm_case("explicit")
+  yield "lm/2x2x2/auto", lambda: lm_case("auto", (2, 2, 2))
+  yield "lm/2x2x2/explicit", lambda: lm_case("explicit", (2, 2, 2))
   yield "indivisible_groups", indivisible_groups_case
   yield "noisy", noisy_case
 
@@ -218,5 +265,4 @@ def main(selected):
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   main(sys.argv[1:])

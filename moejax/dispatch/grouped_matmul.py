@@ -8,6 +8,13 @@ a *blocked* grouped matmul: every group is padded to a multiple of
 (MegaBlocks, Gale et al. 2022, uses the same block-sparse layout on GPU). The
 loop stops after the last occupied block, so the work is the real rows plus
 at most block_size - 1 padding rows per group.
+
+Inside `jax.shard_map` (expert parallelism) the loop carries start as zeros
+typed as varying over the mesh axes the inputs vary over, like the loop
+body's results (shard_map's varying-axes check, check_vma, requires a carry
+to keep its type), and the backward pass sums each gradient over the axes
+its input is invariant over (the transpose of using an invariant value in a
+varying computation, as for built-in ops).
 """
 
 import functools
@@ -38,6 +45,34 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   return _blocked_matmul(x, w, group_sizes.astype(jnp.int32), block_size)
 
 
+def _varying_axes(x: jax.Array) -> frozenset:
+  """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
+  aval = jax.typeof(x)
+  vma = getattr(aval, "vma", None)  # older jax; jax 0.10: aval.mat.varying
+  if vma is None:
+    vma = getattr(getattr(aval, "mat", None), "varying", frozenset())
+  return frozenset(vma)
+
+
+def _vary_like(zeros: jax.Array, *inputs: jax.Array) -> jax.Array:
+  """`zeros` cast to vary over the union of the inputs' varying axes (a no-op
+  outside shard_map, or when it varies over them already)."""
+  axes = frozenset().union(*(_varying_axes(x) for x in inputs)) - _varying_axes(zeros)
+  if not axes:
+    return zeros
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is None:  # jax < 0.8: pvary
+    return jax.lax.pvary(zeros, tuple(sorted(axes)))
+  return pcast(zeros, tuple(sorted(axes)), to="varying")
+
+
+def _sum_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
+  """`grad` summed over the axes it varies over but `primal` does not (so it
+  has the type of `primal`); a no-op outside shard_map."""
+  axes = _varying_axes(grad) - _varying_axes(primal)
+  return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
+
+
 def _block_layout(group_sizes: jax.Array, num_rows: int, block_size: int):
   """Group of every block and the number of occupied blocks."""
   ends = jnp.cumsum(group_sizes)
@@ -65,7 +100,7 @@ def _blocked_matmul(x, w, group_sizes, block_size):
     return _put_block(y, value, i, block_size)
 
   y = jnp.zeros((x.shape[0], w.shape[-1]), jnp.result_type(x, w))
-  return jax.lax.fori_loop(0, num_blocks, body, y)
+  return jax.lax.fori_loop(0, num_blocks, body, _vary_like(y, x, w, group_sizes))
 
 
 def _blocked_matmul_fwd(x, w, group_sizes, block_size):
@@ -87,10 +122,10 @@ def _blocked_matmul_bwd(block_size, residuals, d_y):
     d_w = d_w.at[group].add(update)
     return d_x, d_w
 
-  d_x = jnp.zeros_like(x)
-  d_w = jnp.zeros(w.shape, jnp.float32)
+  d_x = _vary_like(jnp.zeros_like(x), x, w, group_sizes, d_y)
+  d_w = _vary_like(jnp.zeros(w.shape, jnp.float32), x, w, group_sizes, d_y)
   d_x, d_w = jax.lax.fori_loop(0, num_blocks, body, (d_x, d_w))
-  return d_x, d_w.astype(w.dtype), None
+  return _sum_like(d_x, x), _sum_like(d_w.astype(w.dtype), w), None
 
 
 _blocked_matmul.defvjp(_blocked_matmul_fwd, _blocked_matmul_bwd)

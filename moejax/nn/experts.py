@@ -4,13 +4,15 @@ Kernels are float32 parameters cast to the compute dtype at use. Letters:
 E experts, N rows per expert, R sorted rows, D model width, H hidden width.
 """
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.dispatch import grouped_matmul
+from moejax.nn.attention import explicit_spec
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -50,10 +52,11 @@ class _FeedForwardParams(nnx.Module):
       return [self.wi_gate[...].astype(self.dtype), self.wi_up[...].astype(self.dtype)]
     return [self.wi[...].astype(self.dtype)]
 
-  def _mlp(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array]):
+  def _mlp(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array],
+           out_matmul: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
     pre = [matmul(x, kernel) for kernel in self._input_kernels()]
     hidden = self.act(pre[0]) if len(pre) == 1 else self.act(pre[0]) * pre[1]
-    return matmul(hidden.astype(self.dtype), self.wo[...].astype(self.dtype))
+    return (out_matmul or matmul)(hidden.astype(self.dtype), self.wo[...].astype(self.dtype))
 
 
 class Experts(_FeedForwardParams):
@@ -84,5 +87,9 @@ class MLP(_FeedForwardParams):
   def __call__(self, x: jax.Array) -> jax.Array:
     # 2-D dots: a 3-D operand ran ~2.2x slower forward+backward on XLA:CPU.
     lead = x.shape[:-1]
-    y = self._mlp(x.reshape(-1, x.shape[-1]).astype(self.dtype), jnp.dot)
+    tokens = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+    # On an Explicit mesh with hidden units split over "model" the output dot
+    # contracts a sharded axis: name its (batch-sharded) result layout.
+    out_matmul = functools.partial(jnp.dot, out_sharding=explicit_spec(tokens))
+    y = self._mlp(tokens, jnp.dot, out_matmul)
     return y.reshape(lead + (y.shape[-1],))

@@ -5,6 +5,11 @@ Its keyword arguments are the keys of `config.model.moe`, so
 `MoELayer(d_model=..., rngs=..., **config.model.moe)` builds the layer a
 config describes. Letters: B batch, L sequence, G groups, S tokens per group,
 E experts, K choices per token, D model width, H expert hidden width.
+
+Under an ambient mesh (`moejax.parallel.activate`) that splits the batch, the
+experts or their hidden units, the routed part runs expert parallel in
+`jax.shard_map` (`moejax.parallel.expert_parallel`) with the same outputs,
+losses and metrics as on one device.
 """
 
 import functools

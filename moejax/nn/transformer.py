@@ -22,8 +22,9 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from moejax.nn.attention import CausalSelfAttention
+from moejax.nn.attention import CausalSelfAttention, explicit_spec
 from moejax.nn.moe_layer import DENSE, MoELayer
 from moejax.routing import capacity as capacity_lib
 
@@ -282,7 +283,11 @@ class TransformerLM(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
     batch, length = tokens.shape
-    x = self.embed(tokens).astype(jnp.float32)  # [B, L, D]
+    # The gather [V, D][tokens] is laid out like the tokens (batch-sharded)
+    # with D replicated; on an Explicit mesh its type must say so.
+    spec = explicit_spec(tokens)
+    x = self.embed(tokens, out_sharding=None if spec is None else PartitionSpec(*spec, None))
+    x = x.astype(jnp.float32)  # [B, L, D]
     keys = [None] * len(self.layers)
     if not deterministic and rng is not None:
       keys = list(jax.random.split(rng, len(self.layers)))

@@ -39,18 +39,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
-from moejax import dispatch as dispatch_lib
 from moejax.dispatch import permute
 from moejax.parallel import rules
 from moejax.parallel.mesh import current_mesh
 from moejax.routing import Routing
-
-# The blocked grouped matmul of XLA:CPU (dispatch/grouped_matmul.py) starts
-# its loop from a zero carry that varies over no mesh axis, which shard_map's
-# varying-axes check (check_vma) rejects. The dropless dispatcher therefore
-# runs unchecked; its outputs and gradients are compared with one device in
-# tests/test_parallel.py.
-_UNCHECKED_DISPATCHERS = (dispatch_lib.dropless_dispatch,)
 
 # route(groups <float>[G, S, D], router_kernel <float32>[D, E], rng) -> Routing.
 RouteFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], Routing]
@@ -179,11 +171,11 @@ class ShardedExperts:
     shards = self.num_shards
     num_experts = group_sizes.shape[0]
     local_experts = num_experts // shards
-    per_shard = self._rows_per_shard(num_rows, local_experts, block_size)  # M
+    per_shard = self._rows_per_shard(num_rows, local_experts, block_size)  # rows to each shard
     exchanged = shards * per_shard
     group_sizes = group_sizes.astype(jnp.int32)
 
-    # Row r of expert e goes to row (e // E_l) * M + (r - first row of that shard).
+    # Row r of expert e goes to row (e // E_l) * per_shard + (r - first row of that shard).
     row = jnp.arange(num_rows, dtype=jnp.int32)
     expert = jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right")
     shard = jnp.minimum(expert // local_experts, shards - 1)
@@ -214,16 +206,16 @@ def _compact_layout(received_sizes: jax.Array, per_shard: int) -> jax.Array:
   Args:
     received_sizes: <int32>[X, E_l] rows per local expert sent by each shard;
       each shard's rows are sorted by expert, padding after them.
-    per_shard: M, rows received from each shard.
+    per_shard: rows received from each shard.
 
   Returns:
-    <int32>[X*M] row in the compact layout; X*M for padding rows.
+    <int32>[X*per_shard] row in the compact layout; X*per_shard for padding rows.
   """
   shards, local_experts = received_sizes.shape
   position = jnp.arange(per_shard, dtype=jnp.int32)
   chunk_end = jnp.cumsum(received_sizes, axis=1)  # [X, E_l]
   expert = jax.vmap(lambda ends: jnp.searchsorted(ends, position, side="right"))(chunk_end)
-  valid = expert < local_experts  # [X, M]
+  valid = expert < local_experts  # [X, per_shard]
   expert = jnp.minimum(expert, local_experts - 1)
   chunk_start = jnp.take_along_axis(chunk_end - received_sizes, expert, axis=1)
   from_earlier_shards = jnp.cumsum(received_sizes, axis=0) - received_sizes  # [X, E_l]
@@ -339,5 +331,4 @@ def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
   manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
   axis_names = manual if len(manual) < len(mesh.axis_names) else frozenset()
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                       out_specs=(batch_spec, replicated), axis_names=axis_names,
-                       check_vma=dispatcher not in _UNCHECKED_DISPATCHERS)(*args)
+                       out_specs=(batch_spec, replicated), axis_names=axis_names)(*args)

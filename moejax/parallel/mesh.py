@@ -106,7 +106,7 @@ def _axis_type(axis_types: Any) -> AxisType:
 
 
 def make_mesh(mesh_config: Any, *, devices: Optional[Sequence[jax.Device]] = None,
-              axis_types: Any = "auto") -> jax.sharding.Mesh:
+              axis_types: Any = "explicit") -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices` (default: all devices).
 
   Args:
@@ -114,9 +114,9 @@ def make_mesh(mesh_config: Any, *, devices: Optional[Sequence[jax.Device]] = Non
     devices: the devices to use, in mesh order; default `jax.devices()`.
     axis_types: "auto" (GSPMD propagates shardings from the parameters and
       the batch) or "explicit" (shardings are part of array types, the
-      default of `jax.make_mesh`), for all three axes. `nn.MoELayer` runs
-      under both; `nn.TransformerLM` needs "auto" (its embedding gather and
-      attention reshapes carry no `out_sharding`).
+      default of `jax.make_mesh` in jax >= 0.10 and ours), for all three
+      axes. `nn.MoELayer` and `nn.TransformerLM` run under both and give the
+      same numbers (tests/test_parallel.py).
 
   Returns:
     A `jax.sharding.Mesh` with axes `AXES`.
