@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import routing as routing_lib
+from moejax.dispatch import dropless as dropless_lib
 from moejax.nn import MoELayer
 
 _DISPATCH = flags.DEFINE_list("dispatch", ["gather", "dropless", "einsum"], "Dispatchers.")
@@ -40,6 +41,9 @@ _HIDDEN = flags.DEFINE_integer("expert_hidden", 512, "Expert hidden width H.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per sequence (= routing group).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration.")
+_DROPLESS_BLOCK = flags.DEFINE_list(
+    "dropless_block_size", [], "Block sizes to time for dropless (1 = jax.lax.ragged_dot); "
+    "default: the backend's choice (`dispatch.dropless.default_block_size`).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Profile the gather layer's parts.")
 _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
@@ -69,6 +73,16 @@ def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
   return _median_seconds(step, params, x, repeats=repeats)
+
+
+def _time_dropless_block(layer: MoELayer, x: jax.Array, block_size: int) -> float:
+  """The layer's time with the dropless grouped matmul at `block_size`."""
+  default = dropless_lib.default_block_size
+  dropless_lib.default_block_size = lambda num_assignments, num_experts: block_size
+  try:
+    return _time_layer(layer, x, _REPEATS.value)
+  finally:
+    dropless_lib.default_block_size = default
 
 
 def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
@@ -148,6 +162,12 @@ def main(argv):
                   "ratio_to_dense": round(seconds / dense_seconds[top_k], 3)}
         results.append(result)
         print(json.dumps(result), flush=True)
+        if dispatch == "dropless":
+          for block_size in map(int, _DROPLESS_BLOCK.value):
+            seconds = _time_dropless_block(layer, x, block_size)
+            print(json.dumps({**result, "block_size": block_size, "seconds": round(seconds, 5),
+                              "ratio_to_dense": round(seconds / dense_seconds[top_k], 3)}),
+                  flush=True)
 
   summary = {"summary": True, "backend": jax.default_backend(),
              "tokens": _BATCH.value * _LENGTH.value, "d_model": _D_MODEL.value,
