@@ -31,6 +31,9 @@ setuptools.setup(
         # Python < 3.9 only.
         "importlib_resources",
         "sentencepiece",
+        # moejax.scaling.laws fits (scipy.optimize); experiments.fit_scaling plots.
+        "scipy",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist"],
