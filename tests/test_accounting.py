@@ -7,7 +7,10 @@ import pytest
 from flax import nnx
 
 from moejax.nn import NonCausalRoutingWarning, TransformerLM
-from moejax.scaling import param_counts, train_flops_per_token
+from moejax.scaling import breakdown, counts_from_config, param_counts, train_flops_per_token
+from moejax.scaling.accounting import COMPONENTS
+from moejax.train import config as config_lib
+from moejax.train import trainer
 
 
 def _moe(**overrides):
@@ -49,6 +52,17 @@ def test_total_matches_the_built_model(overrides):
   assert counts["embedding"] + counts["non_embedding"] == counts["total"]
   assert counts["active_per_token"] <= counts["total"]
   assert all(isinstance(value, int) for value in counts.values())
+  # The breakdown agrees with the totals, component by component.
+  parts = breakdown(seq_len=8, batch_size=4, **args)
+  params, flops = parts["params"], parts["flops"]
+  assert params["total"] == total
+  assert params["total_nonembed"] == counts["non_embedding"]
+  assert params["embedding"] + params["output"] == counts["embedding"]
+  assert params["experts"] == routed
+  assert sum(params[name] for name in COMPONENTS) == total
+  assert round(params["active_nonembed"]) == counts["active_per_token"] - counts["embedding"]
+  assert flops["total"] == pytest.approx(train_flops_per_token(seq_len=8, **args))
+  assert flops["attention"] == flops["attention_projections"] + flops["attention_scores"]
 
 
 # V = 10, D = 4, N = 2 (P = 2), 2 layers, moe_every = 2: layer 0 dense, layer 1 MoE
@@ -103,3 +117,60 @@ def test_validation():
     param_counts(**dict(SMALL, moe=dict(SMALL["moe"], granularity=3)))
   with pytest.raises(ValueError, match="seq_len"):
     train_flops_per_token(seq_len=0, **SMALL)
+
+
+def test_breakdown_small_case_by_hand():
+  # SMALL (above), seq_len 6: one dense layer (FFN 64), one MoE layer (router
+  # 16, experts 4 x 64, top-1 so 64 active).
+  parts = breakdown(seq_len=6, **SMALL)
+  assert parts["params"] == {"embedding": 40, "attention": 128, "router": 16,
+                             "experts": 256, "shared_experts": 0, "dense_ffn": 64,
+                             "norms": 20, "output": 0, "total": 524,
+                             "total_nonembed": 484, "active_nonembed": 292.0}
+  flops = parts["flops"]
+  assert flops["router"] == 6 * 16
+  assert flops["experts"] == 6 * 64
+  assert flops["attention"] == 6 * 128 + 288
+  assert flops["embedding_output"] == 6 * 40
+  assert flops["total"] == train_flops_per_token(seq_len=6, **SMALL) == 2280
+  # Capacity (default factor 1.25, S = 6 tokens per sequence group, E = 4, K = 1):
+  # C = ceil(1.25 * 6 / 4) = 2 slots, E C = 8 slots for S K = 6 assignments:
+  # padding = 384 * (8 / 6 - 1) = 128.
+  assert flops["capacity_padding"] == pytest.approx(128)
+  assert flops["total_with_padding"] == pytest.approx(2280 + 128)
+
+
+@pytest.mark.parametrize("moe, padding", [
+    (dict(capacity_factor=0.0, dispatch="dropless"), 0.0),     # dropless: no slots
+    (dict(capacity_factor=2.0), 6 * 64 * (3 * 4 / 6 - 1)),     # C = 3: +100%
+    (dict(capacity_factor=0.5), 6 * 64 * (1 * 4 / 6 - 1)),     # C = 1: 2 of 6 dropped
+    # Groups of the B = 4 tokens at one position: C = ceil(1.25 * 4 / 4) = 2.
+    (dict(group_by="batch"), 6 * 64 * (2 * 4 / 4 - 1)),
+    # Expert choice, factor 1.5, S = 4: C = ceil(1.5) = 2, 8 slots, counted
+    # as 1.5 experts per token (96 active parameters): 8 / 6 - 1 more.
+    (dict(router="expert_choice", group_by="batch", capacity_factor=1.5),
+     6 * 96 * (8 / 6 - 1)),
+])
+def test_capacity_padding(moe, padding):
+  args = dict(SMALL, moe=dict(SMALL["moe"], **moe))
+  flops = breakdown(seq_len=6, batch_size=4, **args)["flops"]
+  assert flops["capacity_padding"] == pytest.approx(padding)
+  assert flops["total"] == pytest.approx(train_flops_per_token(seq_len=6, **args))
+
+
+def test_breakdown_needs_the_batch_for_batch_groups():
+  with pytest.raises(ValueError, match="batch_size"):
+    breakdown(seq_len=6, **dict(SMALL, moe=dict(SMALL["moe"], group_by="batch")))
+
+
+def test_counts_from_config_matches_the_trainer():
+  config = config_lib.default_config()
+  config.model.moe.granularity = 2
+  counts = counts_from_config(config)
+  kwargs = trainer.model_kwargs(config, 512)  # the synthetic corpus's vocabulary
+  assert counts["params_total"] == param_counts(**kwargs)["total"]
+  assert counts["flops_per_token"] == train_flops_per_token(
+      **kwargs, seq_len=config.train.seq_len)
+  assert (counts["num_experts"], counts["top_k"], counts["granularity"]) == (16, 4, 2)
+  config.data.name, config.data.tokenizer = "tiny_shakespeare", "byte"
+  assert counts_from_config(config)["params_embedding"] == 257 * 128

@@ -1,5 +1,7 @@
 """Scaling: parameter and FLOP accounting for dense and MoE models."""
 
-from moejax.scaling.accounting import param_counts, train_flops_per_token
+from moejax.scaling.accounting import (breakdown, config_vocab_size, counts_from_config,
+                                       param_counts, train_flops_per_token)
 
-__all__ = ["param_counts", "train_flops_per_token"]
+__all__ = ["breakdown", "config_vocab_size", "counts_from_config", "param_counts",
+           "train_flops_per_token"]

@@ -10,7 +10,10 @@ K experts per token, H expert hidden width, g granularity, n_layer layers.
 
 from typing import Any, Mapping, Optional
 
+from moejax.data import tokenizers
+from moejax.data.pipeline import SYNTHETIC
 from moejax.nn.transformer import moe_layer_flags
+from moejax.routing import capacity as capacity_lib
 
 EXPERT_CHOICE = "expert_choice"
 
@@ -137,3 +140,180 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
   output_projection = d_model * vocab_size
   attention_forward = (2 if causal else 4) * num_layers * seq_len * num_heads * head_dim
   return float(6 * (active_non_embedding + output_projection) + 3 * attention_forward)
+
+
+# ----------------------------------------------------------------------------
+# Breakdown by component, and the counts of a config.
+
+# Parameter components; "embedding" + "output" is param_counts' "embedding".
+COMPONENTS = ("embedding", "attention", "router", "experts", "shared_experts",
+              "dense_ffn", "norms", "output")
+
+
+def tokens_per_group(moe: Mapping[str, Any], *, seq_len: int,
+                     batch_size: Optional[int] = None) -> int:
+  """S, the tokens of one routing group (see `MoELayer`, group_size/group_by)."""
+  if moe.get("group_size") is not None:
+    return moe["group_size"]
+  if moe.get("group_by", "sequence") == "batch":
+    if batch_size is None:
+      raise ValueError("group_by='batch' without group_size needs batch_size")
+    return batch_size  # one group per position: the B tokens at it
+  return seq_len
+
+
+def _capacity_overhead(moe: Mapping[str, Any], num_tokens: int) -> float:
+  """Expert slots computed per slot used: the padding factor of a capacity.
+
+  The gather and einsum dispatchers run every expert on all its C slots per
+  group whether filled or not. Token choice fills at most S K of E C slots:
+  overhead C E / (S K) (GShard / Switch capacity, `routing.capacity`).
+  Expert choice fills all E C slots, counted by `param_counts` as
+  capacity_factor experts per token: overhead C E / (S capacity_factor).
+  Dropless computes exactly the routed assignments: 1 (the CPU block padding
+  of the grouped matmul is not counted).
+  """
+  granularity = moe.get("granularity", 1)
+  num_experts = moe["num_experts"] * granularity
+  capacity_factor = moe.get("capacity_factor", 1.25)
+  min_capacity = moe.get("min_capacity", 1)
+  if moe.get("router", "topk") == EXPERT_CHOICE:
+    capacity = capacity_lib.expert_choice_capacity(
+        num_tokens=num_tokens, num_experts=num_experts,
+        capacity_factor=capacity_factor, min_capacity=min_capacity)
+    return capacity * num_experts / (num_tokens * capacity_factor)
+  if capacity_lib.is_dropless(capacity_factor):
+    return 1.0
+  top_k = moe["top_k"] * granularity
+  capacity = capacity_lib.token_choice_capacity(
+      num_tokens=num_tokens, num_experts=num_experts, top_k=top_k,
+      capacity_factor=capacity_factor, min_capacity=min_capacity)
+  return capacity * num_experts / (num_tokens * top_k)
+
+
+def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
+              moe: Mapping[str, Any], seq_len: int, batch_size: Optional[int] = None,
+              head_dim: Optional[int] = None, moe_every: int = 1,
+              first_dense_layers: int = 0, tie_embeddings: bool = True,
+              causal: bool = True) -> dict[str, dict[str, float]]:
+  """Parameters and training FLOPs per token of `TransformerLM`, by component.
+
+  Args: those of `train_flops_per_token`, plus `batch_size` (global), needed
+  for the routing group of group_by="batch".
+
+  Returns:
+    params: `COMPONENTS` (ints; the untied output kernel is "output", tied it
+      is 0), total, total_nonembed (everything but embedding and output, as
+      `param_counts`' non_embedding) and active_nonembed (float; the routed
+      experts a token is not sent to left out).
+    active_params: `COMPONENTS` as used by one token (float).
+    flops: training FLOPs per token (forward + backward = 6 per active
+      parameter of a matmul, Kaplan et al. 2020): router, attention
+      (= attention_projections + attention_scores, the sequence-length term
+      of `train_flops_per_token`), experts (routed, active), shared_experts,
+      dense_ffn, norms (6 per scale, Kaplan's 6 N convention, so that
+      `total` == `train_flops_per_token`), embedding_output (the output
+      projection D V; the lookup is free), total, and capacity_padding: the
+      expert FLOPs of empty capacity slots, experts * (C E / (S K) - 1) for
+      token choice (negative when capacity_factor < 1: dropped slots are not
+      computed), so that experts + capacity_padding is what the dispatcher
+      computes; total_with_padding = total + capacity_padding.
+  """
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+    head_dim = d_model // num_heads
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+  flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
+                          first_dense_layers=first_dense_layers,
+                          router=moe.get("router", "topk"))
+  params = dict.fromkeys(COMPONENTS, 0.0)
+  active = dict.fromkeys(COMPONENTS, 0.0)
+  params["embedding"] = active["embedding"] = vocab_size * d_model
+  params["output"] = active["output"] = 0 if tie_embeddings else d_model * vocab_size
+  params["norms"] = active["norms"] = d_model * (2 * num_layers + 1)
+  params["attention"] = active["attention"] = 4 * d_model * num_heads * head_dim * num_layers
+  padding = 0.0
+  for is_moe in flags:
+    ffn = _ffn_counts(d_model, moe, is_moe)
+    granularity = moe.get("granularity", 1)
+    shared = (_kernels_per_mlp(moe.get("activation", "gelu")) * d_model
+              * moe.get("num_shared_experts", 0) * (moe["expert_hidden"] // granularity))
+    params["shared_experts"] += shared
+    active["shared_experts"] += shared
+    if not is_moe:
+      params["dense_ffn"] += ffn["total"] - shared
+      active["dense_ffn"] += ffn["active"] - shared
+      continue
+    router = d_model * moe["num_experts"] * granularity
+    params["router"] += router
+    active["router"] += router
+    params["experts"] += ffn["expert"]
+    routed_active = ffn["active"] - router - shared
+    active["experts"] += routed_active
+    num_tokens = tokens_per_group(moe, seq_len=seq_len, batch_size=batch_size)
+    padding += 6 * routed_active * (_capacity_overhead(moe, num_tokens) - 1)
+  params = {name: int(value) for name, value in params.items()}
+  vocabulary = ("embedding", "output")
+  params["total"] = sum(params[name] for name in COMPONENTS)
+  params["total_nonembed"] = sum(params[n] for n in COMPONENTS if n not in vocabulary)
+  params["active_nonembed"] = sum(active[n] for n in COMPONENTS if n not in vocabulary)
+
+  flops = {name: 6 * active[name] for name in ("router", "experts", "shared_experts",
+                                               "dense_ffn", "norms")}
+  flops["attention_projections"] = 6 * active["attention"]
+  # Kaplan's 2 n_layer n_ctx d_attn forward (causal), x3 for training; see
+  # `train_flops_per_token` for the convention.
+  flops["attention_scores"] = 3 * ((2 if causal else 4) * num_layers * seq_len
+                                   * num_heads * head_dim)
+  flops["attention"] = flops["attention_projections"] + flops["attention_scores"]
+  flops["embedding_output"] = 6 * d_model * vocab_size
+  flops["total"] = sum(flops[name] for name in (
+      "router", "attention", "experts", "shared_experts", "dense_ffn", "norms",
+      "embedding_output"))
+  flops["capacity_padding"] = padding
+  flops["total_with_padding"] = flops["total"] + padding
+  return {"params": params, "active_params": active,
+          "flops": {name: float(value) for name, value in flops.items()}}
+
+
+def config_vocab_size(config) -> int:
+  """The vocabulary a config's data section yields, without building it:
+  257 for the byte tokenizer, else `config.data.vocab_size` (the synthetic
+  corpus and SentencePiece use it as is)."""
+  if config.data.name != SYNTHETIC and config.data.tokenizer == "byte":
+    return tokenizers.ByteTokenizer.vocab_size
+  return config.data.vocab_size
+
+
+def counts_from_config(config, vocab_size: Optional[int] = None) -> dict[str, float]:
+  """`breakdown` of an ml_collections run config, flattened for tables.
+
+  Args:
+    config: a run config (`moejax.train.config.default_config()` keys).
+    vocab_size: V; default `config_vocab_size(config)`.
+
+  Returns:
+    params_<component> and params_total / params_total_nonembed /
+    params_active_nonembed; flops_<part> (training FLOPs per token) with
+    flops_per_token == `train_flops_per_token` of the same model;
+    num_experts, top_k (fine-grained: times granularity), granularity.
+  """
+  model, moe = config.model, config.model.moe.to_dict()
+  parts = breakdown(
+      vocab_size=vocab_size or config_vocab_size(config), num_layers=model.num_layers,
+      d_model=model.d_model, num_heads=model.num_heads, head_dim=model.head_dim,
+      moe=moe, seq_len=config.train.seq_len, batch_size=config.train.batch_size,
+      moe_every=model.moe_every, first_dense_layers=model.first_dense_layers,
+      tie_embeddings=model.tie_embeddings)
+  granularity = moe.get("granularity", 1)
+  routed = moe["router"] != "dense"
+  counts = {"num_experts": moe["num_experts"] * granularity if routed else 0,
+            "top_k": moe["top_k"] * granularity if routed else 0,
+            "granularity": granularity}
+  counts.update({f"params_{name}": value for name, value in parts["params"].items()})
+  counts.update({f"flops_{name}": value for name, value in parts["flops"].items()
+                 if name != "total"})
+  counts["flops_per_token"] = parts["flops"]["total"]
+  return counts

@@ -1,0 +1,55 @@
+"""Routers at matched active compute: switch, top-k, expert choice, dense.
+
+Every point runs an FFN hidden width of 2 H per token (H = expert_hidden):
+  dense          one FFN of hidden top_k * H = 2 H (the yardstick);
+  switch         top-1 over E experts of hidden 2 H (Fedus et al. 2021); its
+                 experts are twice as wide, so it holds twice the parameters;
+  topk           top-2 over E experts of hidden H (GShard, Lepikhin et al. 2020);
+  expert_choice  each expert takes capacity_factor * S / E tokens with
+                 capacity_factor = 2, i.e. 2 experts per token on average
+                 (Zhou et al. 2022, §3.1, "EC-CF2" against top-2).
+
+    python -m experiments.sweep --sweep=configs/sweeps/routers.py:tiny \
+        --workdir=/tmp/routers
+
+All points group tokens by batch position (group_by="batch"), the causal
+grouping that expert choice and top-2 with a capacity need in a decoder
+(Wang et al. 2024, §5.2), so the routers differ in nothing else. Token choice
+keeps the default capacity_factor of 1.25.
+"""
+
+BASE_CONFIG = "configs/default.py"
+
+_SCALES = {
+    "tiny": {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
+             "model.moe.num_experts": 8, "train.seq_len": 64, "train.batch_size": 16,
+             "train.steps": 300, "train.log_every": 25},
+    "small": {"model.d_model": 256, "model.num_layers": 6, "model.num_heads": 8,
+              "model.moe.num_experts": 16, "train.seq_len": 256, "train.batch_size": 64,
+              "train.steps": 8000, "train.log_every": 100},
+    "medium": {"model.d_model": 512, "model.num_layers": 12, "model.num_heads": 8,
+               "model.moe.num_experts": 32, "train.seq_len": 512, "train.batch_size": 128,
+               "train.steps": 20000, "train.log_every": 100},
+}
+
+
+def get_sweep(scale: str) -> list[tuple[str, dict]]:
+  """[(name, overrides)]: "dense", "switch", "topk", "expert_choice"."""
+  if scale not in _SCALES:
+    raise ValueError(f"unknown scale {scale!r}; valid scales: {sorted(_SCALES)}")
+  setup = _SCALES[scale]
+  hidden = 2 * setup["model.d_model"]  # H
+  steps = setup["train.steps"]
+  shared = {**setup, "model.moe.group_by": "batch", "train.warmup_steps": steps // 10,
+            "train.eval_every": steps, "train.checkpoint_every": min(steps, 1000)}
+  return [
+      ("dense", {**shared, "model.moe.router": "dense", "model.moe.top_k": 2,
+                 "model.moe.expert_hidden": hidden}),
+      ("switch", {**shared, "model.moe.router": "switch", "model.moe.top_k": 1,
+                  "model.moe.expert_hidden": 2 * hidden}),
+      ("topk", {**shared, "model.moe.router": "topk", "model.moe.top_k": 2,
+                "model.moe.expert_hidden": hidden}),
+      ("expert_choice", {**shared, "model.moe.router": "expert_choice",
+                         "model.moe.top_k": 2, "model.moe.capacity_factor": 2.0,
+                         "model.moe.expert_hidden": hidden}),
+  ]
