@@ -194,3 +194,22 @@ def test_group_size_must_divide_tokens():
                    group_size=5, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="group_size"):
     layer(_x(batch=2, length=12))
+
+
+def test_eval_capacity_factor_applies_only_when_deterministic():
+  # 4 experts, top-1, 16 tokens: capacity 0.25 gives C = 1 slot per expert,
+  # so at most 4 of 16 tokens are processed; capacity 4.0 drops nothing.
+  x = jax.random.normal(jax.random.key(0), (1, 16, 8))
+  kwargs = dict(d_model=8, num_experts=4, top_k=1, expert_hidden=8, router="switch",
+                rngs=nnx.Rngs(0))
+  layer = MoELayer(capacity_factor=0.25, eval_capacity_factor=4.0, **kwargs)
+  _, train_aux = layer(x, deterministic=False, rng=jax.random.key(1))
+  _, eval_aux = layer(x, deterministic=True)
+  assert float(train_aux["dropped_fraction"]) >= 0.75 - 1e-6
+  assert float(eval_aux["dropped_fraction"]) == 0.0
+  # Same parameters, eval factor = train factor when unset.
+  plain = MoELayer(capacity_factor=0.25, **kwargs)
+  _, plain_aux = plain(x, deterministic=True)
+  assert float(plain_aux["dropped_fraction"]) >= 0.75 - 1e-6
+  with pytest.raises(ValueError, match="eval_capacity_factor"):
+    MoELayer(capacity_factor=1.0, eval_capacity_factor=-1.0, **kwargs)

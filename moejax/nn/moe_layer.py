@@ -12,6 +12,7 @@ experts or their hidden units, the routed part runs expert parallel in
 losses and metrics as on one device.
 """
 
+import dataclasses
 import functools
 from typing import Any, Optional
 
@@ -47,6 +48,10 @@ class MoELayer(nnx.Module):
     expert_hidden: H of one expert before `granularity`.
     router: "dense" or a name in `routing.ROUTERS`.
     capacity_factor: see `routing.route`; 0 = dropless.
+    eval_capacity_factor: the capacity factor when `deterministic=True`
+      (evaluation); None = `capacity_factor`. V-MoE (Riquelme et al. 2021,
+      §4.1) and Switch (Fedus et al. 2021, Table 1) evaluate at other factors
+      than they train with.
     group_size: tokens per routing group; default one group per sequence
       (group_by="sequence") or one group per position (group_by="batch").
     group_by: "sequence": a group is group_size consecutive tokens of the
@@ -74,6 +79,7 @@ class MoELayer(nnx.Module):
 
   def __init__(self, *, d_model: int, num_experts: int, top_k: int, expert_hidden: int,
                router: str = "topk", capacity_factor: float = 1.25,
+               eval_capacity_factor: Optional[float] = None,
                group_size: Optional[int] = None, group_by: str = "sequence",
                dispatch: str = "gather",
                activation: str = "gelu", num_shared_experts: int = 0,
@@ -110,6 +116,7 @@ class MoELayer(nnx.Module):
     self.top_k = top_k * granularity
     self.expert_hidden = expert_hidden // granularity
     self.capacity_factor = capacity_factor
+    self.eval_capacity_factor = eval_capacity_factor
     self.group_size = group_size
     self.group_by = group_by
     self.dispatch = dispatch
@@ -133,9 +140,17 @@ class MoELayer(nnx.Module):
           batch_prioritized=router_options.get("batch_prioritized", False),
           renormalize=router_options.get("renormalize"))
       routing_lib.validate_router_options(router, self.num_experts, options)
-      if dispatch == "dropless" and not routing_lib.is_dropless(capacity_factor):
-        raise ValueError(f"dispatch='dropless' has no capacity; set capacity_factor=0 "
-                         f"(got capacity_factor={capacity_factor})")
+      if eval_capacity_factor is not None:
+        try:
+          routing_lib.validate_router_options(
+              router, self.num_experts, dataclasses.replace(options, capacity_factor=eval_capacity_factor))
+        except ValueError as e:
+          raise ValueError(f"eval_capacity_factor: {e}") from e
+      for name, factor in (("capacity_factor", capacity_factor),
+                           ("eval_capacity_factor", eval_capacity_factor)):
+        if dispatch == "dropless" and factor is not None and not routing_lib.is_dropless(factor):
+          raise ValueError(f"dispatch='dropless' has no capacity; set {name}=0 "
+                           f"(got {name}={factor})")
       # Switch Transformer initializes the router with a small scale (0.1).
       router_init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
       self.router_kernel = nnx.Param(
@@ -225,7 +240,10 @@ class MoELayer(nnx.Module):
       router_input = routing_lib.apply_jitter(router_input, jitter, jitter_rng)
     logits = jnp.dot(router_input, router_kernel)  # [G*S, E] float32
     logits = logits.reshape(num_groups, group_size, self.num_experts)
+    capacity_factor = self.capacity_factor
+    if deterministic and self.eval_capacity_factor is not None:
+      capacity_factor = self.eval_capacity_factor
     return routing_lib.route(
         logits, router=self.router, top_k=self.top_k,
-        capacity_factor=self.capacity_factor, rng=noise_rng,
+        capacity_factor=capacity_factor, rng=noise_rng,
         deterministic=deterministic, **options)

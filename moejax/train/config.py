@@ -19,6 +19,7 @@ def moe_config() -> ml_collections.ConfigDict:
   moe.expert_hidden = 256
   moe.router = "topk"              # switch | topk | expert_choice | dense
   moe.capacity_factor = 1.25       # 0 = dropless (token choice)
+  moe.eval_capacity_factor = ml_collections.config_dict.placeholder(float)  # None = capacity_factor
   moe.min_capacity = 1
   moe.group_size = ml_collections.config_dict.placeholder(int)  # None = one group per sequence
   moe.group_by = "sequence"        # sequence | batch (causal routing for expert choice)
