@@ -17,32 +17,19 @@ training FLOPs of each factor are
 Top-1 with position priority is causal, so per-sequence groups are kept.
 """
 
+from moejax.scaling.sweeps import SCALES, scale_setup, schedule
+
 BASE_CONFIG = "configs/default.py"
 
 CAPACITY_FACTORS = (0.5, 1.0, 1.25, 2.0)
 EVAL_CAPACITY_FACTORS = (1.0, 2.0)
 
-_SCALES = {
-    "tiny": {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
-             "model.moe.expert_hidden": 128, "train.seq_len": 64, "train.batch_size": 16,
-             "train.steps": 300, "train.log_every": 25},
-    "small": {"model.d_model": 256, "model.num_layers": 6, "model.num_heads": 8,
-              "model.moe.expert_hidden": 1024, "train.seq_len": 256, "train.batch_size": 64,
-              "train.steps": 8000, "train.log_every": 100},
-    "medium": {"model.d_model": 512, "model.num_layers": 12, "model.num_heads": 8,
-               "model.moe.expert_hidden": 2048, "train.seq_len": 512,
-               "train.batch_size": 128, "train.steps": 20000, "train.log_every": 100},
-}
-
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
   """[(name, overrides)]: "cf0.5_eval1.0" ... "cf2.0_eval2.0", then "dropless"."""
-  if scale not in _SCALES:
-    raise ValueError(f"unknown scale {scale!r}; valid scales: {sorted(_SCALES)}")
-  steps = _SCALES[scale]["train.steps"]
-  shared = {**_SCALES[scale], "model.moe.router": "switch", "model.moe.num_experts": 8,
-            "model.moe.top_k": 1, "train.warmup_steps": steps // 10,
-            "train.eval_every": steps, "train.checkpoint_every": min(steps, 1000)}
+  setup = scale_setup(SCALES, scale)
+  shared = {**setup, **schedule(setup["train.steps"]), "model.moe.router": "switch",
+            "model.moe.num_experts": 8, "model.moe.top_k": 1}
   points = [(f"cf{factor}_eval{eval_factor}",
              {**shared, "model.moe.capacity_factor": factor,
               "model.moe.eval_capacity_factor": eval_factor, "model.moe.dispatch": "gather"})

@@ -24,6 +24,8 @@ compilation included, measured on shared cores); "small" and "medium" are
 accelerator sizes.
 """
 
+from moejax.scaling.sweeps import scale_setup, schedule
+
 BASE_CONFIG = "configs/default.py"
 
 GRANULARITIES = (1, 2, 4, 8)
@@ -45,9 +47,7 @@ _SCALES = {
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
   """[(name, overrides)] for G x d_model x steps at this scale."""
-  if scale not in _SCALES:
-    raise ValueError(f"unknown scale {scale!r}; valid scales: {sorted(_SCALES)}")
-  setup = _SCALES[scale]
+  setup = scale_setup(_SCALES, scale)
   points = []
   for d_model in setup["d_models"]:
     for steps in setup["steps"]:
@@ -61,9 +61,6 @@ def get_sweep(scale: str) -> list[tuple[str, dict]]:
             "model.moe.expert_hidden": 2 * d_model,
             "model.moe.granularity": granularity,
             "model.moe.group_by": "batch",
-            "train.steps": steps,
-            "train.warmup_steps": steps // 10,
-            "train.eval_every": steps,
-            "train.checkpoint_every": min(steps, 1000),
+            **schedule(steps),
         }))
   return points

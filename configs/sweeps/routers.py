@@ -18,6 +18,8 @@ grouping that expert choice and top-2 with a capacity need in a decoder
 keeps the default capacity_factor of 1.25.
 """
 
+from moejax.scaling.sweeps import scale_setup, schedule
+
 BASE_CONFIG = "configs/default.py"
 
 _SCALES = {
@@ -35,13 +37,9 @@ _SCALES = {
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
   """[(name, overrides)]: "dense", "switch", "topk", "expert_choice"."""
-  if scale not in _SCALES:
-    raise ValueError(f"unknown scale {scale!r}; valid scales: {sorted(_SCALES)}")
-  setup = _SCALES[scale]
+  setup = scale_setup(_SCALES, scale)
   hidden = 2 * setup["model.d_model"]  # H
-  steps = setup["train.steps"]
-  shared = {**setup, "model.moe.group_by": "batch", "train.warmup_steps": steps // 10,
-            "train.eval_every": steps, "train.checkpoint_every": min(steps, 1000)}
+  shared = {**setup, **schedule(setup["train.steps"]), "model.moe.group_by": "batch"}
   return [
       ("dense", {**shared, "model.moe.router": "dense", "model.moe.top_k": 2,
                  "model.moe.expert_hidden": hidden}),

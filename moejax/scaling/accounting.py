@@ -101,6 +101,18 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
           "expert": int(expert)}
 
 
+def _checked_head_dim(d_model: int, num_heads: int, head_dim: Optional[int],
+                      seq_len: int) -> int:
+  """`head_dim` (default d_model / num_heads) after checking it and `seq_len`."""
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
+    head_dim = d_model // num_heads
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+  return head_dim
+
+
 def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                           num_heads: int, moe: Mapping[str, Any], seq_len: int,
                           head_dim: Optional[int] = None, moe_every: int = 1,
@@ -126,12 +138,7 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
   `nn.attention.causal_attention` actually computes (it masks, it does not
   skip). Softmax, norms and routing sorts are not counted.
   """
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-    head_dim = d_model // num_heads
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+  head_dim = _checked_head_dim(d_model, num_heads, head_dim, seq_len)
   counts = param_counts(vocab_size=vocab_size, num_layers=num_layers, d_model=d_model,
                         num_heads=num_heads, head_dim=head_dim, moe=moe,
                         moe_every=moe_every, first_dense_layers=first_dense_layers,
@@ -219,12 +226,7 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
       computed), so that experts + capacity_padding is what the dispatcher
       computes; total_with_padding = total + capacity_padding.
   """
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-    head_dim = d_model // num_heads
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+  head_dim = _checked_head_dim(d_model, num_heads, head_dim, seq_len)
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers,
                           router=moe.get("router", "topk"))
