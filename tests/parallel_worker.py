@@ -186,6 +186,43 @@ def lm_case(axis_types, mesh_shape=(2, 4, 1)):
           "all_gathered_shapes": sorted(list(s) for s in gathered_shapes)}
 
 
+def ragged_lowering_case(mesh_shape=(2, 4, 1)):
+  """The GPU/TPU dropless exchange (`jax.lax.ragged_all_to_all`) traces,
+  differentiates and lowers; XLA:CPU cannot compile it, so this checks the
+  lowered StableHLO: two exchanges forward, two backward, each within the
+  groups of devices along the expert axis."""
+  graphdef, params, x, cotangent, _ = one_device(
+      dict(ROUTERS["dropless"], dropless_exchange="ragged"))
+  mesh = parallel.make_mesh(mesh_config(mesh_shape))
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    x = parallel.shard_like(x, parallel.batch_sharding(mesh))
+    text = layer_loss_fn(graphdef, cotangent).lower(params, x).as_text()
+  calls = [line for line in text.splitlines() if "@ragged_all_to_all(" in line]
+  groups = {re.search(r"replica_groups = dense<(.*?)>", line).group(1).replace(" ", "")
+            for line in calls}
+  expected = json.dumps(np.arange(8).reshape(mesh_shape).transpose(0, 2, 1)
+                        .reshape(-1, mesh_shape[1]).tolist()).replace(" ", "")
+  return {"ok": len(calls) == 4 and groups == {expected}, "calls": len(calls),
+          "replica_groups": sorted(groups), "expected_groups": expected}
+
+
+def ragged_reference_docstring_case():
+  """`collectives.ragged_all_to_all_reference` on the example of the
+  `jax.lax.ragged_all_to_all` docstring (axis of size 2)."""
+  mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  args = [[[1, 2, 2], [3, 4, 0]], [[0, 0, 0, 0]] * 2, [[0, 1], [0, 1]], [[1, 2], [1, 1]],
+          [[0, 0], [1, 2]], [[1, 1], [2, 1]]]
+  args = [jax.device_put(jnp.asarray(a, jnp.float32 if i < 2 else jnp.int32).reshape(-1),
+                         jax.NamedSharding(mesh, jax.P("x"))) for i, a in enumerate(args)]
+  fn = jax.shard_map(functools.partial(parallel.collectives.ragged_all_to_all_reference,
+                                       axis_name="x"),
+                     mesh=mesh, in_specs=jax.P("x"), out_specs=jax.P("x"))
+  got = np.asarray(jax.jit(fn)(*args)).reshape(2, 4).tolist()
+  return {"ok": got == [[1, 3, 0, 0], [2, 2, 4, 0]], "got": got}
+
+
 def indivisible_groups_case():
   """4 groups cannot split over data*expert = 8 devices."""
   layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
@@ -228,6 +265,17 @@ def cases():
         lambda r=router_kwargs: layer_case((2, 2, 2), r, "auto"))
   yield "layer/2x4x1/dropless_ragged_dot/explicit", lambda: layer_case(
       (2, 4, 1), ROUTERS["dropless"], "explicit", block_size=1)
+  ragged = dict(ROUTERS["dropless"], dropless_exchange="ragged_reference")
+  for mesh_name in ("2x4x1", "1x8x1", "2x2x2"):
+    yield f"layer/{mesh_name}/dropless_ragged_reference/explicit", (
+        lambda s=MESHES[mesh_name]: layer_case(s, ragged, "explicit"))
+  yield "layer/2x2x2/dropless_ragged_reference/auto", lambda: layer_case(
+      (2, 2, 2), ragged, "auto")
+  yield "layer/2x4x1/dropless_ragged_reference_ragged_dot/explicit", lambda: layer_case(
+      (2, 4, 1), ragged, "explicit", block_size=1)
+  yield "ragged_reference/docstring_example", ragged_reference_docstring_case
+  yield "lowered/2x4x1/dropless_ragged", ragged_lowering_case
+  yield "lowered/2x2x2/dropless_ragged", lambda: ragged_lowering_case((2, 2, 2))
   yield "layer/2x4x1/einsum/explicit", lambda: layer_case(
       (2, 4, 1), dict(ROUTERS["topk"], dispatch="einsum"), "explicit")
   yield "layer/2x2x2/swiglu_shared_batch/auto", lambda: layer_case(

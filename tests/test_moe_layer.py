@@ -10,6 +10,7 @@ from flax import nnx
 
 from moejax import routing as routing_lib
 from moejax.nn import MoELayer
+from moejax.parallel import expert_parallel
 
 D_MODEL = 16
 
@@ -213,3 +214,14 @@ def test_eval_capacity_factor_applies_only_when_deterministic():
   assert float(plain_aux["dropped_fraction"]) >= 0.75 - 1e-6
   with pytest.raises(ValueError, match="eval_capacity_factor"):
     MoELayer(capacity_factor=1.0, eval_capacity_factor=-1.0, **kwargs)
+
+
+def test_dropless_exchange_names():
+  with pytest.raises(ValueError, match="unknown dropless_exchange 'ragged_dot'"):
+    MoELayer(d_model=8, num_experts=4, top_k=2, expert_hidden=8, capacity_factor=0.0,
+             dispatch="dropless", dropless_exchange="ragged_dot", rngs=nnx.Rngs(0))
+  assert expert_parallel.resolve_exchange("padded") == "padded"
+  assert expert_parallel.resolve_exchange("ragged") == "ragged"
+  # XLA:CPU has no ragged all-to-all, so "auto" picks the padded exchange there.
+  expected = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
+  assert expert_parallel.resolve_exchange("auto") == expected

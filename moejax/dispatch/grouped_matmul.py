@@ -45,7 +45,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
   return _blocked_matmul(x, w, group_sizes.astype(jnp.int32), block_size)
 
 
-def _varying_axes(x: jax.Array) -> frozenset:
+def varying_axes(x: jax.Array) -> frozenset:
   """Manual mesh axes over which `x` varies inside shard_map (empty outside)."""
   aval = jax.typeof(x)
   vma = getattr(aval, "vma", None)  # older jax; jax 0.10: aval.mat.varying
@@ -54,10 +54,10 @@ def _varying_axes(x: jax.Array) -> frozenset:
   return frozenset(vma)
 
 
-def _vary_like(zeros: jax.Array, *inputs: jax.Array) -> jax.Array:
+def vary_like(zeros: jax.Array, *inputs: jax.Array) -> jax.Array:
   """`zeros` cast to vary over the union of the inputs' varying axes (a no-op
   outside shard_map, or when it varies over them already)."""
-  axes = frozenset().union(*(_varying_axes(x) for x in inputs)) - _varying_axes(zeros)
+  axes = frozenset().union(*(varying_axes(x) for x in inputs)) - varying_axes(zeros)
   if not axes:
     return zeros
   pcast = getattr(jax.lax, "pcast", None)
@@ -69,7 +69,7 @@ def _vary_like(zeros: jax.Array, *inputs: jax.Array) -> jax.Array:
 def _sum_like(grad: jax.Array, primal: jax.Array) -> jax.Array:
   """`grad` summed over the axes it varies over but `primal` does not (so it
   has the type of `primal`); a no-op outside shard_map."""
-  axes = _varying_axes(grad) - _varying_axes(primal)
+  axes = varying_axes(grad) - varying_axes(primal)
   return jax.lax.psum(grad, tuple(sorted(axes))) if axes else grad
 
 
@@ -100,7 +100,7 @@ def _blocked_matmul(x, w, group_sizes, block_size):
     return _put_block(y, value, i, block_size)
 
   y = jnp.zeros((x.shape[0], w.shape[-1]), jnp.result_type(x, w))
-  return jax.lax.fori_loop(0, num_blocks, body, _vary_like(y, x, w, group_sizes))
+  return jax.lax.fori_loop(0, num_blocks, body, vary_like(y, x, w, group_sizes))
 
 
 def _blocked_matmul_fwd(x, w, group_sizes, block_size):
@@ -122,8 +122,8 @@ def _blocked_matmul_bwd(block_size, residuals, d_y):
     d_w = d_w.at[group].add(update)
     return d_x, d_w
 
-  d_x = _vary_like(jnp.zeros_like(x), x, w, group_sizes, d_y)
-  d_w = _vary_like(jnp.zeros(w.shape, jnp.float32), x, w, group_sizes, d_y)
+  d_x = vary_like(jnp.zeros_like(x), x, w, group_sizes, d_y)
+  d_w = vary_like(jnp.zeros(w.shape, jnp.float32), x, w, group_sizes, d_y)
   d_x, d_w = jax.lax.fori_loop(0, num_blocks, body, (d_x, d_w))
   return _sum_like(d_x, x), _sum_like(d_w.astype(w.dtype), w), None
 

@@ -63,6 +63,11 @@ class MoELayer(nnx.Module):
       position: routing is causal in time, as a decoder needs (Wang et al.
       2024, "Auxiliary-Loss-Free Load Balancing", §5.2).
     dispatch: a name in `dispatch.DISPATCHERS`.
+    dropless_exchange: how dropless rows cross the `expert` mesh axis under
+      expert parallelism: "auto" (`jax.lax.ragged_all_to_all` on GPU/TPU, a
+      padded all_to_all on CPU), "ragged", "padded" or "ragged_reference"
+      (the ragged bookkeeping on an all_gather emulation, for CPU checks);
+      see `parallel.expert_parallel`. Unused on one device.
     activation: "gelu" or "swiglu".
     num_shared_experts: always-active experts of hidden expert_hidden /
       granularity each (DeepSeekMoE, Dai et al. 2024, §3.2).
@@ -81,7 +86,7 @@ class MoELayer(nnx.Module):
                router: str = "topk", capacity_factor: float = 1.25,
                eval_capacity_factor: Optional[float] = None,
                group_size: Optional[int] = None, group_by: str = "sequence",
-               dispatch: str = "gather",
+               dispatch: str = "gather", dropless_exchange: str = "auto",
                activation: str = "gelu", num_shared_experts: int = 0,
                granularity: int = 1, aux_loss_weight: float = 1e-2,
                z_loss_weight: float = 1e-3, dtype=jnp.float32, rngs: nnx.Rngs,
@@ -109,6 +114,9 @@ class MoELayer(nnx.Module):
                        f"{sorted(routing_lib.ROUTERS) + [DENSE]}")
     _hidden_activation(activation)  # validates the name
     dispatcher = dispatch_lib.get_dispatcher(dispatch)
+    if dropless_exchange not in expert_parallel.DROPLESS_EXCHANGES:
+      raise ValueError(f"unknown dropless_exchange {dropless_exchange!r}; valid values: "
+                       f"{list(expert_parallel.DROPLESS_EXCHANGES)}")
 
     self.router = router
     self.d_model = d_model
@@ -120,6 +128,7 @@ class MoELayer(nnx.Module):
     self.group_size = group_size
     self.group_by = group_by
     self.dispatch = dispatch
+    self.dropless_exchange = dropless_exchange
     self.aux_loss_weight = aux_loss_weight
     self.z_loss_weight = z_loss_weight
     self.router_options = dict(router_options)
@@ -211,7 +220,7 @@ class MoELayer(nnx.Module):
     y, aux = expert_parallel.routed_forward(
         functools.partial(self._route, deterministic=deterministic), self._dispatcher,
         groups, self.router_kernel[...], self.experts, rng, dtype=self.dtype,
-        mesh=expert_parallel.parallel_mesh())
+        mesh=expert_parallel.parallel_mesh(), dropless_exchange=self.dropless_exchange)
     aux["weighted_loss"] = (self.aux_loss_weight * aux["aux_loss"]
                             + self.z_loss_weight * aux["z_loss"])
     y = y.reshape(x.shape[:2] + (-1,))

@@ -10,7 +10,7 @@ Inside `activate`, `nn.MoELayer` runs its routed experts expert parallel
 and batch shardings (GSPMD / sharding-in-types).
 """
 
-from moejax.parallel import expert_parallel
+from moejax.parallel import collectives, expert_parallel
 from moejax.parallel.mesh import (AXES, AXIS_TYPES, activate, current_mesh, make_mesh,
                                   validate_mesh_config)
 from moejax.parallel.rules import (LOGICAL_RULES, PARAM_AXES, batch_sharding,

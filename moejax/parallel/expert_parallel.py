@@ -16,14 +16,22 @@ The dispatchers are untouched: they call `ShardedExperts`, which satisfies
 the `dispatch.base.Experts` contract across devices. The einsum dispatcher
 exchanges its one-hot-dispatched buffer the same way.
 
-Dropless (`dispatch="dropless"`) exchanges rows sorted by expert. Its exact
-ragged exchange would be `jax.lax.ragged_all_to_all`, which XLA:CPU does not
-implement, so every backend uses a padded exchange: each device sends every
-other device a block of `rows_per_shard` rows, a static bound on the rows it
-can route there (G_l*S*min(K, E_l) assignments plus block padding), and the
-receiver compacts what it got by local expert before one grouped matmul.
-Nothing is dropped; the padding costs up to X times the local rows in
-all_to_all bytes (not in expert FLOPs).
+Dropless (`dispatch="dropless"`) exchanges rows sorted by expert; how is
+`dropless_exchange`:
+  * "ragged" (default on GPU/TPU): `jax.lax.ragged_all_to_all` with one slice
+    per expert, written straight into the receiver's layout (sorted by local
+    expert, then source), and back. Only routed rows move. XLA:CPU does not
+    implement the collective.
+  * "padded" (default on CPU; any backend): each device sends every other
+    device a block of `rows_per_shard` rows, a static bound on the rows it can
+    route there (G_l*S*min(K, E_l) assignments plus block padding), and the
+    receiver compacts what it got by local expert. The padding costs up to X
+    times the local rows in all_to_all bytes (not in expert FLOPs).
+  * "ragged_reference": the ragged exchange through an all_gather emulation of
+    the collective (`collectives.ragged_all_to_all_reference`), so its
+    bookkeeping can be checked on CPU; it moves X times the data.
+Both real exchanges are exact (nothing is dropped) and size the receive
+buffer by the same static bound.
 
 Router losses and metrics are means over groups or tokens, and every device
 holds the same number of both, so their `pmean` over the batch axes equals the
@@ -31,6 +39,7 @@ one-device value; `load_max_over_mean` (a max, not a mean) is recomputed from
 the averaged `expert_load`.
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -40,9 +49,24 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from moejax.dispatch import permute
+from moejax.parallel import collectives
 from moejax.parallel import rules
 from moejax.parallel.mesh import current_mesh
 from moejax.routing import Routing
+
+# Values of `dropless_exchange` (see the module docstring); "auto" picks one.
+DROPLESS_EXCHANGES = ("auto", "ragged", "padded", "ragged_reference")
+EXCHANGES = DROPLESS_EXCHANGES[1:]
+
+
+def resolve_exchange(name: str) -> str:
+  """"auto" -> "ragged" where XLA implements ragged_all_to_all, else "padded"."""
+  if name not in DROPLESS_EXCHANGES:
+    raise ValueError(f"unknown dropless_exchange {name!r}; valid: {list(DROPLESS_EXCHANGES)}")
+  if name == "auto":
+    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
+  return name
+
 
 # route(groups <float>[G, S, D], router_kernel <float32>[D, E], rng) -> Routing.
 RouteFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], Routing]
@@ -126,12 +150,15 @@ class ShardedExperts:
 
   def __init__(self, local: nnx.Module, *, expert_axes: tuple[str, ...],
                model_axes: tuple[str, ...], num_shards: int,
-               max_assignments: Optional[int] = None):
+               max_assignments: Optional[int] = None, exchange: str = "padded"):
+    if exchange not in EXCHANGES:
+      raise ValueError(f"unknown dropless exchange {exchange!r}; valid: {list(EXCHANGES)}")
     self.local = local
     self.expert_axes = expert_axes
     self.model_axes = model_axes
     self.num_shards = num_shards
     self.max_assignments = max_assignments
+    self.exchange = exchange
 
   def _all_to_all(self, x: jax.Array) -> jax.Array:
     """[X, ...] chunk i to expert shard i -> [X, ...] chunk i from shard i."""
@@ -163,10 +190,56 @@ class ShardedExperts:
   def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
     """[R, D] rows sorted by expert (`group_sizes` [E]) -> [R, D] outputs.
 
-    The padded dropless exchange (see the module docstring): send each shard
-    its experts' rows, compact the received rows by local expert, run one
-    grouped matmul, and send the outputs back.
+    The dropless exchange (see the module docstring): send each shard its
+    experts' rows, lay the received rows out by local expert, run one grouped
+    matmul, and send the outputs back.
     """
+    if self.exchange == "padded" or not self.expert_axes:
+      return self._grouped_padded(rows, group_sizes, block_size)
+    return self._grouped_ragged(rows, group_sizes, block_size)
+
+  def _grouped_ragged(self, rows: jax.Array, group_sizes: jax.Array,
+                      block_size: int) -> jax.Array:
+    """The exchange as two `ragged_all_to_all`s of one slice per expert.
+
+    Slice e of this device's rows (expert e's rows, sorted layout) goes to
+    shard e // E_l, which writes it straight into its local expert's layout
+    (sorted by local expert, then by source shard), so the received rows need
+    no compaction; the outputs go back the same way with the roles swapped.
+    Only the rows routed move (plus block padding on CPU); the receive buffer
+    holds the static bound X * rows_per_shard.
+    """
+    num_rows, d_model = rows.shape
+    shards = self.num_shards
+    num_experts = group_sizes.shape[0]
+    local_experts = num_experts // shards
+    capacity = shards * self._rows_per_shard(num_rows, local_experts, block_size)
+    group_sizes = group_sizes.astype(jnp.int32)
+    send_offsets = jnp.cumsum(group_sizes) - group_sizes  # [E] in `rows`
+    # [X (source), 2, E_l]: each source's sizes and row offsets of my experts.
+    peer = self._all_to_all(jnp.stack([group_sizes.reshape(shards, local_experts),
+                                       send_offsets.reshape(shards, local_experts)], 1))
+    received_sizes, peer_offsets = peer[:, 0], peer[:, 1]
+    expert_rows = received_sizes.sum(axis=0)  # [E_l]
+    # Row of (source s, local expert e) in the received layout.
+    received_offsets = ((jnp.cumsum(expert_rows) - expert_rows)[None, :]
+                        + jnp.cumsum(received_sizes, axis=0) - received_sizes)
+    # Where my slice e lands on its shard: that shard's received_offsets.
+    dest_offsets = self._all_to_all(received_offsets)  # [X, E_l]
+    exchange = functools.partial(collectives.ragged_all_to_all, axis_name=self.expert_axes,
+                                 reference=self.exchange == "ragged_reference")
+    flat = lambda a: a.reshape(-1)  # noqa: E731
+    received = exchange(rows, jnp.zeros((capacity, d_model), rows.dtype), send_offsets,
+                        group_sizes, flat(dest_offsets), flat(received_sizes))
+    out = self._sum_hidden_shards(self.local.grouped(received, expert_rows, block_size))
+    return exchange(out, jnp.zeros((num_rows,) + out.shape[1:], out.dtype),
+                    flat(received_offsets), flat(received_sizes), flat(peer_offsets),
+                    group_sizes)
+
+  def _grouped_padded(self, rows: jax.Array, group_sizes: jax.Array,
+                      block_size: int) -> jax.Array:
+    """The padded exchange: one fixed-size block of rows per peer, compacted
+    by local expert on arrival."""
     num_rows, d_model = rows.shape
     shards = self.num_shards
     num_experts = group_sizes.shape[0]
@@ -266,7 +339,8 @@ def _check_divisible(what: str, value: int, axes: tuple[str, ...], mesh, hint: s
 
 def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
                    router_kernel: jax.Array, experts: nnx.Module,
-                   rng: Optional[jax.Array], *, dtype, mesh=None):
+                   rng: Optional[jax.Array], *, dtype, mesh=None,
+                   dropless_exchange: str = "auto"):
   """route -> dispatch -> experts -> combine, on one device or expert parallel.
 
   Args:
@@ -280,6 +354,8 @@ def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
       not bitwise, to one device's).
     dtype: expert compute dtype.
     mesh: None for one device, else the (abstract) mesh (`parallel_mesh()`).
+    dropless_exchange: a name in `DROPLESS_EXCHANGES`; how the dropless
+      dispatcher's rows cross the expert axis.
 
   Returns:
     y: <dtype>[G, S, D] combined expert outputs.
@@ -289,6 +365,7 @@ def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
     routing = route(groups, router_kernel, rng)
     return dispatcher(groups.astype(dtype), routing, experts), routing_aux(routing)
 
+  exchange = resolve_exchange(dropless_exchange)
   batch_axes = _free_axes(mesh, "batch")
   expert_axes = _free_axes(mesh, "expert")
   model_axes = _free_axes(mesh, "mlp")
@@ -318,7 +395,8 @@ def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
     local_experts = routing.num_experts // num_shards
     sharded = ShardedExperts(nnx.merge(graphdef, state), expert_axes=expert_axes,
                              model_axes=model_axes, num_shards=num_shards,
-                             max_assignments=_max_assignments(routing, local_experts))
+                             max_assignments=_max_assignments(routing, local_experts),
+                             exchange=exchange)
     y = dispatcher(groups.astype(dtype), routing, sharded)
     return y, mean_over_shards(routing_aux(routing), batch_axes)
 

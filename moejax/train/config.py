@@ -24,6 +24,7 @@ def moe_config() -> ml_collections.ConfigDict:
   moe.group_size = ml_collections.config_dict.placeholder(int)  # None = one group per sequence
   moe.group_by = "sequence"        # sequence | batch (causal routing for expert choice)
   moe.dispatch = "gather"          # gather | einsum | dropless
+  moe.dropless_exchange = "auto"   # auto | ragged | padded | ragged_reference (expert parallel)
   moe.activation = "gelu"          # gelu | swiglu
   moe.num_shared_experts = 0
   moe.granularity = 1
