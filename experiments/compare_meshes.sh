@@ -1,17 +1,20 @@
 #!/bin/bash
-# The same 20 steps of configs/default.py on 1 device, on 8 host devices
-# (data=2, expert=4), on 2 processes x 2 host devices (gloo on 127.0.0.1), and
-# an 8-device run stopped after its step-10 checkpoint and finished on 1
-# device. Prints the largest relative train/loss difference to the 1-device
-# run for each (JSON lines).
+# The first 20 steps of configs/default.py (its 300-step schedule unchanged)
+# on 1 device, on 8 host devices (data=2, expert=4), on 2 processes x 2 host
+# devices (gloo on 127.0.0.1), and an 8-device run stopped after its step-10
+# checkpoint and finished on 1 device. Prints, for each, the largest relative
+# train/loss difference to the 1-device run and the first step whose
+# train/dropped_fraction differs (a routing decision that flipped), as JSON.
 #
 #   bash experiments/compare_meshes.sh [OUT_DIR]     # from the repository root
+#   EXTRA="--config.seed=1" bash experiments/compare_meshes.sh   # more flags
 set -euo pipefail
 OUT=${1:-/tmp/compare_meshes}
 PY=${PYTHON:-python}
 PORT=${PORT:-23457}
-COMMON="--config=configs/default.py --config.train.steps=20 --config.train.log_every=1 \
-  --config.train.eval_every=20 --config.train.checkpoint_every=10 --config.train.warmup_steps=5"
+COMMON="--config=configs/default.py --config.train.steps=20 --config.train.schedule_steps=300 \
+  --config.train.log_every=1 --config.train.eval_every=20 --config.train.checkpoint_every=10 \
+  ${EXTRA:-}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 devices() { echo "--xla_force_host_platform_device_count=$1"; }
 
@@ -32,13 +35,17 @@ XLA_FLAGS=$(devices 1) $PY -m moejax.main $COMMON --workdir="$OUT/switch" > "$OU
 $PY - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
-def losses(name):
+def records(name):
   with open(f"{out}/{name}/metrics.jsonl") as f:
-    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
-one = losses("one")
+    return {r["step"]: r for r in map(json.loads, f) if "train/loss" in r}
+one = records("one")
 for name in ("eight", "two", "switch"):
-  other = losses(name)
+  other = records(name)
   assert sorted(other) == sorted(one), (name, sorted(other))
-  rel = max(abs(other[s] - one[s]) / abs(one[s]) for s in one)
-  print(json.dumps({"run": name, "steps": len(one), "max_rel_diff_vs_1_device": rel}))
+  rel = max(abs(other[s]["train/loss"] - one[s]["train/loss"]) / abs(one[s]["train/loss"])
+            for s in one)
+  flip = next((s for s in sorted(one) if other[s]["train/dropped_fraction"]
+               != one[s]["train/dropped_fraction"]), None)
+  print(json.dumps({"run": name, "steps": len(one), "max_rel_diff_vs_1_device": rel,
+                    "first_routing_flip_step": flip}))
 PY

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from moejax.train import config as config_lib
+from moejax.train import optim
 from moejax.train import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -117,6 +118,37 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
   full_losses, part_losses = train_losses(full), train_losses(part)
   for step in (10, 12):
     np.testing.assert_allclose(part_losses[step], full_losses[step], rtol=1e-6)
+
+
+def test_first_steps_of_a_longer_schedule_then_extended_match_full_run(tmp_path):
+  full = tmp_path / "full"
+  trainer.train_and_evaluate(small_config(), str(full))
+  # The first 8 of 12 steps (schedule_steps=12), then extended to all 12.
+  part = tmp_path / "part"
+  trainer.train_and_evaluate(small_config(**{"train.steps": 8, "train.schedule_steps": 12}),
+                             str(part))
+  assert max(checkpoint_steps(part)) == 8
+  trainer.train_and_evaluate(small_config(), str(part))
+  full_losses, part_losses = train_losses(full), train_losses(part)
+  assert sorted(part_losses) == sorted(full_losses)
+  for step in full_losses:
+    np.testing.assert_allclose(part_losses[step], full_losses[step], rtol=1e-6)
+
+
+def test_schedule_steps_sets_the_learning_rate_curve():
+  base = {"train.learning_rate": 1.0, "train.warmup_steps": 30,
+          "train.final_lr_fraction": 0.1, "train.steps": 20}
+  schedule = optim.learning_rate_schedule(small_config(**base, **{
+      "train.schedule_steps": 300}).train)
+  np.testing.assert_allclose(schedule(20), 20 / 30, rtol=1e-6)  # still warming up
+  np.testing.assert_allclose(schedule(300), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(schedule(400), 0.1, rtol=1e-6)  # constant after
+  # warmup_steps is bounded by the schedule, not by steps.
+  config_lib.validate_config(small_config(**base, **{"train.schedule_steps": 300}))
+  with pytest.raises(ValueError, match=r"config.train.warmup_steps .*config.train.steps=20"):
+    config_lib.validate_config(small_config(**base))
+  with pytest.raises(ValueError, match="config.train.schedule_steps"):
+    config_lib.validate_config(small_config(**base, **{"train.schedule_steps": 0}))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.seq_len = 128
   config.train.learning_rate = 3e-3
   config.train.warmup_steps = 30
+  # Length of the warmup + cosine schedule; None = steps. Set it to run the
+  # first `steps` steps of a longer run (which then resumes on the same curve).
+  config.train.schedule_steps = ml_collections.config_dict.placeholder(int)
   config.train.final_lr_fraction = 0.1  # cosine decays to learning_rate * this
   config.train.weight_decay = 0.1
   config.train.grad_clip = 1.0
@@ -128,9 +131,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = train[key]
     _require(_is_int(value) and value > 0,
              f"config.train.{key} must be a positive integer, got {value!r}")
-  _require(_is_int(train.warmup_steps) and 0 <= train.warmup_steps <= train.steps,
-           f"config.train.warmup_steps must be an integer in [0, config.train.steps="
-           f"{train.steps}], got {train.warmup_steps!r}")
+  if train.schedule_steps is None:
+    schedule, schedule_key = train.steps, "config.train.steps"
+  else:
+    _require(_is_int(train.schedule_steps) and train.schedule_steps > 0,
+             f"config.train.schedule_steps must be a positive integer or None, got "
+             f"{train.schedule_steps!r}")
+    schedule, schedule_key = train.schedule_steps, "config.train.schedule_steps"
+  _require(_is_int(train.warmup_steps) and 0 <= train.warmup_steps <= schedule,
+           f"config.train.warmup_steps must be an integer in [0, {schedule_key}="
+           f"{schedule}], got {train.warmup_steps!r}")
   _require(train.learning_rate > 0,
            f"config.train.learning_rate must be > 0, got {train.learning_rate!r}")
   _require(0 <= train.final_lr_fraction <= 1,

@@ -7,11 +7,13 @@ import optax
 
 def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `learning_rate` over `warmup_steps`, then cosine decay to
-  `learning_rate * final_lr_fraction` at `steps` (Loshchilov & Hutter 2017).
-  A function of the step only, so a resumed run follows the same curve."""
+  `learning_rate * final_lr_fraction` at `schedule_steps` (default `steps`;
+  Loshchilov & Hutter 2017), constant after. A function of the step only, so a
+  resumed run follows the same curve."""
+  schedule_steps = train.schedule_steps if train.get("schedule_steps") else train.steps
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
-      decay_steps=train.steps, end_value=train.learning_rate * train.final_lr_fraction)
+      decay_steps=schedule_steps, end_value=train.learning_rate * train.final_lr_fraction)
 
 
 def _decay_mask(params):
