@@ -16,8 +16,8 @@ The dispatchers are untouched: they call `ShardedExperts`, which satisfies
 the `dispatch.base.Experts` contract across devices. The einsum dispatcher
 exchanges its one-hot-dispatched buffer the same way.
 
-Dropless (`dispatch="dropless"`) exchanges rows sorted by expert; how is
-`dropless_exchange`:
+Dropless (`dispatch="dropless"`) exchanges rows sorted by expert, in one of
+three ways (`dropless_exchange`):
   * "ragged" (default on GPU/TPU): `jax.lax.ragged_all_to_all` with one slice
     per expert, written straight into the receiver's layout (sorted by local
     expert, then source), and back. Only routed rows move. XLA:CPU does not
