@@ -114,9 +114,7 @@ class MoELayer(nnx.Module):
                        f"{sorted(routing_lib.ROUTERS) + [DENSE]}")
     _hidden_activation(activation)  # validates the name
     dispatcher = dispatch_lib.get_dispatcher(dispatch)
-    if dropless_exchange not in expert_parallel.DROPLESS_EXCHANGES:
-      raise ValueError(f"unknown dropless_exchange {dropless_exchange!r}; valid values: "
-                       f"{list(expert_parallel.DROPLESS_EXCHANGES)}")
+    expert_parallel.resolve_exchange(dropless_exchange)  # validates the name
 
     self.router = router
     self.d_model = d_model

@@ -221,9 +221,7 @@ class ShardedExperts:
                                        send_offsets.reshape(shards, local_experts)], 1))
     received_sizes, peer_offsets = peer[:, 0], peer[:, 1]
     expert_rows = received_sizes.sum(axis=0)  # [E_l]
-    # Row of (source s, local expert e) in the received layout.
-    received_offsets = ((jnp.cumsum(expert_rows) - expert_rows)[None, :]
-                        + jnp.cumsum(received_sizes, axis=0) - received_sizes)
+    received_offsets = _chunk_starts(received_sizes)
     # Where my slice e lands on its shard: that shard's received_offsets.
     dest_offsets = self._all_to_all(received_offsets)  # [X, E_l]
     exchange = functools.partial(collectives.ragged_all_to_all, axis_name=self.expert_axes,
@@ -273,6 +271,14 @@ class ShardedExperts:
     return _gather_rows(returned.reshape(exchanged, -1), send_dest, send_source)
 
 
+def _chunk_starts(received_sizes: jax.Array) -> jax.Array:
+  """<int32>[X, E_l] first row of each (source shard, local expert) chunk in
+  the layout sorted by (local expert, source shard)."""
+  expert_rows = received_sizes.sum(axis=0)
+  return ((jnp.cumsum(expert_rows) - expert_rows)[None, :]
+          + jnp.cumsum(received_sizes, axis=0) - received_sizes)
+
+
 def _compact_layout(received_sizes: jax.Array, per_shard: int) -> jax.Array:
   """Row of each received row once sorted by (local expert, source shard).
 
@@ -291,11 +297,8 @@ def _compact_layout(received_sizes: jax.Array, per_shard: int) -> jax.Array:
   valid = expert < local_experts  # [X, per_shard]
   expert = jnp.minimum(expert, local_experts - 1)
   chunk_start = jnp.take_along_axis(chunk_end - received_sizes, expert, axis=1)
-  from_earlier_shards = jnp.cumsum(received_sizes, axis=0) - received_sizes  # [X, E_l]
-  before = jnp.take_along_axis(from_earlier_shards, expert, axis=1)
-  expert_rows = received_sizes.sum(axis=0)
-  expert_start = (jnp.cumsum(expert_rows) - expert_rows)[expert]
-  dest = expert_start + before + position[None, :] - chunk_start
+  compact_start = jnp.take_along_axis(_chunk_starts(received_sizes), expert, axis=1)
+  dest = compact_start + position[None, :] - chunk_start
   return jnp.where(valid, dest, shards * per_shard).reshape(-1).astype(jnp.int32)
 
 
