@@ -7,18 +7,26 @@ Running the same command again resumes from the latest checkpoint in
 --workdir. Multi-host: on TPU pods and under SLURM `jax.distributed` starts by
 itself (`--multihost`, on by default where detected); elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to every
-process. Exit status: 0 when training finished or was preempted (SIGTERM,
-after writing a checkpoint); 1 for an invalid config or a non-finite loss,
-with one message naming the problem.
+process. Exit status: 0 when training finished, was already complete, or was
+preempted (SIGTERM: a checkpoint is written first); 130 after Ctrl-C (SIGINT:
+a checkpoint is written first); 1 for an invalid config, flag or workdir, a
+config that differs from the checkpoint's, a workdir held by another run, or a
+non-finite loss, with one message naming the problem. orbax/absl INFO lines
+are off unless --verbosity is given (--verbosity=0 shows them).
 """
 
 import os
+import re
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
+from moejax.train import config as config_lib
+from moejax.train import lock
 from moejax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,29 +70,69 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detects TPU pods and SLURM
 
 
+def _config_file_arg(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _unknown_override(argv: list[str]) -> Optional[str]:
+  """The first --config.KEY override that names no key of the config."""
+  known = config_lib.key_paths(config_lib.default_config())
+  sections = {path.rsplit(".", i)[0] for path in known for i in range(1, path.count("."))}
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = "config." + arg[len("--config."):].split("=", 1)[0]
+      if key not in known and key not in sections:
+        return config_lib.unknown_key_message(key, known)
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with one-line errors for bad --config overrides
-  (ml_collections raises AttributeError/KeyError for an unknown key)."""
+  """absl flag parsing; a bad --config file or override exits 1 with one line."""
   try:
-    return flags.FLAGS(argv)
+    remaining = flags.FLAGS(argv)
+    # ml_collections defers a config file that failed to load to its first use.
+    _ = _CONFIG.value.keys()
+    return remaining
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    key = str(e).strip("\"'")
-    culprits = [arg for arg in argv[1:] if arg.startswith("--config.") and key in arg]
-    where = culprits[0].split("=")[0] if culprits else "a --config override"
-    print(f"error: {where}: unknown config key or bad value ({e}); every key is listed "
-          "in the README config table", file=sys.stderr)
+    message = str(e)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(argv) or f"a --config override is invalid ({e})"
+  except SyntaxError as e:
+    message = (f"--config={_config_file_arg(argv)}: syntax error at line {e.lineno}: "
+               f"{e.msg}")
+  except OSError as e:
+    found = re.search(r"\[Errno \d+\] ([^:\n]+)", str(e))
+    reason = found.group(1) if found else "not found or not readable"
+    message = f"--config={_config_file_arg(argv)}: cannot load the config file ({reason})"
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself raised (a NameError in get_config, ...).
+    message = (f"--config={_config_file_arg(argv)}: loading the config file failed: "
+               f"{type(e).__name__}: {e}")
+  print(f"error: {message}", file=sys.stderr)
   sys.exit(1)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and absl log at INFO on every save; --verbosity=0 shows them.
+    logging.set_verbosity(logging.WARNING)
   try:
     initialize_distributed()
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, trainer.NonFiniteLossError) as e:
+  except trainer.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(trainer.SIGINT_EXIT_STATUS)
+  except KeyboardInterrupt:
+    print("stopped: interrupted before the first step; nothing was saved", file=sys.stderr)
+    sys.exit(trainer.SIGINT_EXIT_STATUS)
+  except (ValueError, trainer.NonFiniteLossError, lock.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

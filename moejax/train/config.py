@@ -6,6 +6,8 @@ config before anything is built or compiled and raises `ValueError` naming the
 offending key.
 """
 
+import difflib
+
 import ml_collections
 
 from moejax import data
@@ -62,6 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 100
   config.train.keep_checkpoints = 3
   config.train.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
+  # Resume even where the config differs from the checkpoint's in keys that
+  # change training (fine-tuning, a lower learning rate after a divergence);
+  # the differences are recorded in workdir/config_changes.jsonl.
+  config.train.resume_with_changes = False
 
   # config.data: name, data_dir, manual_dir, text_key, train_split, eval_split,
   # tokenizer, vocab_size, num_domains, branching (see moejax/data/pipeline.py).
@@ -89,15 +95,22 @@ def default_config() -> ml_collections.ConfigDict:
 _DTYPES = ("float32", "bfloat16")
 
 
-def _key_paths(config: ml_collections.ConfigDict, prefix: str = "config") -> dict[str, object]:
+def key_paths(config: ml_collections.ConfigDict, prefix: str = "config") -> dict[str, object]:
   paths = {}
   for name, value in config.items():
     path = f"{prefix}.{name}"
     if isinstance(value, ml_collections.ConfigDict):
-      paths.update(_key_paths(value, path))
+      paths.update(key_paths(value, path))
     else:
       paths[path] = value
   return paths
+
+
+def unknown_key_message(key: str, known) -> str:
+  """`unknown config key K; did you mean M?` for a dotted key path."""
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]}?" if close else "; every key is listed in the README config table"
+  return f"unknown config key {key}{hint}"
 
 
 def _require(condition: bool, message: str) -> None:
@@ -118,11 +131,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   `moejax.data.validate_data_config`. The MoE options are checked by the model
   itself (`moejax.train.trainer.build_model` under `nnx.eval_shape`).
   """
-  expected = _key_paths(default_config())
-  given = _key_paths(config)
+  expected = key_paths(default_config())
+  given = key_paths(config)
   unknown = sorted(set(given) - set(expected))
   missing = sorted(set(expected) - set(given))
-  _require(not unknown, f"unknown config key(s) {unknown}; see the README config table")
+  _require(not unknown, unknown_key_message(unknown[0], expected) if unknown else "")
   _require(not missing, f"config is missing key(s) {missing}")
 
   train = config.train
@@ -131,16 +144,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = train[key]
     _require(_is_int(value) and value > 0,
              f"config.train.{key} must be a positive integer, got {value!r}")
-  if train.schedule_steps is None:
-    schedule, schedule_key = train.steps, "config.train.steps"
-  else:
+  if train.schedule_steps is not None:
     _require(_is_int(train.schedule_steps) and train.schedule_steps > 0,
              f"config.train.schedule_steps must be a positive integer or None, got "
              f"{train.schedule_steps!r}")
-    schedule, schedule_key = train.schedule_steps, "config.train.schedule_steps"
-  _require(_is_int(train.warmup_steps) and 0 <= train.warmup_steps <= schedule,
-           f"config.train.warmup_steps must be an integer in [0, {schedule_key}="
-           f"{schedule}], got {train.warmup_steps!r}")
+  # warmup_steps >= the schedule is allowed: the run is then all warmup
+  # (moejax.train.optim.learning_rate_schedule).
+  _require(_is_int(train.warmup_steps) and train.warmup_steps >= 0,
+           f"config.train.warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
+  _require(isinstance(train.resume_with_changes, bool),
+           f"config.train.resume_with_changes must be true or false, got "
+           f"{train.resume_with_changes!r}")
   _require(train.learning_rate > 0,
            f"config.train.learning_rate must be > 0, got {train.learning_rate!r}")
   _require(0 <= train.final_lr_fraction <= 1,
@@ -159,6 +173,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ("num_layers", "d_model", "num_heads", "moe_every"):
     _require(_is_int(model[key]) and model[key] > 0,
              f"config.model.{key} must be a positive integer, got {model[key]!r}")
+  if model.head_dim is None:
+    _require(model.d_model % model.num_heads == 0,
+             f"config.model.num_heads={model.num_heads} does not divide config.model.d_model="
+             f"{model.d_model}; change one, or set config.model.head_dim for another "
+             f"attention width")
+  else:
+    _require(_is_int(model.head_dim) and model.head_dim > 0,
+             f"config.model.head_dim must be a positive integer or None, got {model.head_dim!r}")
+  _check_group_size(config)
   _require(model.dtype in _DTYPES,
            f"config.model.dtype must be one of {list(_DTYPES)}, got {model.dtype!r}")
   for key in ("data", "expert", "model"):
@@ -167,3 +190,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
              f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
 
   data.validate_data_config(config.data)
+
+
+def _check_group_size(config: ml_collections.ConfigDict) -> None:
+  """The MoE layer's grouping rule (moejax/nn/moe_layer.py), checked on the
+  batch shape the run will use."""
+  moe, train = config.model.moe, config.train
+  if moe.group_size is None:
+    return
+  _require(_is_int(moe.group_size) and moe.group_size > 0,
+           f"config.model.moe.group_size must be a positive integer or None, got "
+           f"{moe.group_size!r}")
+  if moe.group_by == "batch":
+    _require(train.batch_size % moe.group_size == 0,
+             f"config.model.moe.group_size={moe.group_size} does not divide "
+             f"config.train.batch_size={train.batch_size} (group_by='batch' groups the "
+             f"tokens at one position across the batch)")
+  else:
+    tokens = train.batch_size * train.seq_len
+    _require(tokens % moe.group_size == 0,
+             f"config.model.moe.group_size={moe.group_size} does not divide the {tokens} "
+             f"tokens of a batch (config.train.batch_size x config.train.seq_len)")

@@ -9,8 +9,18 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup to `learning_rate` over `warmup_steps`, then cosine decay to
   `learning_rate * final_lr_fraction` at `schedule_steps` (default `steps`;
   Loshchilov & Hutter 2017), constant after. A function of the step only, so a
-  resumed run follows the same curve."""
+  resumed run follows the same curve.
+
+  When `warmup_steps` reaches the end of the schedule (a short smoke test of a
+  config with the default warmup), the run is all warmup: the rate rises by
+  `learning_rate / warmup_steps` per step, as in the first steps of the
+  configured run, never decays, and holds at `learning_rate` after
+  `warmup_steps`.
+  """
   schedule_steps = train.schedule_steps if train.get("schedule_steps") else train.steps
+  if train.warmup_steps >= schedule_steps:
+    return optax.linear_schedule(init_value=0.0, end_value=train.learning_rate,
+                                 transition_steps=train.warmup_steps)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train.learning_rate, warmup_steps=train.warmup_steps,
       decay_steps=schedule_steps, end_value=train.learning_rate * train.final_lr_fraction)

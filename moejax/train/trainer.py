@@ -1,29 +1,36 @@
-"""Training and evaluation of the MoE language model on one host.
+"""Training and evaluation of the MoE language model.
 
-`train_and_evaluate(config, workdir)` is the whole job: validate the config,
-build data and model, restore the latest checkpoint if there is one, train
-with periodic logging, evaluation and checkpoints, and stop cleanly on SIGTERM
-(checkpoint, exit 0) or on a non-finite loss (error, last good checkpoint
-kept). Everything a step computes (batch, learning rate, router noise) is a
-function of the step number only, so a resumed run continues exactly as an
-uninterrupted one.
+`train_and_evaluate(config, workdir)` is the whole job: validate the config
+and the workdir, take the workdir's lock, check that the config matches the
+one the checkpoints were trained with, build data and model, restore the
+newest checkpoint that restores, then train with periodic logging, evaluation
+and checkpoints. Everything a step computes (batch, learning rate, router
+noise) is a function of the step number only, so a resumed run continues
+exactly as an uninterrupted one.
+
+How a run ends:
+  * finished (or already complete: nothing is written): returns the last metrics;
+  * SIGTERM (preemption): saves a checkpoint after the current step, returns;
+  * SIGINT (Ctrl-C): saves a checkpoint, then raises `Interrupted`;
+    further signals while it saves are ignored; before the first step either
+    signal stops at once (`Interrupted`) with nothing saved;
+  * non-finite loss: raises `NonFiniteLossError` once the last healthy
+    checkpoint is complete on disk;
+  * bad config, workdir or checkpoints: `ValueError` (or a subclass) before
+    anything is written; a locked workdir: `lock.WorkdirLockedError`.
 """
 
-import functools
 import json
 import os
 import signal
-import sys
 import time
 from typing import Any, Optional
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
 from moejax import data as data_lib
@@ -32,14 +39,34 @@ from moejax.nn import TransformerLM
 from moejax.scaling import accounting
 from moejax.train import checkpoints
 from moejax.train import config as config_lib
+from moejax.train import console as console_lib
+from moejax.train import lock as lock_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optim
+from moejax.train import resume
+from moejax.train import signals as signals_lib
+from moejax.train import steps as steps_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Exit status of the CLI after SIGINT (the shell's 128 + SIGINT).
+SIGINT_EXIT_STATUS = 130
 
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a non-finite loss or gradient."""
+
+
+class WorkdirError(ValueError):
+  """--workdir is a file or cannot be written."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT (or a signal before the first step) stopped the run; `saved_step`
+  is the checkpoint written on the way out (None: nothing was saved)."""
+
+  def __init__(self, message: str, saved_step: Optional[int] = None):
+    super().__init__(message)
+    self.saved_step = saved_step
 
 
 def model_kwargs(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str, Any]:
@@ -111,89 +138,6 @@ def global_batch(local_batch: dict[str, np.ndarray],
           for name, value in local_batch.items()}
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array,
-                  weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Sum of weighted token cross-entropies (nats) and the sum of weights."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), targets)
-  return jnp.sum(losses * weights), jnp.sum(weights)
-
-
-def _scalar_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  zero = jnp.zeros((), jnp.float32)
-  return {"train/aux_loss": aux.get("aux_loss", zero),
-          "train/z_loss": aux.get("z_loss", zero),
-          "train/dropped_fraction": aux.get("dropped_fraction", zero),
-          "train/expert_load_max_over_mean": aux.get("load_max_over_mean", zero),
-          "train/router_entropy": aux.get("router_entropy", zero)}
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int):
-  """A jitted (params, opt_state, batch, step) -> (params, opt_state, metrics, finite)."""
-  base_key = jax.random.key(seed)
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch, step):
-    # Router noise depends on the step only (exact resume).
-    rng = jax.random.fold_in(base_key, step)
-
-    def loss_fn(params):
-      logits, aux = nnx.merge(graphdef, params)(batch["inputs"], deterministic=False,
-                                                rng=rng)
-      total_ce, count = cross_entropy(logits, batch["targets"], batch["weights"])
-      ce = total_ce / jnp.maximum(count, 1.0)
-      return ce + aux["weighted_loss"], (ce, aux)
-
-    (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    grad_norm = optax.tree.norm(grads)
-    metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": grad_norm,
-               "train/learning_rate": schedule(step), **_scalar_aux(aux)}
-    finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-    return params, opt_state, metrics, finite
-
-  return train_step
-
-
-def make_eval_step(graphdef):
-  @jax.jit
-  def eval_step(params, batch):
-    logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
-    return cross_entropy(logits, batch["targets"], batch["weights"])
-  return eval_step
-
-
-def evaluate(eval_step, params, batches) -> float:
-  """Mean cross-entropy (nats per target token) over the held-out batches."""
-  total, count = 0.0, 0.0
-  for batch in batches:
-    batch_total, batch_count = eval_step(params, batch)
-    total += float(batch_total)
-    count += float(batch_count)
-  return total / max(count, 1.0)
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks after every step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def _summary(config, dataset, vocab_size: int) -> dict[str, Any]:
   kwargs = model_kwargs(config, vocab_size)
   counts = accounting.param_counts(**kwargs)
@@ -205,26 +149,62 @@ def _summary(config, dataset, vocab_size: int) -> dict[str, Any]:
           "num_devices": jax.device_count(), "jax": jax.__version__}
 
 
-def _check_finite(ok: jax.Array, step: int, last_saved: Optional[int],
-                  metrics: Optional[dict]) -> None:
-  if bool(ok):
-    return
-  loss = None if metrics is None else float(metrics["train/loss"])
-  kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
-          else "no checkpoint was written")
-  raise NonFiniteLossError(
-      f"non-finite loss or gradient at or before step {step} (train/loss={loss}); "
-      f"stopping; {kept}. Lower config.train.learning_rate, raise "
-      f"config.train.warmup_steps or use config.model.dtype='float32'.")
+def check_workdir(workdir: str) -> None:
+  """Raises WorkdirError if `workdir` is a file or cannot be created or written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f"--workdir={workdir} is a file, not a folder")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise WorkdirError(f"--workdir={workdir} cannot be created: {existing} is a file")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir} cannot be written: {existing} is read-only "
+                       f"or not writable by this user")
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _acquire(workdir_lock: lock_lib.WorkdirLock) -> None:
+  """Process 0 takes the lock; every process of the job learns the outcome."""
+  error = None
+  try:
+    workdir_lock.acquire()
+  except lock_lib.WorkdirLockedError as e:
+    error = e
+  except OSError as e:
+    raise WorkdirError(f"--workdir={os.path.dirname(workdir_lock.path)} cannot be "
+                       f"written: {e.strerror}") from None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    locked = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not locked and error is None:
+      error = lock_lib.WorkdirLockedError("process 0 could not lock the workdir (see its "
+                                          "message)")
+  if error is not None:
+    raise error
+
+
+def _startup_interruption(signum: int) -> Interrupted:
+  return Interrupted(f"{signal.Signals(signum).name} before the first step: stopped, "
+                     f"nothing was trained or saved")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
   Raises:
-    ValueError: invalid config (before anything is written or compiled).
-    NonFiniteLossError: the loss became non-finite (no checkpoint is written
-      after the last finite one).
+    ValueError: invalid config, workdir, or a config that differs from the
+      checkpoint's (`resume.ConfigChangedError`), before anything is written.
+    lock_lib.WorkdirLockedError: another live run holds the workdir.
+    NonFiniteLossError: the loss became non-finite; the last healthy
+      checkpoint is complete on disk.
+    Interrupted: SIGINT (after saving a checkpoint), or a signal before the
+      first step.
   """
   config_lib.validate_config(config)
   train = config.train
@@ -232,49 +212,137 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if train.batch_size % process_count:
     raise ValueError(f"config.train.batch_size={train.batch_size} is not divisible by the "
                      f"{process_count} processes")
+  check_workdir(workdir)
+  is_main = process_index == 0
+  console = console_lib.Console(enabled=is_main)
+  workdir_lock = lock_lib.WorkdirLock(workdir, enabled=is_main)
+  with signals_lib.StopSignals(_startup_interruption) as stop:
+    _acquire(workdir_lock)
+    try:
+      return _run(config, workdir, console, stop)
+    finally:
+      console.close()
+      workdir_lock.release()
+
+
+def _recorded_config(workdir: str, steps: list[int]) -> tuple[Optional[dict], Optional[int]]:
+  """The config of the newest checkpoint that records one (older moejax
+  versions: the workdir's config.json) and that checkpoint's step."""
+  for step in reversed(steps):
+    recorded = checkpoints.read_config(workdir, step)
+    if recorded is not None:
+      return recorded, step
+  path = os.path.join(workdir, "config.json")
+  if steps and os.path.exists(path):
+    try:
+      with open(path) as f:
+        return json.load(f), steps[-1]
+    except (OSError, ValueError):
+      pass
+  return None, None
+
+
+def _run(config, workdir: str, console: console_lib.Console,
+         stop: signals_lib.StopSignals) -> dict[str, float]:
+  train = config.train
+  is_main = jax.process_index() == 0
+  saved_steps = checkpoints.list_steps(workdir)
+  recorded, recorded_step = _recorded_config(workdir, saved_steps)
+  changes = resume.check(recorded, config, step=recorded_step, workdir=workdir)
+  if saved_steps and saved_steps[-1] >= train.steps and checkpoints.check_files(
+      os.path.join(workdir, "checkpoints", str(saved_steps[-1]))) is None:
+    console.print(f"{workdir} is complete at step {saved_steps[-1]} (config.train.steps="
+                  f"{train.steps}); nothing to do. Raise config.train.steps to train on.")
+    return metrics_lib.last_values(os.path.join(workdir, "metrics.jsonl"))
+
   dataset = data_lib.make_dataset(
       config.data, seq_len=train.seq_len, global_batch_size=train.batch_size,
-      seed=config.seed, process_index=process_index, process_count=process_count,
-      cache_dir=os.path.join(workdir, "data_cache"))
+      seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), cache_dir=os.path.join(workdir, "data_cache"))
   vocab_size = dataset.vocab_size
   check_model_config(config, vocab_size)
   mesh = make_mesh(config)
-
-  is_main = process_index == 0
-  os.makedirs(workdir, exist_ok=True)
   tx = optim.make_optimizer(train)
   schedule = optim.learning_rate_schedule(train)
   with parallel.activate(mesh):
     graphdef, params, opt_state = init_state(config, vocab_size, mesh, tx)
 
   checkpointer = checkpoints.Checkpointer(workdir, keep=train.keep_checkpoints)
-  iterator = dataset.train_iterator()
-  start = checkpointer.latest_step() or 0
-  if start:
-    # The abstract target carries this run's shardings: a checkpoint written
-    # under another mesh (or process count) is resharded on restore.
-    abstract = jax.tree.map(_abstract, {"params": params, "opt_state": opt_state})
-    state, data_state = checkpointer.restore(start, abstract)
-    params, opt_state = state["params"], state["opt_state"]
-    iterator.set_state(data_state)
-    logging.info("Resumed from step %d in %s", start, checkpointer.directory)
+  try:
+    start, params, opt_state, iterator = _restore(
+        checkpointer, config, dataset, params, opt_state, changes, console)
+    return _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule,
+                       params, opt_state, iterator, start, checkpointer, console, stop)
+  finally:
+    checkpointer.close()  # a pending save finishes before any exit
 
+
+def _restore(checkpointer, config, dataset, params, opt_state, changes, console):
+  """(start step, params, opt_state, iterator) from the newest checkpoint
+  that restores; moves damaged ones aside; records accepted config changes."""
+  is_main = jax.process_index() == 0
+  iterator = dataset.train_iterator()
+  if not checkpointer.steps():
+    return 0, params, opt_state, iterator
+  # The abstract target carries this run's shardings: a checkpoint written
+  # under another mesh (or process count) is resharded on restore.
+  abstract = jax.tree.map(_abstract, {"params": params, "opt_state": opt_state})
+  try:
+    step, state, data_state, damaged = checkpointer.restore_newest(abstract, is_main=is_main)
+  except checkpoints.IncompatibleCheckpointError as e:
+    changed = resume.summary_line(changes) or "no config key changed"
+    raise ValueError(f"{e}. Changed: {changed}. A resume can change what is trained, not "
+                     f"the model's shapes: use a new --workdir") from None
+  _sync("moejax_restore")
+  checkpointer.reload()
+  for d in damaged:
+    console.print(f"warning: checkpoint step {d.step} does not restore: {d.reason}; "
+                  f"moved to {d.moved_to}")
+  if step is None:
+    raise ValueError(f"no checkpoint in {checkpointer.directory} restores (each was moved "
+                     f"aside, see above); run again to start from step 0")
+  iterator.set_state(data_state)
+  console.print(f"Resumed from step {step} ({checkpointer.directory}/{step})")
+  if changes:
+    if is_main:
+      resume.record(checkpointer.workdir, changes, step=step)
+    console.print(f"config changes since that checkpoint (recorded in "
+                  f"{resume.CHANGES_FILE}): {resume.summary_line(changes)}")
+  return step, state["params"], state["opt_state"], iterator
+
+
+def _non_finite(step: int, last_saved: Optional[int], loss: Optional[float],
+                what: str) -> NonFiniteLossError:
+  kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
+          else "no checkpoint was written")
+  return NonFiniteLossError(
+      f"{what} at step {step} (train/loss={loss}); stopping; {kept}. Lower "
+      f"config.train.learning_rate, raise config.train.warmup_steps or use "
+      f"config.model.dtype='float32' (resume from the kept checkpoint with "
+      f"--config.train.resume_with_changes=true).")
+
+
+def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule, params,
+                opt_state, iterator, start, checkpointer, console, stop) -> dict[str, float]:
+  train = config.train
+  is_main = jax.process_index() == 0
   summary = _summary(config, dataset, vocab_size)
+  config_json = resume.to_json(config)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+      json.dump(config_json, f, indent=2)
     counts = summary["params"]
-    logging.info("Parameters: total %s, active per token %s, embedding %s, "
-                 "non-embedding %s; training FLOPs per token %.3g",
-                 f"{counts['total']:,}", f"{counts['active_per_token']:,}",
-                 f"{counts['embedding']:,}", f"{counts['non_embedding']:,}",
-                 summary["train_flops_per_token"])
+    console.print(f"{workdir}: parameters {counts['total']:,} total, "
+                  f"{counts['active_per_token']:,} active per token; training FLOPs per "
+                  f"token {summary['train_flops_per_token']:.3g}; steps {start} -> "
+                  f"{train.steps}")
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
-  train_step = make_train_step(graphdef, tx, schedule, config.seed)
-  eval_step = make_eval_step(graphdef)
+  train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
+  health_check = steps_lib.make_health_check(graphdef, config.seed)
+  eval_step = steps_lib.make_eval_step(graphdef)
   batch_sharding = parallel.batch_sharding(mesh)
   eval_batches = [global_batch(b, batch_sharding)
                   for b in dataset.eval_batches(train.eval_batches)]
@@ -282,57 +350,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak = metrics_lib.peak_flops_per_device(train.peak_flops_per_device) * jax.device_count()
   flops_per_token = summary["train_flops_per_token"]
 
-  progress = tqdm.tqdm(total=train.steps, initial=start, unit="step", dynamic_ncols=True,
-                       disable=not (is_main and sys.stderr.isatty()))
   ok = jnp.array(True)
   last_saved = start or None
   record: dict[str, float] = {}
-  timer_start, timer_step = None, start
-  with _Preemption() as preemption, parallel.activate(mesh):
-    for step in range(start, train.steps):
-      batch = global_batch(next(iterator), batch_sharding)
-      params, opt_state, metrics, finite = train_step(params, opt_state, batch,
-                                                      jnp.asarray(step, jnp.int32))
-      ok = ok & finite
-      done = step + 1
-      if timer_start is None:  # exclude compilation from throughput
-        jax.block_until_ready(params)
-        timer_start, timer_step = time.perf_counter(), done
-      last = done == train.steps
-      progress.update(1)
+  timer_start, timer_step, seconds_per_step = None, start, None
+  run_start, run_step = None, start
+  done = start
+  console.start(start_step=start, total_steps=train.steps)
+  stop.deferred = True
+  try:
+    with parallel.activate(mesh):
+      for step in range(start, train.steps):
+        batch = global_batch(next(iterator), batch_sharding)
+        params, opt_state, metrics, finite = train_step(params, opt_state, batch,
+                                                        jnp.asarray(step, jnp.int32))
+        ok = ok & finite
+        done = step + 1
+        if timer_start is None:  # exclude compilation from throughput
+          jax.block_until_ready(params)
+          timer_start, timer_step = time.perf_counter(), done
+          run_start, run_step = timer_start, done
+        last = done == train.steps
+        console.advance()
 
-      if done % train.log_every == 0 or last:
-        _check_finite(ok, done, last_saved, metrics)
-        scalars = dict(metrics)
-        jax.block_until_ready(scalars)
-        elapsed = time.perf_counter() - timer_start
-        if done > timer_step and elapsed > 0:
-          tokens_per_sec = (done - timer_step) * tokens_per_step / elapsed
-          scalars["perf/tokens_per_sec"] = tokens_per_sec
-          scalars["perf/mfu"] = tokens_per_sec * flops_per_token / peak
-        timer_start, timer_step = time.perf_counter(), done
-        if dataset.entropy_floor is not None:
-          scalars["data/entropy_floor"] = dataset.entropy_floor
-        if done % train.eval_every == 0 or last:
-          scalars["eval/loss"] = evaluate(eval_step, params, eval_batches)
-        record = writer.write(done, scalars)
-        progress.set_postfix(loss=f"{record['train/loss']:.3f}",
-                             tok_s=f"{record.get('perf/tokens_per_sec', 0):.0f}")
-      elif done % train.eval_every == 0:
-        record = writer.write(done, {"eval/loss": evaluate(eval_step, params, eval_batches)})
+        if done % train.log_every == 0 or last:
+          if not bool(ok):
+            raise _non_finite(done, last_saved, float(metrics["train/loss"]),
+                              "non-finite loss or gradient at or before")
+          scalars = dict(metrics)
+          jax.block_until_ready(scalars)
+          elapsed = time.perf_counter() - timer_start
+          if done > timer_step and elapsed > 0:
+            tokens_per_sec = (done - timer_step) * tokens_per_step / elapsed
+            scalars["perf/tokens_per_sec"] = tokens_per_sec
+            scalars["perf/mfu"] = tokens_per_sec * flops_per_token / peak
+          if done > run_step:  # time left from the average since the first step
+            seconds_per_step = (time.perf_counter() - run_start) / (done - run_step)
+          timer_start, timer_step = time.perf_counter(), done
+          if dataset.entropy_floor is not None:
+            scalars["data/entropy_floor"] = dataset.entropy_floor
+          if done % train.eval_every == 0 or last:
+            scalars["eval/loss"] = steps_lib.evaluate(eval_step, params, eval_batches)
+          record = writer.write(done, scalars)
+          console.log(done, record, seconds_per_step)
+          if "eval/loss" in record:
+            console.eval(done, record["eval/loss"])
+        elif done % train.eval_every == 0:
+          record = writer.write(
+              done, {"eval/loss": steps_lib.evaluate(eval_step, params, eval_batches)})
+          console.eval(done, record["eval/loss"])
 
-      if done % train.checkpoint_every == 0 or last or preemption.requested:
-        _check_finite(ok, done, last_saved, metrics)
-        checkpointer.save(done, {"params": params, "opt_state": opt_state},
-                          iterator.get_state(), force=True)
-        last_saved = done
-      if preemption.requested:
-        checkpointer.wait()
-        logging.warning("SIGTERM: saved a checkpoint at step %d; exiting", done)
-        break
-  progress.close()
-  checkpointer.close()
-  writer.close()
+        if done % train.checkpoint_every == 0 or last or stop.received:
+          if not bool(ok):
+            raise _non_finite(done, last_saved, float(metrics["train/loss"]),
+                              "non-finite loss or gradient at or before")
+          next_batch = global_batch(dataset.train_batch(done), batch_sharding)
+          if not bool(health_check(params, opt_state, next_batch,
+                                   jnp.asarray(done, jnp.int32))):
+            raise _non_finite(done + 1, last_saved, float(metrics["train/loss"]),
+                              "the parameters after step "
+                              f"{done} give a non-finite loss or gradient (not saved)"
+                              " at the next step,")
+          checkpointer.save(done, {"params": params, "opt_state": opt_state},
+                            iterator.get_state(), config_json)
+          last_saved = done
+        if stop.received:
+          break
+    checkpointer.wait()
+  finally:
+    writer.close()
+  return _finish(stop, done, record, workdir, train, console)
+
+
+def _finish(stop, done, record, workdir, train, console) -> dict[str, float]:
+  tokens = done * train.batch_size * train.seq_len
+  if stop.received is None:
+    console.summary(step=done, record=record, tokens=tokens, workdir=workdir,
+                    outcome="finished")
+    return record
+  name = signals_lib.NAMES[stop.received]
+  console.summary(step=done, record=record, tokens=tokens, workdir=workdir,
+                  outcome=f"stopped by {name} with a checkpoint")
+  if stop.received == signal.SIGINT:
+    raise Interrupted(f"SIGINT: saved a checkpoint at step {done}; run the same command "
+                      f"to resume", saved_step=done)
   return record
 
 
