@@ -19,8 +19,10 @@ setuptools.setup(
         "absl-py",
         "numpy",
         "tqdm",
-        # TensorBoard event files without importing TensorFlow in the train loop.
+        # TensorBoard event files without importing TensorFlow in the train loop,
+        # and the `tensorboard` command to read them.
         "tensorboardX",
+        "tensorboard",
         # moejax.data: TFDS builds and reads datasets with TensorFlow (kept off
         # accelerators). tensorflow-cpu has wheels for Linux x86_64 only; elsewhere
         # (macOS, Linux aarch64) the plain tensorflow wheel is the CPU build.

@@ -143,10 +143,16 @@ def test_schedule_steps_sets_the_learning_rate_curve():
   np.testing.assert_allclose(schedule(20), 20 / 30, rtol=1e-6)  # still warming up
   np.testing.assert_allclose(schedule(300), 0.1, rtol=1e-6)
   np.testing.assert_allclose(schedule(400), 0.1, rtol=1e-6)  # constant after
-  # warmup_steps is bounded by the schedule, not by steps.
   config_lib.validate_config(small_config(**base, **{"train.schedule_steps": 300}))
-  with pytest.raises(ValueError, match=r"config.train.warmup_steps .*config.train.steps=20"):
-    config_lib.validate_config(small_config(**base))
+  # warmup_steps past the schedule (steps=20 < warmup 30): the run is all
+  # warmup, on the same line as the first 20 steps of the longer schedule.
+  config_lib.validate_config(small_config(**base))
+  short = optim.learning_rate_schedule(small_config(**base).train)
+  for step in (0, 10, 20):
+    np.testing.assert_allclose(short(step), schedule(step), rtol=1e-6, atol=1e-9)
+  np.testing.assert_allclose(short(45), 1.0, rtol=1e-6)  # holds at the peak after warmup
+  with pytest.raises(ValueError, match="config.train.warmup_steps"):
+    config_lib.validate_config(small_config(**{**base, "train.warmup_steps": -1}))
   with pytest.raises(ValueError, match="config.train.schedule_steps"):
     config_lib.validate_config(small_config(**base, **{"train.schedule_steps": 0}))
 
@@ -156,8 +162,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert checkpoint_steps(tmp_path) == [4]
   before = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}
   exploding = small_config(**{"train.steps": 12, "train.learning_rate": 1e30,
-                              "train.warmup_steps": 0, "train.grad_clip": 0.0})
-  with pytest.raises(trainer.NonFiniteLossError, match="step 4"):
+                              "train.warmup_steps": 0, "train.grad_clip": 0.0,
+                              "train.resume_with_changes": True})
+  with pytest.raises(trainer.NonFiniteLossError, match=r"checkpoint \(step 4\) is kept"):
     trainer.train_and_evaluate(exploding, str(tmp_path))
   assert checkpoint_steps(tmp_path) == [4]
   after = {p: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").rglob("*")}

@@ -64,8 +64,8 @@ class Checkpointer:
                                           item_handlers=handlers)
 
   def steps(self) -> list[int]:
-    """Steps of the finished checkpoints, oldest first."""
-    return sorted(self._manager.all_steps())
+    """Steps of the checkpoint folders on disk (damaged ones too), oldest first."""
+    return list_steps(self.workdir)
 
   def latest_step(self) -> Optional[int]:
     steps = self.steps()

@@ -67,6 +67,15 @@ def differences(saved: dict, config: ml_collections.ConfigDict) -> list[Change]:
   given = _flatten(to_json(config))
   recorded = _flatten(saved)
   defaults = _flatten(to_json(config_lib.default_config()))
+  # The schedule's length is schedule_steps, None = steps: the first 8 steps
+  # of a 12-step schedule extended to the whole 12-step run is no change.
+  # (With None on both sides, a longer `steps` stretches the cosine from the
+  # resume on; `steps` is a resumable key.)
+  key = "config.train.schedule_steps"
+  if (recorded.get(key) is None) != (given.get(key) is None):
+    for flat in (recorded, given):
+      if flat.get(key) is None:
+        flat[key] = flat.get("config.train.steps")
   changes = []
   for key in sorted(set(given) | set(recorded)):
     old = recorded.get(key, defaults.get(key, _ABSENT))

@@ -71,8 +71,10 @@ def make_health_check(graphdef, seed: int):
   True when every parameter and optimizer moment is finite and the loss and
   gradient that the next step (`step`, on its batch) computes from these
   parameters are finite. A finite loss at step s does not make the state after
-  step s safe: a huge update can leave finite but exploded parameters whose
-  next loss is NaN, and a checkpoint of those fails every resume.
+  step s safe: measured with learning_rate=1000, the loss at step 6 was finite
+  but its gradient was not, so a checkpoint of step 5 diverged on every resume,
+  whatever the learning rate. The check costs one forward and backward pass
+  per save (and one compilation).
   """
   base_key = jax.random.key(seed)
 

@@ -311,14 +311,13 @@ def _restore(checkpointer, config, dataset, params, opt_state, changes, console)
   return step, state["params"], state["opt_state"], iterator
 
 
-def _non_finite(step: int, last_saved: Optional[int], loss: Optional[float],
-                what: str) -> NonFiniteLossError:
+def _non_finite(what: str, last_saved: Optional[int]) -> NonFiniteLossError:
   kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None
           else "no checkpoint was written")
   return NonFiniteLossError(
-      f"{what} at step {step} (train/loss={loss}); stopping; {kept}. Lower "
-      f"config.train.learning_rate, raise config.train.warmup_steps or use "
-      f"config.model.dtype='float32' (resume from the kept checkpoint with "
+      f"{what}; stopping; {kept}. Lower config.train.learning_rate, raise "
+      f"config.train.warmup_steps or use config.model.dtype='float32' (to resume from the "
+      f"kept checkpoint with another learning rate, add "
       f"--config.train.resume_with_changes=true).")
 
 
@@ -375,8 +374,8 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
 
         if done % train.log_every == 0 or last:
           if not bool(ok):
-            raise _non_finite(done, last_saved, float(metrics["train/loss"]),
-                              "non-finite loss or gradient at or before")
+            raise _non_finite(f"non-finite loss or gradient at or before step {done} "
+                              f"(train/loss={float(metrics['train/loss'])})", last_saved)
           scalars = dict(metrics)
           jax.block_until_ready(scalars)
           elapsed = time.perf_counter() - timer_start
@@ -402,15 +401,17 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
 
         if done % train.checkpoint_every == 0 or last or stop.received:
           if not bool(ok):
-            raise _non_finite(done, last_saved, float(metrics["train/loss"]),
-                              "non-finite loss or gradient at or before")
+            raise _non_finite(f"non-finite loss or gradient at or before step {done} "
+                              f"(train/loss={float(metrics['train/loss'])})", last_saved)
+          # The state after this step must give a finite next step, or every
+          # resume from it diverges at once.
           next_batch = global_batch(dataset.train_batch(done), batch_sharding)
           if not bool(health_check(params, opt_state, next_batch,
                                    jnp.asarray(done, jnp.int32))):
-            raise _non_finite(done + 1, last_saved, float(metrics["train/loss"]),
-                              "the parameters after step "
-                              f"{done} give a non-finite loss or gradient (not saved)"
-                              " at the next step,")
+            raise _non_finite(f"the state after step {done} (train/loss="
+                              f"{float(metrics['train/loss'])}) gives a non-finite loss, "
+                              f"gradient or parameter at step {done + 1}, so it was not "
+                              f"saved", last_saved)
           checkpointer.save(done, {"params": params, "opt_state": opt_state},
                             iterator.get_state(), config_json)
           last_saved = done
