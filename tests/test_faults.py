@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -109,7 +108,9 @@ def test_resumable_keys_and_opt_in_changes_resume_and_are_recorded(trained, tmp_
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Resumed from step 10" in result.stdout
   assert "train.learning_rate 0.003 -> 0.001" in result.stdout
-  (entry,) = [json.loads(line) for line in (workdir / "config_changes.jsonl").open()]
+  cadence, entry = [json.loads(line) for line in (workdir / "config_changes.jsonl").open()]
+  assert cadence["resumed_from_step"] == 8 and cadence["outside_resumable_keys"] == []
+  assert cadence["changes"]["config.train.log_every"] == {"checkpoint": 2, "now": 5}
   assert entry["resumed_from_step"] == 10
   assert entry["changes"]["config.train.learning_rate"] == {"checkpoint": 0.003, "now": 0.001}
   assert entry["outside_resumable_keys"] == ["config.train.learning_rate"]
@@ -146,8 +147,10 @@ def test_second_run_on_a_live_workdir_fails_and_a_dead_holder_does_not_block(tmp
     first.kill()  # SIGKILL: the lock file stays behind, its holder dead
     first.wait()
   assert (workdir / "run.lock").exists()
-  third = run(workdir, "--config.train.steps=20000", "--config.train.resume_with_changes=true")
+  target = max(checkpoint_steps(workdir) or [0]) + 2
+  third = run(workdir, f"--config.train.steps={target}")
   assert third.returncode == 0, third.stderr[-3000:]
+  assert checkpoint_steps(workdir)[-1] == target
   assert not (workdir / "run.lock").exists()
   steps = [r["step"] for r in read_metrics(workdir)]
   assert steps == sorted(set(steps))  # no step logged twice
@@ -305,24 +308,33 @@ def test_cli_input_errors_are_one_line_before_anything_is_written(tmp_path, case
   assert snapshot(tmp_path) == before
 
 
+def _make_read_only(folder: pathlib.Path):
+  """Makes `folder` unwritable, even for root; returns how to undo it (or None)."""
+  if os.geteuid() != 0:
+    folder.chmod(0o555)
+    return lambda: folder.chmod(0o755)
+  # Root ignores permission bits: a read-only tmpfs, else the immutable attribute.
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                    capture_output=True).returncode == 0:
+    return lambda: subprocess.run(["umount", str(folder)], check=True)
+  if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+  return None
+
+
 def test_unwritable_workdir_is_one_line(tmp_path):
-  # Root ignores permission bits, so as root the CLI runs as user nobody, in a
-  # folder every user can reach (pytest's tmp_path is private to its owner).
-  as_root = os.geteuid() == 0
-  base = pathlib.Path(tempfile.mkdtemp(dir="/tmp" if as_root else tmp_path))
+  parent = tmp_path / "read_only"
+  parent.mkdir()
+  undo = _make_read_only(parent)
+  if undo is None:
+    pytest.skip("cannot make a folder read-only here (root without mount or chattr)")
   try:
-    base.chmod(0o755)
-    parent = base / "read_only"
-    parent.mkdir()
-    parent.chmod(0o555)
     workdir = parent / "run"
-    result = subprocess.run(cli(workdir), cwd=REPO, capture_output=True, text=True,
-                            timeout=TIMEOUT, env={**os.environ, "HOME": str(base)},
-                            preexec_fn=(lambda: os.setuid(65534)) if as_root else None)
+    result = run(workdir)
     assert_clean_error(result, f"--workdir={workdir} cannot be written")
     assert not workdir.exists()
   finally:
-    shutil.rmtree(base, ignore_errors=True)
+    undo()
 
 
 # --- short runs, console, finished workdir -----------------------------------------------
@@ -382,3 +394,58 @@ def test_tensorboard_command_reads_the_events_and_keeps_no_step_after_a_resume(t
   steps = [event.step for event in accumulator.Scalars("train/loss")]
   assert steps == [2, 4, 6]
   assert [r["step"] for r in read_metrics(workdir)] == [2, 4, 6]
+
+
+def test_unexpected_error_finishes_the_pending_save(tmp_path, monkeypatch):
+  from moejax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  from moejax.train import trainer  # pylint: disable=g-import-not-at-top
+  from test_train import small_config  # pylint: disable=g-import-not-at-top
+  evaluate = steps_lib.evaluate
+  calls = []
+
+  def failing_evaluate(*args):
+    calls.append(1)
+    if len(calls) == 1:  # the first evaluation, at step 6, after the step-4 save began
+      raise RuntimeError("injected failure")
+    return evaluate(*args)
+
+  monkeypatch.setattr(steps_lib, "evaluate", failing_evaluate)
+  with pytest.raises(RuntimeError, match="injected failure"):
+    trainer.train_and_evaluate(small_config(), str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [4] and no_temporary_folders(tmp_path)
+  assert not (tmp_path / "run.lock").exists()
+  record = trainer.train_and_evaluate(small_config(), str(tmp_path))  # resumes from 4
+  assert record["train/loss"] > 0 and checkpoint_steps(tmp_path) == [4, 8, 12]
+
+
+def test_terminal_progress_bar_keeps_library_log_lines_apart(tmp_path):
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import pty  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  import termios  # pylint: disable=g-import-not-at-top
+  controller, terminal = pty.openpty()
+  # A 40 x 120 terminal (a new pty has 0 columns, and tqdm then draws nothing).
+  fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+  # --verbosity=0 turns orbax's INFO lines on: they must print above the bar.
+  proc = subprocess.Popen(cli(tmp_path / "run", "--verbosity=0"), cwd=REPO, stdin=terminal,
+                          stdout=terminal, stderr=terminal, close_fds=True)
+  os.close(terminal)
+  chunks = []
+  while True:
+    try:
+      chunk = os.read(controller, 65536)
+    except OSError:  # the terminal closed: the run ended
+      break
+    if not chunk:
+      break
+    chunks.append(chunk)
+  os.close(controller)
+  assert proc.wait(timeout=TIMEOUT) == 0
+  output = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+  # What the terminal shows of each line: the text after its last carriage return.
+  lines = [line.rsplit("\r", 1)[-1] for line in output.split("\n")]
+  assert any("checkpoint_manager.py" in line for line in lines)  # INFO was on
+  assert "12/12 [" in output, output[-2000:]  # the bar was drawn
+  assert any(line.startswith("finished at step 12") for line in lines)
+  broken = [line for line in lines if "%|" in line and ".py:" in line]
+  assert not broken, broken[:3]

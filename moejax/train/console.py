@@ -7,11 +7,27 @@ it. Without one (SLURM, nohup, a notebook cell) every log step prints one line
 ends with a summary. Only process 0 prints.
 """
 
+import logging
 import sys
 import time
 from typing import Optional
 
 import tqdm
+
+
+class _AboveTheBar(logging.Handler):
+  """Writes log records with tqdm.write, so they print above the bar."""
+
+  def __init__(self, original: Optional[logging.Handler]):
+    super().__init__()
+    self._original = original  # formats as before (absl's "I1201 file.py:12] ...")
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      text = self._original.format(record) if self._original else self.format(record)
+      tqdm.tqdm.write(text, file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
 
 
 def format_duration(seconds: float) -> str:
@@ -32,6 +48,7 @@ class Console:
     self.enabled = enabled
     self.tty = sys.stderr.isatty() if tty is None else tty
     self._bar: Optional[tqdm.tqdm] = None
+    self._root_handlers: Optional[list[logging.Handler]] = None
     self._total = 0
     self._started = time.time()
 
@@ -49,6 +66,11 @@ class Console:
     if self.enabled and self.tty:
       self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step",
                             dynamic_ncols=True)
+      # Library log lines (absl, orbax, jax) go above the bar, not through it.
+      root = logging.getLogger()
+      self._root_handlers = root.handlers[:]
+      original = self._root_handlers[0] if self._root_handlers else None
+      root.handlers = [_AboveTheBar(original)]
 
   def advance(self) -> None:
     if self._bar is not None:
@@ -77,6 +99,9 @@ class Console:
     self.print(f"step {step:>{width}}/{self._total}  eval/loss {loss:.4f}")
 
   def close(self) -> None:
+    if self._root_handlers is not None:
+      logging.getLogger().handlers = self._root_handlers
+      self._root_handlers = None
     if self._bar is not None:
       self._bar.close()
       self._bar = None
