@@ -114,14 +114,14 @@ def test_resumable_keys_and_opt_in_changes_resume_and_are_recorded(trained, tmp_
   assert entry["resumed_from_step"] == 10
   assert entry["changes"]["config.train.learning_rate"] == {"checkpoint": 0.003, "now": 0.001}
   assert entry["outside_resumable_keys"] == ["config.train.learning_rate"]
-  # The checkpoint now records the new learning rate: no opt-in needed to go on.
-  result = run(workdir, "--config.train.steps=14", "--config.train.learning_rate=1e-3")
-  assert result.returncode == 0, result.stderr[-3000:]
+  # The new checkpoint records the new learning rate (the next resume compares with it).
+  recorded = json.loads((workdir / "checkpoints" / "12" / "config" / "metadata").read_text())
+  assert recorded["train"]["learning_rate"] == 1e-3
   # The opt-in cannot change parameter shapes; nothing is moved or written.
   before = snapshot(workdir / "checkpoints")
   result = run(workdir, "--config.train.steps=16", "--config.model.moe.num_experts=8",
-               "--config.train.resume_with_changes=true")
-  assert_clean_error(result, "checkpoint step 14 holds other parameter shapes",
+               "--config.train.learning_rate=1e-3", "--config.train.resume_with_changes=true")
+  assert_clean_error(result, "checkpoint step 12 holds other parameter shapes",
                      "params/layers/0/ffn/experts/wi: [4, 32, 32] saved, [8, 32, 32] now",
                      "model.moe.num_experts 4 -> 8")
   assert snapshot(workdir / "checkpoints") == before
@@ -242,11 +242,25 @@ def _empty(step_dir: pathlib.Path) -> None:
     shutil.rmtree(child) if child.is_dir() else child.unlink()
 
 
+def test_damage_is_named_by_file(trained, tmp_path):
+  """The cheap file checks that run before orbax is asked (no training)."""
+  from moejax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  for damage, reason in [(_garbage("state/_METADATA"), "state/_METADATA is not valid JSON"),
+                         (_garbage("data/metadata"), "data/metadata is not valid JSON"),
+                         (_garbage("state/array_metadatas/process_0"),
+                          "state/array_metadatas/process_0 is not valid JSON"),
+                         (_empty, "state/ is missing")]:
+    step_dir = tmp_path / "8"
+    shutil.rmtree(step_dir, ignore_errors=True)
+    shutil.copytree(trained / "checkpoints" / "8", step_dir)
+    assert checkpoints.check_files(str(step_dir)) is None
+    damage(step_dir)
+    assert checkpoints.check_files(str(step_dir)).startswith(reason)
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_truncate_largest_array_file, "array "),
     (_garbage("state/_METADATA"), "state/_METADATA is not valid JSON"),
-    (_garbage("data/metadata"), "data/metadata is not valid JSON"),
-    (_empty, "state/ is missing"),
 ])
 def test_damaged_newest_checkpoint_is_moved_aside_and_orphans_removed(trained, tmp_path,
                                                                       damage, reason):
@@ -340,14 +354,19 @@ def test_unwritable_workdir_is_one_line(tmp_path):
 # --- short runs, console, finished workdir -----------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [1, 30])
-def test_short_runs_of_the_default_config_work(tmp_path, steps):
+@pytest.mark.parametrize("steps, small", [(1, False), (30, True)])
+def test_short_runs_with_the_default_warmup_work(tmp_path, steps, small):
   workdir = tmp_path / "run"
-  # The default config's own warmup (30 steps): the run is all warmup.
-  command = [sys.executable, "-m", "moejax.main", "--config=configs/default.py",
-             f"--workdir={workdir}", f"--config.train.steps={steps}",
-             "--config.train.batch_size=4", "--config.train.seq_len=32"]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+  # The default config's own warmup (30 steps): the run is all warmup. With
+  # steps = warmup_steps = 30 optax's cosine had no decay steps left.
+  if small:
+    result = run(workdir, f"--config.train.steps={steps}", "--config.train.warmup_steps=30",
+                 "--config.train.checkpoint_every=100", "--config.train.eval_every=100")
+  else:
+    command = [sys.executable, "-m", "moejax.main", "--config=configs/default.py",
+               f"--workdir={workdir}", f"--config.train.steps={steps}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                            timeout=TIMEOUT)
   assert result.returncode == 0, result.stderr[-3000:]
   records = read_metrics(workdir)
   assert records[-1]["step"] == steps and np.isfinite(records[-1]["eval/loss"])
@@ -357,30 +376,8 @@ def test_short_runs_of_the_default_config_work(tmp_path, steps):
   assert checkpoint_steps(workdir) == [steps]
 
 
-def test_console_without_a_terminal_and_a_finished_workdir(trained, tmp_path):
-  workdir = copy_of(trained, tmp_path)
-  result = run(workdir, "--config.train.steps=12")
-  assert result.returncode == 0, result.stderr[-3000:]
-  lines = result.stdout.splitlines()
-  assert any(line.startswith("step 10/12  train/loss ") and "tok/s" in line and "left" in line
-             for line in lines), result.stdout
-  assert "step 12/12  eval/loss " in result.stdout
-  assert any(line.startswith("finished at step 12: train/loss ") and "eval/loss" in line
-             and "tokens trained" in line for line in lines), result.stdout
-  assert f"outputs in {workdir}" in result.stdout
-  # No orbax/absl INFO chatter (absl INFO lines start with "I" + date).
-  assert not [line for line in (result.stdout + result.stderr).splitlines()
-              if line[:1] == "I" and line[1:5].isdigit()], result.stderr[-3000:]
-
-  before = snapshot(workdir)
-  again = run(workdir, "--config.train.steps=12")
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert f"{workdir} is complete at step 12" in again.stdout
-  assert snapshot(workdir) == before  # no new TensorBoard file, nothing rewritten
-
-
-def test_tensorboard_command_reads_the_events_and_keeps_no_step_after_a_resume(trained,
-                                                                               tmp_path):
+def test_tensorboard_console_and_finished_workdir(trained, tmp_path):
+  """TensorBoard after a resume, the console without a terminal, a finished run."""
   tensorboard = pathlib.Path(sys.executable).parent / "tensorboard"
   assert tensorboard.exists() or shutil.which("tensorboard"), "no tensorboard command"
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
@@ -394,6 +391,26 @@ def test_tensorboard_command_reads_the_events_and_keeps_no_step_after_a_resume(t
   steps = [event.step for event in accumulator.Scalars("train/loss")]
   assert steps == [2, 4, 6]
   assert [r["step"] for r in read_metrics(workdir)] == [2, 4, 6]
+
+  # The console without a terminal: a line per log step and evaluation, a summary.
+  lines = result.stdout.splitlines()
+  assert "Resumed from step 4" in result.stdout
+  assert any(line.startswith("step 6/6  train/loss ") and "tok/s" in line and "left" in line
+             for line in lines), result.stdout
+  assert "step 6/6  eval/loss " in result.stdout
+  assert any(line.startswith("finished at step 6: train/loss ") and "eval/loss" in line
+             and "tokens trained" in line for line in lines), result.stdout
+  assert f"outputs in {workdir}" in result.stdout
+  # No orbax/absl INFO chatter (absl INFO lines start with "I" + date).
+  assert not [line for line in (result.stdout + result.stderr).splitlines()
+              if line[:1] == "I" and line[1:5].isdigit()], result.stderr[-3000:]
+
+  # A finished workdir: says so and writes nothing (no new TensorBoard file).
+  before = snapshot(workdir)
+  again = run(workdir, "--config.train.steps=6", "--config.train.log_every=3")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"{workdir} is complete at step 6" in again.stdout
+  assert snapshot(workdir) == before
 
 
 def test_unexpected_error_finishes_the_pending_save(tmp_path, monkeypatch):

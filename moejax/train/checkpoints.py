@@ -23,8 +23,9 @@ import jax
 import orbax.checkpoint as ocp
 
 _ITEMS = ("state", "data")           # what a restore needs; `config` is optional
-# Files orbax writes as JSON; a damaged one is named before orbax is asked.
-_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+# JSON files a restore reads (with state/array_metadatas/*); orbax fails on a
+# damaged one with a bare UnicodeDecodeError, so they are checked first.
+_JSON_FILES = (("state", "_METADATA"), ("data", "metadata"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,22 +197,25 @@ def read_config(workdir: str, step: int) -> Optional[dict]:
 
 def check_files(step_dir: str) -> Optional[str]:
   """Why the checkpoint folder `step_dir` cannot restore, found without orbax
-  (a missing item folder, an unreadable metadata file), or None."""
+  (a missing item folder, or garbage in a metadata file that orbax would fail
+  on naming no file), or None."""
   for item in _ITEMS:
     if not os.path.isdir(os.path.join(step_dir, item)):
       return f"{item}/ is missing"
-  for root, _, files in os.walk(step_dir):
-    for name in files:
-      if name not in _JSON_FILES and os.path.basename(root) != "array_metadatas":
-        continue
-      path = os.path.join(root, name)
-      try:
-        with open(path, encoding="utf-8") as f:
-          json.load(f)
-      except (UnicodeDecodeError, ValueError) as e:
-        return f"{os.path.relpath(path, step_dir)} is not valid JSON ({e})"
-      except OSError as e:
-        return f"{os.path.relpath(path, step_dir)} cannot be read ({e.strerror})"
+  array_metadatas = os.path.join(step_dir, "state", "array_metadatas")
+  paths = [os.path.join(step_dir, *relative) for relative in _JSON_FILES]
+  if os.path.isdir(array_metadatas):
+    paths += [os.path.join(array_metadatas, name) for name in sorted(os.listdir(array_metadatas))]
+  for path in paths:
+    try:
+      with open(path, encoding="utf-8") as f:
+        json.load(f)
+    except FileNotFoundError:
+      continue  # orbax decides (other versions may name their files otherwise)
+    except (UnicodeDecodeError, ValueError) as e:
+      return f"{os.path.relpath(path, step_dir)} is not valid JSON ({e})"
+    except OSError as e:
+      return f"{os.path.relpath(path, step_dir)} cannot be read ({e.strerror})"
   return None
 
 

@@ -245,7 +245,6 @@ def _recorded_config(workdir: str, steps: list[int]) -> tuple[Optional[dict], Op
 def _run(config, workdir: str, console: console_lib.Console,
          stop: signals_lib.StopSignals) -> dict[str, float]:
   train = config.train
-  is_main = jax.process_index() == 0
   saved_steps = checkpoints.list_steps(workdir)
   recorded, recorded_step = _recorded_config(workdir, saved_steps)
   changes = resume.check(recorded, config, step=recorded_step, workdir=workdir)
