@@ -1,7 +1,7 @@
 """lm1b at accelerator scale: a 12-layer, d_model 768 MoE LM with 64 experts,
 top-2, every other layer MoE (GShard / Switch layout), SentencePiece 32k.
 
-    python -m moejax.main --config=configs/lm1b.py --workdir=gs://bucket/lm1b \
+    python -m moejax.main --config=configs/lm1b.py --workdir=/mnt/bucket/lm1b \
         --config.data.data_dir=gs://bucket/tfds --config.mesh.expert=8
 
 Sized for one TPU v4-32 / 8 H100s; bfloat16 compute, float32 parameters.

@@ -295,7 +295,7 @@ def _syntax_error(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_config", "syntax_error", "workdir_is_a_file",
-                                  "unknown_key", "num_heads", "group_size"])
+                                  "workdir_url", "unknown_key", "num_heads", "group_size"])
 def test_cli_input_errors_are_one_line_before_anything_is_written(tmp_path, case):
   workdir = tmp_path / "run"
   flags, kwargs, fragments = [], {}, []
@@ -306,6 +306,9 @@ def test_cli_input_errors_are_one_line_before_anything_is_written(tmp_path, case
   elif case == "workdir_is_a_file":
     workdir.write_text("not a folder")
     fragments = [f"--workdir={workdir} is a file"]
+  elif case == "workdir_url":
+    workdir = "gs://bucket/run"
+    fragments = ["--workdir=gs://bucket/run: a URL is not supported"]
   elif case == "unknown_key":
     flags = ["--config.train.stepz=3"]
     fragments = ["unknown config key config.train.stepz; did you mean config.train.steps?"]

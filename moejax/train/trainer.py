@@ -151,6 +151,10 @@ def _summary(config, dataset, vocab_size: int) -> dict[str, Any]:
 
 def check_workdir(workdir: str) -> None:
   """Raises WorkdirError if `workdir` is a file or cannot be created or written."""
+  if "://" in workdir:
+    # metrics.jsonl, the lock and config.json are written with Python file I/O.
+    raise WorkdirError(f"--workdir={workdir}: a URL is not supported; use a local or "
+                       f"mounted path (for a bucket, mount it, e.g. with gcsfuse)")
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} is a file, not a folder")
   existing = os.path.abspath(workdir)
