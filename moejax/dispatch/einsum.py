@@ -1,7 +1,8 @@
 """One-hot einsum dispatch (GShard, Lepikhin et al. 2020, Algorithm 2): dense
 dispatch and combine tensors [G, S, E, C] contracted with the tokens. It costs
 O(G*S*E*C*D), far more than gather dispatch off TPU, but only uses dense
-matmuls, which is what TPUs run best.
+matmuls, which is what TPUs run best. It is also the one dispatcher of the
+dense routing form (Soft MoE), whose dispatch and combine tensors are soft.
 """
 
 import jax
@@ -12,7 +13,11 @@ from moejax.routing import Routing
 
 
 def dispatch_and_combine_tensors(routing: Routing, dtype) -> tuple[jax.Array, jax.Array]:
-  """<dtype>[G, S, E, C] 0/1 dispatch mask and <float32>[G, S, E, C] combine weights."""
+  """<dtype>[G, S, E, C] dispatch weights (a 0/1 mask for sparse routings)
+  and <float32>[G, S, E, C] combine weights. A dense routing (Soft MoE) is
+  already in this form."""
+  if routing.is_dense:
+    return routing.dispatch.astype(dtype), routing.combine.astype(jnp.float32)
   num_groups, num_tokens = routing.num_groups, routing.num_tokens
   num_experts, capacity = routing.num_experts, routing.capacity
   num_slots = num_experts * capacity

@@ -53,9 +53,12 @@ class _FeedForwardParams(nnx.Module):
     return [self.wi[...].astype(self.dtype)]
 
   def _mlp(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array],
-           out_matmul: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None):
+           out_matmul: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
+           hidden_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
     pre = [matmul(x, kernel) for kernel in self._input_kernels()]
     hidden = self.act(pre[0]) if len(pre) == 1 else self.act(pre[0]) * pre[1]
+    if hidden_fn is not None:
+      hidden = hidden_fn(hidden)
     return (out_matmul or matmul)(hidden.astype(self.dtype), self.wo[...].astype(self.dtype))
 
 
@@ -66,15 +69,40 @@ class Experts(_FeedForwardParams):
                dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__((num_experts,), d_model, hidden, activation, dtype, rngs)
 
-  def __call__(self, buffer: jax.Array) -> jax.Array:
-    """[E, N, D] -> [E, N, D]: expert e on its N rows."""
+  def __call__(self, buffer: jax.Array, hidden_fn=None) -> jax.Array:
+    """[E, N, D] -> [E, N, D]: expert e on its N rows. `hidden_fn` (e.g.
+    dropout) is applied to the hidden activations."""
     return self._mlp(buffer.astype(self.dtype),
-                     lambda x, w: jnp.einsum("end,edh->enh", x, w))
+                     lambda x, w: jnp.einsum("end,edh->enh", x, w), hidden_fn=hidden_fn)
 
-  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
+  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
+              hidden_fn=None) -> jax.Array:
     """[R, D] rows sorted by expert -> [R, D] (see `dispatch.grouped_matmul`)."""
     return self._mlp(rows.astype(self.dtype),
-                     lambda x, w: grouped_matmul(x, w, group_sizes, block_size))
+                     lambda x, w: grouped_matmul(x, w, group_sizes, block_size),
+                     hidden_fn=hidden_fn)
+
+
+class DropoutExperts:
+  """The `dispatch.base.Experts` contract for `experts` with dropout on their
+  hidden units: expert dropout (Switch Transformer, Fedus et al. 2021, §2.4,
+  uses a higher rate inside the experts than elsewhere). Inverted dropout:
+  kept units are scaled by 1 / (1 - rate)."""
+
+  def __init__(self, experts, rate: float, rng: jax.Array):
+    self.experts = experts
+    self.rate = rate
+    self.rng = rng
+
+  def _drop(self, hidden: jax.Array) -> jax.Array:
+    keep = jax.random.bernoulli(self.rng, 1.0 - self.rate, hidden.shape)
+    return jnp.where(keep, hidden / (1.0 - self.rate), 0).astype(hidden.dtype)
+
+  def __call__(self, buffer: jax.Array) -> jax.Array:
+    return self.experts(buffer, hidden_fn=self._drop)
+
+  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
+    return self.experts.grouped(rows, group_sizes, block_size, hidden_fn=self._drop)
 
 
 class MLP(_FeedForwardParams):

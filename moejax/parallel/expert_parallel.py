@@ -68,10 +68,6 @@ def resolve_exchange(name: str) -> str:
   return name
 
 
-# route(groups <float>[G, S, D], router_kernel <float32>[D, E], rng) -> Routing.
-RouteFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], Routing]
-
-
 def _free_axes(mesh, logical: str) -> tuple[str, ...]:
   """Mesh axes of `logical` that split `mesh` (size > 1) and are not manual yet."""
   types = dict(zip(mesh.axis_names, mesh.axis_types))
@@ -93,16 +89,9 @@ def parallel_mesh():
   return mesh if _size(mesh, tuple(axes)) > 1 else None
 
 
-def routing_aux(routing: Routing) -> dict[str, jax.Array]:
-  """The router losses and metrics a layer reports (before weighting)."""
-  aux = dict(routing.metrics)
-  aux["aux_loss"] = routing.aux_loss
-  aux["z_loss"] = routing.z_loss
-  return aux
-
-
 def mean_over_shards(aux: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
-  """One-device values of `routing_aux` from its per-shard values.
+  """One-device values of a layer's router losses and metrics from their
+  per-shard values.
 
   Valid because each shard holds the same number of groups, tokens and
   assignments, so a mean of per-shard means is the global mean. The one
@@ -340,33 +329,43 @@ def _check_divisible(what: str, value: int, axes: tuple[str, ...], mesh, hint: s
                      f"devices of mesh axes {sizes}; {hint}")
 
 
-def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
-                   router_kernel: jax.Array, experts: nnx.Module,
-                   rng: Optional[jax.Array], *, dtype, mesh=None,
-                   dropless_exchange: str = "auto"):
-  """route -> dispatch -> experts -> combine, on one device or expert parallel.
+def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array],
+                 router: nnx.Module, experts: nnx.Module, rng: Optional[jax.Array], *,
+                 mesh=None, dropless_exchange: str = "auto", **core_kwargs):
+  """Runs an MoE layer's routed core on one device or expert parallel.
+
+  The core (`nn.moe_layer.routed_forward`) is
+      core(groups, extras, router, make_experts, rng, axis_name=..., **core_kwargs)
+          -> (y [G, S, D], aux)
+  and this function only places it: on one device it is called as is; under
+  a mesh it runs per device in `jax.shard_map` on the device's groups, with
+  the router's state (parameters and any `RouterState`) replicated, the
+  experts split over the expert and mlp axes and called through
+  `ShardedExperts`, and `axis_name` = the batch axes (for losses over the
+  global batch).
 
   Args:
-    route: see `RouteFn`; runs per device on its own groups.
-    dispatcher: a `dispatch.DISPATCHERS` function.
+    core: see above.
     groups: <float>[G, S, D] tokens in routing groups (router precision).
-    router_kernel: <float32>[D, E].
+    extras: per-token arrays [G, S] for the router, split like the groups.
+    router: the `routing.Router` module.
     experts: the `nn.Experts` module with kernels [E, D, H] / [E, H, D].
-    rng: router-noise key or None. Under a mesh each batch shard folds in its
-      index, so noise is independent across shards (and equal in distribution,
-      not bitwise, to one device's).
-    dtype: expert compute dtype.
+    rng: router-noise / dropout key or None. Under a mesh each batch shard
+      folds in its index, so noise is independent across shards (and equal in
+      distribution, not bitwise, to one device's).
     mesh: None for one device, else the (abstract) mesh (`parallel_mesh()`).
     dropless_exchange: a name in `DROPLESS_EXCHANGES`; how the dropless
       dispatcher's rows cross the expert axis.
+    **core_kwargs: passed to `core`.
 
   Returns:
     y: <dtype>[G, S, D] combined expert outputs.
-    aux: `routing_aux` averaged over all groups.
+    aux: the router's losses and metrics averaged over all groups, and the
+      per-token `first_expert` <int32>[G, S].
   """
   if mesh is None:
-    routing = route(groups, router_kernel, rng)
-    return dispatcher(groups.astype(dtype), routing, experts), routing_aux(routing)
+    return core(groups, extras, router, lambda routing: experts, rng, axis_name=None,
+                **core_kwargs)
 
   exchange = resolve_exchange(dropless_exchange)
   batch_axes = _free_axes(mesh, "batch")
@@ -376,40 +375,49 @@ def routed_forward(route: RouteFn, dispatcher: Callable, groups: jax.Array,
   _check_divisible("the number of routing groups G", groups.shape[0], batch_axes, mesh,
                    "a routing group never spans devices: change the batch size, "
                    "group_size or config.mesh")
-  _check_divisible("num_experts (x granularity)", router_kernel.shape[-1], expert_axes,
-                   mesh, "change config.mesh.expert")
   graphdef, state = nnx.split(experts)
+  _check_divisible("num_experts (x granularity)", jax.tree.leaves(state)[0].shape[0],
+                   expert_axes, mesh, "change config.mesh.expert")
   state_axes = rules.param_logical_axes({"experts": state})["experts"]
   for leaf, axes in zip(jax.tree.leaves(state), jax.tree.leaves(
       state_axes, is_leaf=lambda a: isinstance(a, tuple))):
     _check_divisible("the expert hidden width (expert_hidden / granularity)",
                      leaf.shape[axes.index("mlp")], model_axes, mesh,
                      "change config.mesh.model")
+  router_graphdef, router_state = nnx.split(router)
   used = tuple(dict.fromkeys(batch_axes + expert_axes + model_axes))
   state_specs = jax.tree.map(lambda axes: rules.logical_to_spec(axes, mesh, keep=used),
                              state_axes, is_leaf=lambda a: isinstance(a, tuple))
   batch_spec = rules.logical_to_spec(("batch",), mesh, keep=used)
   replicated = PartitionSpec()
 
-  def local(groups, router_kernel, state, rng):
+  def local(groups, extras, router_state, state, rng):
     if rng is not None and batch_axes:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-    routing = route(groups, router_kernel, rng)
-    local_experts = routing.num_experts // num_shards
-    sharded = ShardedExperts(nnx.merge(graphdef, state), expert_axes=expert_axes,
-                             model_axes=model_axes, num_shards=num_shards,
-                             max_assignments=_max_assignments(routing, local_experts),
-                             exchange=exchange)
-    y = dispatcher(groups.astype(dtype), routing, sharded)
-    return y, mean_over_shards(routing_aux(routing), batch_axes)
 
-  in_specs = (batch_spec, replicated, state_specs, replicated)
-  args = (groups, router_kernel, state, rng)
+    def make_experts(routing):
+      local_experts = routing.num_experts // num_shards
+      return ShardedExperts(nnx.merge(graphdef, state), expert_axes=expert_axes,
+                            model_axes=model_axes, num_shards=num_shards,
+                            max_assignments=_max_assignments(routing, local_experts),
+                            exchange=exchange)
+
+    y, aux = core(groups, extras, nnx.merge(router_graphdef, router_state), make_experts,
+                  rng, axis_name=batch_axes or None, **core_kwargs)
+    first_expert = aux.pop("first_expert")
+    return y, mean_over_shards(aux, batch_axes), first_expert
+
+  extras_specs = {name: batch_spec for name in extras}
+  in_specs = (batch_spec, extras_specs, replicated, state_specs, replicated)
+  args = (groups, extras, router_state, state, rng)
   args = tuple(_reshard_if_explicit(arg, arg_spec, mesh)
                for arg, arg_spec in zip(args, in_specs))
   # Manual over every axis not manual yet (the whole mesh, normally): a
   # partly manual region mixing in Explicit axes is not supported everywhere.
   manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
   axis_names = manual if len(manual) < len(mesh.axis_names) else frozenset()
-  return jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                       out_specs=(batch_spec, replicated), axis_names=axis_names)(*args)
+  y, aux, first_expert = jax.shard_map(
+      local, mesh=mesh, in_specs=in_specs, out_specs=(batch_spec, replicated, batch_spec),
+      axis_names=axis_names)(*args)
+  aux["first_expert"] = first_expert
+  return y, aux

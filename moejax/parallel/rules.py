@@ -46,7 +46,11 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Dense FFN (MoELayer.ffn) and shared experts (MoELayer.shared), nn.MLP.
     (r"(^|/)(ffn|shared)/(wi|wi_gate|wi_up)$", ("embed", "mlp")),
     (r"(^|/)(ffn|shared)/wo$", ("mlp", "embed")),
-    (r"(^|/)router_kernel$", ("embed", "router")),               # [D, E]
+    # Routers (routing.routers): replicated, every device routes its own tokens.
+    (r"(^|/)router/kernel$", ("embed", "router")),               # [D, E]
+    (r"(^|/)router/bias$", ("router",)),                         # [E] RouterState
+    (r"(^|/)router/slot_params$", ("embed", "router", None)),    # [D, E, P] Soft MoE
+    (r"(^|/)router/scale$", ()),                                 # [] Soft MoE
     (r"(^|/)attention/qkv$", ("embed", "qkv", "heads", "head_dim")),  # [D, 3, N, P]
     (r"(^|/)attention/out$", ("heads", "head_dim", "embed")),    # [N, P, D]
     (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]

@@ -11,97 +11,116 @@ Slots come from one sort of the group's S*K assignments by (expert, priority),
 which costs O(S*K log(S*K)) whatever E is; no [S, E] one-hot is cumulated.
 """
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 
-from moejax.routing import losses
 from moejax.routing import metrics as metrics_lib
 from moejax.routing.types import Routing
 
 
-def _priority_rank(top_probs: jax.Array, batch_prioritized: bool) -> jax.Array:
-  """<int32>[G, S] rank of each token within its group (0 = served first)."""
-  num_groups, num_tokens = top_probs.shape[:2]
-  if not batch_prioritized:
+def _priority_rank(priority: jax.Array, batch_prioritized: bool,
+                   mask: Optional[jax.Array]) -> jax.Array:
+  """<int32>[G, S] rank of each token within its group (0 = served first).
+
+  Padded tokens (mask False) rank after every real token, so they never
+  take a slot a real token wants.
+  """
+  num_groups, num_tokens = priority.shape
+  if not batch_prioritized and mask is None:
     return jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32),
                             (num_groups, num_tokens))
-  # Descending top-1 probability; the stable sort keeps ties in position order.
-  order = jnp.argsort(-top_probs[..., 0], axis=-1, stable=True)
+  # Descending priority (BPR) or position; the stable sort keeps ties in
+  # position order, and padding sorts last.
+  key = -priority if batch_prioritized else jnp.zeros_like(priority)
+  if mask is not None:
+    key = jnp.where(mask, key, jnp.inf)
+  order = jnp.argsort(key, axis=-1, stable=True)
   group = jnp.arange(num_groups)[:, None]
   rank = jnp.zeros((num_groups, num_tokens), jnp.int32)
   return rank.at[group, order].set(jnp.arange(num_tokens, dtype=jnp.int32))
 
 
 def _slots_in_priority_order(expert: jax.Array, priority: jax.Array,
-                             num_experts: int) -> tuple[jax.Array, jax.Array]:
+                             num_experts: int, num_priorities: int) -> jax.Array:
   """Position of each assignment within its expert's queue.
 
   Args:
     expert: <int32>[G, A] chosen expert per assignment.
     priority: <int32>[G, A] unique priority per assignment (lower first),
-      in [0, A).
+      in [0, num_priorities).
     num_experts: E.
+    num_priorities: a bound on the priorities.
 
   Returns:
-    slot: <int32>[G, A] number of assignments to the same expert with a lower
-      priority (before any capacity cut).
-    counts: <int32>[G, E] assignments per expert.
+    <int32>[G, A] number of assignments to the same expert with a lower
+    priority (before any capacity cut).
   """
   num_groups, num_assign = expert.shape
   group = jnp.arange(num_groups)[:, None]
-  key = expert * num_assign + priority  # unique within a group
+  key = expert * num_priorities + priority  # unique within a group
   order = jnp.argsort(key, axis=-1)
   sorted_expert = jnp.take_along_axis(expert, order, axis=-1)
   counts = jnp.zeros((num_groups, num_experts), jnp.int32).at[group, expert].add(1)
   starts = jnp.cumsum(counts, axis=-1) - counts
   sorted_slot = (jnp.arange(num_assign, dtype=jnp.int32)
                  - jnp.take_along_axis(starts, sorted_expert, axis=-1))
-  slot = jnp.zeros_like(expert).at[group, order].set(sorted_slot)
-  return slot, counts
+  return jnp.zeros_like(expert).at[group, order].set(sorted_slot)
 
 
-def token_choice(probs: jax.Array, *, top_k: int, capacity: int,
-                 batch_prioritized: bool, renormalize: bool) -> Routing:
-  """Routes each token to its top-K experts under a per-expert capacity.
+def token_choice(experts: jax.Array, weights: jax.Array, priority: jax.Array, *,
+                 num_experts: int, capacity: int, batch_prioritized: bool,
+                 mask: Optional[jax.Array] = None) -> Routing:
+  """Gives each token's K chosen experts slots under a per-expert capacity.
 
   Args:
-    probs: <float32>[G, S, E] router probabilities.
-    top_k: K, experts per token.
+    experts: <int32>[G, S, K] each token's experts, first choice first
+      (`routing.scores.select_experts`).
+    weights: <float32>[G, S, K] their combine weights.
+    priority: <float32>[G, S] score of each token's first choice (used with
+      `batch_prioritized`).
+    num_experts: E.
     capacity: C, slots per expert per group.
-    batch_prioritized: serve tokens by descending top-1 probability instead of
-      by position.
-    renormalize: divide each token's K weights by their sum.
+    batch_prioritized: serve tokens by descending priority instead of
+      position.
+    mask: <bool>[G, S] real tokens, or None (all real). Padded tokens take no
+      slot: their assignments are dropped and count in no load metric.
 
   Returns:
-    A token-major `Routing` (A = S*K) without z_loss (set by `route`).
+    A token-major `Routing` (A = S*K) with zero losses (the router sets them)
+    and the load metrics.
   """
-  num_groups, num_tokens, num_experts = probs.shape
-  # lax.top_k breaks ties towards the lower index, as the contract requires.
-  top_probs, top_experts = jax.lax.top_k(probs, top_k)  # [G, S, K]
-  weight = top_probs
-  if renormalize:
-    weight = top_probs / jnp.sum(top_probs, axis=-1, keepdims=True)
-
-  rank = _priority_rank(top_probs, batch_prioritized)  # [G, S]
+  num_groups, num_tokens, top_k = experts.shape
+  rank = _priority_rank(priority, batch_prioritized, mask)  # [G, S]
   choice = jnp.arange(top_k, dtype=jnp.int32)
-  priority = choice[None, None, :] * num_tokens + rank[:, :, None]  # [G, S, K]
+  order = choice[None, None, :] * num_tokens + rank[:, :, None]  # [G, S, K]
+  num_priorities = num_tokens * top_k
+  if mask is not None:
+    # Every choice of a padded token queues after every real assignment.
+    order = jnp.where(mask[..., None], order, order + num_priorities)
+    num_priorities *= 2
 
-  expert = top_experts.reshape(num_groups, num_tokens * top_k).astype(jnp.int32)
-  slot, counts = _slots_in_priority_order(
-      expert, priority.reshape(num_groups, -1), num_experts)
+  expert = experts.reshape(num_groups, num_tokens * top_k).astype(jnp.int32)
+  slot = _slots_in_priority_order(expert, order.reshape(num_groups, -1), num_experts,
+                                  num_priorities)
   kept = slot < capacity
+  valid = None
+  if mask is not None:
+    valid = jnp.repeat(mask, top_k, axis=-1)
+    kept = kept & valid
   slot = jnp.where(kept, slot, capacity)
-  weight = jnp.where(kept, weight.reshape(num_groups, -1), 0.0)
+  weight = jnp.where(kept, weights.reshape(num_groups, -1), 0.0)
   token = jnp.broadcast_to(
       jnp.repeat(jnp.arange(num_tokens, dtype=jnp.int32), top_k),
       (num_groups, num_tokens * top_k))
-
-  metrics = metrics_lib.load_metrics(counts, kept)
-  metrics["router_entropy"] = metrics_lib.router_entropy(probs)
+  group = jnp.arange(num_groups)[:, None]
+  requested = jnp.ones_like(expert) if valid is None else valid.astype(jnp.int32)
+  counts = jnp.zeros((num_groups, num_experts), jnp.int32).at[group, expert].add(requested)
+  zero = jnp.zeros((), jnp.float32)
   return Routing(
       token=token, expert=expert, slot=slot, weight=weight.astype(jnp.float32),
-      aux_loss=losses.load_balancing_loss(probs, counts),
-      z_loss=jnp.zeros((), jnp.float32),
-      metrics=jax.lax.stop_gradient(metrics),
+      aux_loss=zero, z_loss=zero,
+      metrics=jax.lax.stop_gradient(metrics_lib.load_metrics(counts, kept, valid)),
       num_tokens=num_tokens, num_experts=num_experts, capacity=capacity,
       choices_per_token=top_k)

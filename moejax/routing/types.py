@@ -18,6 +18,12 @@ Dispatchers may use the token-major structure for speed but must accept both.
 An assignment that found its expert full is *dropped*: its `slot` equals
 `capacity` (one past the last slot) and its `weight` is 0, so the token's
 output from that expert is zero and the residual carries the token.
+
+A third, *dense* form holds Soft MoE (Puigcerver et al. 2023): every slot
+is a weighted average of all the group's tokens, and every token a weighted
+average of all slots. Then `token`, `expert`, `slot` and `weight` are None
+and `dispatch` / `combine` <float32>[G, S, E, C] hold the weights (C slots
+per expert); only the einsum dispatcher consumes it.
 """
 
 from typing import Any, Optional
@@ -44,12 +50,16 @@ class Routing:
     num_experts: E.
     capacity: C, slots per expert per group.
     choices_per_token: K for the token-major layout, None otherwise.
+    dispatch: <float32>[G, S, E, C] dense dispatch weights (Soft MoE: the
+      weight of token s in slot c of expert e), or None.
+    combine: <float32>[G, S, E, C] dense combine weights (the weight of
+      that slot's output in token s), or None.
   """
 
-  token: jax.Array
-  expert: jax.Array
-  slot: jax.Array
-  weight: jax.Array
+  token: Optional[jax.Array]
+  expert: Optional[jax.Array]
+  slot: Optional[jax.Array]
+  weight: Optional[jax.Array]
   aux_loss: jax.Array
   z_loss: jax.Array
   metrics: dict[str, Any]
@@ -57,10 +67,27 @@ class Routing:
   num_experts: int = struct.field(pytree_node=False)
   capacity: int = struct.field(pytree_node=False)
   choices_per_token: Optional[int] = struct.field(pytree_node=False, default=None)
+  dispatch: Optional[jax.Array] = None
+  combine: Optional[jax.Array] = None
+
+  @property
+  def is_dense(self) -> bool:
+    """Whether this is the dense (Soft MoE) form."""
+    return self.dispatch is not None
 
   @property
   def num_groups(self) -> int:
-    return self.token.shape[0]
+    return (self.dispatch if self.is_dense else self.token).shape[0]
+
+  def first_expert(self) -> jax.Array:
+    """<int32>[G, S] each token's first expert: its first choice (token
+    choice, even if dropped), else the expert of its largest combine weight;
+    -1 where no expert processes the token."""
+    if self.choices_per_token is not None:
+      return self.expert.reshape(self.num_groups, self.num_tokens, -1)[..., 0]
+    weights = self.combine_weights()
+    return jnp.where(jnp.any(weights > 0, axis=-1),
+                     jnp.argmax(weights, axis=-1), -1).astype(jnp.int32)
 
   @property
   def kept(self) -> jax.Array:
@@ -71,8 +98,11 @@ class Routing:
     """<float32>[G, S, E]: weight of expert e's output for token s.
 
     Zero where the expert does not process the token (not chosen, or dropped).
-    This is the canonical, layout-free view of a routing.
+    This is the canonical, layout-free view of a routing. For the dense
+    form: the combine weights summed over each expert's slots.
     """
+    if self.is_dense:
+      return jnp.sum(self.combine, axis=-1)
     num_groups = self.token.shape[0]
     dense = jnp.zeros((num_groups, self.num_tokens, self.num_experts), jnp.float32)
     group = jnp.arange(num_groups)[:, None]

@@ -12,10 +12,10 @@ from typing import Any, Mapping, Optional
 
 from moejax.data import tokenizers
 from moejax.data.pipeline import SYNTHETIC
+from moejax import routing as routing_lib
 from moejax.nn.transformer import moe_layer_flags
+from moejax.routing import MoEConfig
 from moejax.routing import capacity as capacity_lib
-
-EXPERT_CHOICE = "expert_choice"
 
 
 def _kernels_per_mlp(activation: str) -> int:
@@ -25,40 +25,37 @@ def _kernels_per_mlp(activation: str) -> int:
   return 3 if activation == "swiglu" else 2
 
 
-def _ffn_counts(d_model: int, moe: Mapping[str, Any], is_moe: bool) -> dict[str, float]:
-  """Parameters of one FFN: total, active per token (float), routed experts."""
-  granularity = moe.get("granularity", 1)
-  if moe["expert_hidden"] % granularity:
-    raise ValueError(f"expert_hidden={moe['expert_hidden']} is not divisible by "
-                     f"granularity={granularity}")
-  per_hidden_unit = _kernels_per_mlp(moe.get("activation", "gelu")) * d_model
-  expert_hidden = moe["expert_hidden"] // granularity  # H / g
+def _ffn_counts(d_model: int, moe: MoEConfig, is_moe: bool,
+                tokens_per_group: Optional[int] = None) -> dict[str, float]:
+  """Parameters of one FFN: total, active per token (float), routed experts,
+  router. The router declares its parameters and experts per token."""
+  if moe.expert_hidden % moe.granularity:
+    raise ValueError(f"expert_hidden={moe.expert_hidden} is not divisible by "
+                     f"granularity={moe.granularity}")
+  per_hidden_unit = _kernels_per_mlp(moe.activation) * d_model
   # Shared experts (DeepSeekMoE): one MLP of hidden num_shared * H / g, always on.
-  shared = per_hidden_unit * moe.get("num_shared_experts", 0) * expert_hidden
+  shared = per_hidden_unit * moe.num_shared_experts * moe.hidden
   if not is_moe:
     # The dense FFN has the active hidden width of K experts: K * H.
-    dense = per_hidden_unit * moe["top_k"] * moe["expert_hidden"] + shared
-    return {"total": dense, "active": dense, "expert": 0}
-  num_experts = moe["num_experts"] * granularity  # E * g fine-grained experts
-  router = d_model * num_experts
-  one_expert = per_hidden_unit * expert_hidden
-  if moe.get("router", "topk") == EXPERT_CHOICE:
-    # Each expert takes C = capacity_factor * S / (E g) of the S tokens, so a
-    # token is processed by capacity_factor experts on average (Expert Choice,
-    # Zhou et al. 2022, §3.1: c = k); the expectation, not a per-token count.
-    experts_per_token = moe.get("capacity_factor", 1.25)
-  else:
-    experts_per_token = moe["top_k"] * granularity
-  routed = num_experts * one_expert
+    dense = per_hidden_unit * moe.top_k * moe.expert_hidden + shared
+    return {"total": dense, "active": dense, "expert": 0, "router": 0}
+  cls = routing_lib.get_router(moe.router)
+  router = cls.router_params(moe, d_model, tokens_per_group)
+  one_expert = per_hidden_unit * moe.hidden
+  # Expert choice and Soft MoE: an expectation (capacity_factor experts per
+  # token on average), not a per-token count.
+  experts_per_token = cls.experts_per_token(moe)
+  routed = moe.experts * one_expert
   return {"total": router + routed + shared,
           "active": router + experts_per_token * one_expert + shared,
-          "expert": routed}
+          "expert": routed, "router": router}
 
 
 def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
                  moe: Mapping[str, Any], head_dim: Optional[int] = None,
                  moe_every: int = 1, first_dense_layers: int = 0,
-                 tie_embeddings: bool = True) -> dict[str, int]:
+                 tie_embeddings: bool = True,
+                 tokens_per_group: Optional[int] = None) -> dict[str, int]:
   """Parameter counts of `TransformerLM` with the same keywords.
 
   Per block: 2 RMSNorm scales (2 D), attention q, k, v, o (4 D N P), and the
@@ -66,6 +63,9 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
   kernels, or 3 with swiglu, plus shared experts) or a dense FFN of hidden
   K H (+ shared experts). Plus the final RMSNorm (D), the embedding (V D) and,
   if untied, the output projection (D V).
+
+  `tokens_per_group` (S) is needed only by routers whose parameters depend on
+  it (Soft MoE's slots).
 
   Returns:
     total: every parameter.
@@ -80,14 +80,14 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
     head_dim = d_model // num_heads
+  moe = MoEConfig.from_mapping(moe)
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
-                          first_dense_layers=first_dense_layers,
-                          router=moe.get("router", "topk"))
+                          first_dense_layers=first_dense_layers, router=moe.router)
   attention = 4 * d_model * num_heads * head_dim
   non_embedding = active = float(d_model)  # final RMSNorm
   expert = 0
   for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe, is_moe)
+    ffn = _ffn_counts(d_model, moe, is_moe, tokens_per_group)
     block = 2 * d_model + attention
     non_embedding += block + ffn["total"]
     active += block + ffn["active"]
@@ -117,7 +117,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                           num_heads: int, moe: Mapping[str, Any], seq_len: int,
                           head_dim: Optional[int] = None, moe_every: int = 1,
                           first_dense_layers: int = 0, tie_embeddings: bool = True,
-                          causal: bool = True) -> float:
+                          causal: bool = True,
+                          tokens_per_group: Optional[int] = None) -> float:
   """Training FLOPs per token (forward + backward) of `TransformerLM`.
 
   Kaplan et al. 2020, Table 1: C_forward = 2 N + 2 n_layer n_ctx d_attn, and
@@ -142,7 +143,7 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
   counts = param_counts(vocab_size=vocab_size, num_layers=num_layers, d_model=d_model,
                         num_heads=num_heads, head_dim=head_dim, moe=moe,
                         moe_every=moe_every, first_dense_layers=first_dense_layers,
-                        tie_embeddings=tie_embeddings)
+                        tie_embeddings=tie_embeddings, tokens_per_group=tokens_per_group)
   active_non_embedding = counts["active_per_token"] - counts["embedding"]
   output_projection = d_model * vocab_size
   attention_forward = (2 if causal else 4) * num_layers * seq_len * num_heads * head_dim
@@ -160,42 +161,31 @@ COMPONENTS = ("embedding", "attention", "router", "experts", "shared_experts",
 def tokens_per_group(moe: Mapping[str, Any], *, seq_len: int,
                      batch_size: Optional[int] = None) -> int:
   """S, the tokens of one routing group (see `MoELayer`, group_size/group_by)."""
-  if moe.get("group_size") is not None:
-    return moe["group_size"]
-  if moe.get("group_by", "sequence") == "batch":
+  moe = MoEConfig.from_mapping(moe)
+  if moe.group_size is not None:
+    return moe.group_size
+  if moe.group_by == "batch":
     if batch_size is None:
       raise ValueError("group_by='batch' without group_size needs batch_size")
     return batch_size  # one group per position: the B tokens at it
   return seq_len
 
 
-def _capacity_overhead(moe: Mapping[str, Any], num_tokens: int) -> float:
+def _capacity_overhead(moe: MoEConfig, num_tokens: int) -> float:
   """Expert slots computed per slot used: the padding factor of a capacity.
 
   The gather and einsum dispatchers run every expert on all its C slots per
-  group whether filled or not. Token choice fills at most S K of E C slots:
-  overhead C E / (S K) (GShard / Switch capacity, `routing.capacity`).
-  Expert choice fills all E C slots, counted by `param_counts` as
-  capacity_factor experts per token: overhead C E / (S capacity_factor).
-  Dropless computes exactly the routed assignments: 1 (the CPU block padding
-  of the grouped matmul is not counted).
+  group whether filled or not: overhead C E / (S k), k the router's experts
+  per token (token choice: K, GShard / Switch capacity; expert choice and
+  Soft MoE: capacity_factor, all E C slots filled). Dropless computes exactly
+  the routed assignments: 1 (the CPU block padding of the grouped matmul is
+  not counted).
   """
-  granularity = moe.get("granularity", 1)
-  num_experts = moe["num_experts"] * granularity
-  capacity_factor = moe.get("capacity_factor", 1.25)
-  min_capacity = moe.get("min_capacity", 1)
-  if moe.get("router", "topk") == EXPERT_CHOICE:
-    capacity = capacity_lib.expert_choice_capacity(
-        num_tokens=num_tokens, num_experts=num_experts,
-        capacity_factor=capacity_factor, min_capacity=min_capacity)
-    return capacity * num_experts / (num_tokens * capacity_factor)
-  if capacity_lib.is_dropless(capacity_factor):
+  cls = routing_lib.get_router(moe.router)
+  if capacity_lib.is_dropless(moe.capacity_factor):
     return 1.0
-  top_k = moe["top_k"] * granularity
-  capacity = capacity_lib.token_choice_capacity(
-      num_tokens=num_tokens, num_experts=num_experts, top_k=top_k,
-      capacity_factor=capacity_factor, min_capacity=min_capacity)
-  return capacity * num_experts / (num_tokens * top_k)
+  capacity = cls.capacity(moe, num_tokens, moe.capacity_factor)
+  return capacity * moe.experts / (num_tokens * cls.experts_per_token(moe))
 
 
 def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
@@ -227,9 +217,10 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
       computes; total_with_padding = total + capacity_padding.
   """
   head_dim = _checked_head_dim(d_model, num_heads, head_dim, seq_len)
+  moe = MoEConfig.from_mapping(moe)
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
-                          first_dense_layers=first_dense_layers,
-                          router=moe.get("router", "topk"))
+                          first_dense_layers=first_dense_layers, router=moe.router)
+  num_tokens = tokens_per_group(moe, seq_len=seq_len, batch_size=batch_size)
   params = dict.fromkeys(COMPONENTS, 0.0)
   active = dict.fromkeys(COMPONENTS, 0.0)
   params["embedding"] = active["embedding"] = vocab_size * d_model
@@ -238,23 +229,20 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   params["attention"] = active["attention"] = 4 * d_model * num_heads * head_dim * num_layers
   padding = 0.0
   for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe, is_moe)
-    granularity = moe.get("granularity", 1)
-    shared = (_kernels_per_mlp(moe.get("activation", "gelu")) * d_model
-              * moe.get("num_shared_experts", 0) * (moe["expert_hidden"] // granularity))
+    ffn = _ffn_counts(d_model, moe, is_moe, num_tokens)
+    shared = _kernels_per_mlp(moe.activation) * d_model * moe.num_shared_experts * moe.hidden
     params["shared_experts"] += shared
     active["shared_experts"] += shared
     if not is_moe:
       params["dense_ffn"] += ffn["total"] - shared
       active["dense_ffn"] += ffn["active"] - shared
       continue
-    router = d_model * moe["num_experts"] * granularity
+    router = ffn["router"]
     params["router"] += router
     active["router"] += router
     params["experts"] += ffn["expert"]
     routed_active = ffn["active"] - router - shared
     active["experts"] += routed_active
-    num_tokens = tokens_per_group(moe, seq_len=seq_len, batch_size=batch_size)
     padding += 6 * routed_active * (_capacity_overhead(moe, num_tokens) - 1)
   params = {name: int(value) for name, value in params.items()}
   vocabulary = ("embedding", "output")
@@ -309,11 +297,11 @@ def counts_from_config(config, vocab_size: Optional[int] = None) -> dict[str, fl
       moe=moe, seq_len=config.train.seq_len, batch_size=config.train.batch_size,
       moe_every=model.moe_every, first_dense_layers=model.first_dense_layers,
       tie_embeddings=model.tie_embeddings)
-  granularity = moe.get("granularity", 1)
-  routed = moe["router"] != "dense"
-  counts = {"num_experts": moe["num_experts"] * granularity if routed else 0,
-            "top_k": moe["top_k"] * granularity if routed else 0,
-            "granularity": granularity}
+  cfg = MoEConfig.from_mapping(moe)
+  routed = routing_lib.get_router(cfg.router).routed
+  counts = {"num_experts": cfg.experts if routed else 0,
+            "top_k": cfg.k if routed else 0,
+            "granularity": cfg.granularity}
   counts.update({f"params_{name}": value for name, value in parts["params"].items()})
   counts.update({f"flops_{name}": value for name, value in parts["flops"].items()
                  if name != "total"})

@@ -6,36 +6,26 @@ config before anything is built or compiled and raises `ValueError` naming the
 offending key.
 """
 
+import dataclasses
 import difflib
 
 import ml_collections
 
 from moejax import data
+from moejax.routing import MoEConfig
 
 
 def moe_config() -> ml_collections.ConfigDict:
-  """The keys of `MoELayer` (see moejax/nn/moe_layer.py)."""
+  """The keys of `config.model.moe`: the fields of `routing.MoEConfig`, with
+  its defaults (documented there and in the README config table)."""
   moe = ml_collections.ConfigDict()
-  moe.num_experts = 8
-  moe.top_k = 2
-  moe.expert_hidden = 256
-  moe.router = "topk"              # switch | topk | expert_choice | dense
-  moe.capacity_factor = 1.25       # 0 = dropless (token choice)
-  moe.eval_capacity_factor = ml_collections.config_dict.placeholder(float)  # None = capacity_factor
-  moe.min_capacity = 1
-  moe.group_size = ml_collections.config_dict.placeholder(int)  # None = one group per sequence
-  moe.group_by = "sequence"        # sequence | batch (causal routing for expert choice)
-  moe.dispatch = "gather"          # gather | einsum | dropless
-  moe.dropless_exchange = "auto"   # auto | ragged | padded | ragged_reference (expert parallel)
-  moe.activation = "gelu"          # gelu | swiglu
-  moe.num_shared_experts = 0
-  moe.granularity = 1
-  moe.batch_prioritized = False
-  moe.renormalize = ml_collections.config_dict.placeholder(bool)  # None = on for top_k > 1
-  moe.jitter = 0.0
-  moe.noise_std = 0.0
-  moe.aux_loss_weight = 1e-2
-  moe.z_loss_weight = 1e-3
+  for field in dataclasses.fields(MoEConfig):
+    default = field.default
+    if default is None:  # Optional fields: a typed placeholder, so a flag can set them
+      kind = {"eval_capacity_factor": float, "group_size": int,
+              "renormalize": bool}[field.name]
+      default = ml_collections.config_dict.placeholder(kind)
+    moe[field.name] = default
   return moe
 
 

@@ -5,11 +5,15 @@ resumed run computes exactly what an uninterrupted one does.
 """
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+
+from moejax.train import routing_report
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -20,22 +24,60 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
+# Per-layer routing scalars logged as train/layer{i}/<name> (when reported).
+LAYER_SCALARS = ("max_violation", "dropped_fraction", "router_entropy",
+                 "unrouted_fraction", "bias_norm")
+
+
+def trainable(params: nnx.State) -> nnx.State:
+  """The parameters the optimizer trains (`nnx.Param`), without router state
+  updated outside it (`routing.RouterState`)."""
+  return nnx.split_state(params, nnx.Param, ...)[0]
+
+
+def padding_mask(batch) -> jax.Array:
+  """<bool>[B, L] real positions: those whose target counts in the loss."""
+  return batch["weights"] > 0
+
+
 def _scalar_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   zero = jnp.zeros((), jnp.float32)
-  return {"train/aux_loss": aux.get("aux_loss", zero),
-          "train/z_loss": aux.get("z_loss", zero),
-          "train/dropped_fraction": aux.get("dropped_fraction", zero),
-          "train/expert_load_max_over_mean": aux.get("load_max_over_mean", zero),
-          "train/router_entropy": aux.get("router_entropy", zero)}
+  out = {"train/aux_loss": aux.get("aux_loss", zero),
+         "train/z_loss": aux.get("z_loss", zero),
+         "train/dropped_fraction": aux.get("dropped_fraction", zero),
+         "train/expert_load_max_over_mean": aux.get("load_max_over_mean", zero),
+         "train/router_entropy": aux.get("router_entropy", zero)}
+  for name in ("max_violation", "unrouted_fraction", "bias_norm"):
+    if name in aux:
+      out[f"train/{name}"] = aux[name]
+  for index, layer in aux.get("layers", {}).items():
+    for name in LAYER_SCALARS:
+      if name in layer:
+        out[f"train/layer{index}/{name}"] = layer[name]
+  return out
+
+
+def layer_loads(aux: dict[str, jax.Array]) -> jax.Array:
+  """<float32>[MoE layers, E] expert load of each MoE layer ([0, 0] if none)."""
+  loads = [layer["expert_load"] for layer in aux.get("layers", {}).values()
+           if "expert_load" in layer]
+  if not loads:
+    return jnp.zeros((0, 0), jnp.float32)
+  return jnp.stack(loads).astype(jnp.float32)
 
 
 def _loss_and_grads(graphdef, params, batch, rng):
-  def loss_fn(params):
-    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], deterministic=False, rng=rng)
+  weights, fixed = nnx.split_state(params, nnx.Param, ...)
+
+  def loss_fn(weights):
+    model = nnx.merge(graphdef, weights, fixed)
+    logits, aux = model(batch["inputs"], deterministic=False, rng=rng,
+                        mask=padding_mask(batch))
     total_ce, count = cross_entropy(logits, batch["targets"], batch["weights"])
     ce = total_ce / jnp.maximum(count, 1.0)
     return ce + aux["weighted_loss"], (ce, aux)
-  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(weights)
+  return (total, (ce, aux)), grads, weights, fixed
 
 
 def _all_finite(tree) -> jax.Array:
@@ -44,20 +86,34 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+# The metrics entry holding <float32>[MoE layers, E] loads (not a scalar).
+LOADS_KEY = "routing/expert_load"
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, seed: int):
-  """A jitted (params, opt_state, batch, step) -> (params, opt_state, metrics, finite)."""
+  """A jitted (params, opt_state, batch, step) -> (params, opt_state, metrics, finite).
+
+  `params` is the model's whole state (what checkpoints hold); the optimizer
+  sees only its `nnx.Param`s (`trainable`). metrics[LOADS_KEY] is the
+  per-layer expert load, the rest are scalars."""
   base_key = jax.random.key(seed)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    (total, (ce, aux)), grads = _loss_and_grads(graphdef, params, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(graphdef, params, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, weights)
+    weights = optax.apply_updates(weights, updates)
+    # Router state outside the optimizer (e.g. the balancing bias) moves
+    # after the step, from this step's routing.
+    model = nnx.merge(graphdef, weights, fixed)
+    model.after_step(aux)
+    params = nnx.state(model)
     grad_norm = optax.tree.norm(grads)
     metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": grad_norm,
-               "train/learning_rate": schedule(step), **_scalar_aux(aux)}
+               "train/learning_rate": schedule(step), **_scalar_aux(aux),
+               LOADS_KEY: layer_loads(aux)}
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     return params, opt_state, metrics, finite
 
@@ -81,26 +137,52 @@ def make_health_check(graphdef, seed: int):
   @jax.jit
   def health_check(params, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    (total, _), grads = _loss_and_grads(graphdef, params, batch, rng)
+    (total, _), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng)
     return (_all_finite(params) & _all_finite(opt_state) & jnp.isfinite(total)
             & jnp.isfinite(optax.tree.norm(grads)))
 
   return health_check
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, num_domains: int = 0):
+  """A jitted (params, batch) -> (loss sum, target count, loads, joint).
+
+  loads: <float32>[MoE layers, E] expert load; joint: <float32>[MoE layers,
+  num_domains, E] counts of (domain, first expert) over real tokens when the
+  batch has a "domain" field and num_domains > 0, else [MoE layers, 0, E]."""
   @jax.jit
   def eval_step(params, batch):
-    logits, _ = nnx.merge(graphdef, params)(batch["inputs"])
-    return cross_entropy(logits, batch["targets"], batch["weights"])
+    mask = padding_mask(batch)
+    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], mask=mask)
+    total, count = cross_entropy(logits, batch["targets"], batch["weights"])
+    loads = layer_loads(aux)
+    joints = []
+    for layer in aux.get("layers", {}).values():
+      if num_domains and "domain" in batch:
+        joints.append(routing_report.joint_counts(
+            batch["domain"], layer["first_expert"], num_domains, loads.shape[-1], mask))
+      else:
+        joints.append(jnp.zeros((0, loads.shape[-1]), jnp.float32))
+    joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)
+    return total, count, loads, joint
   return eval_step
 
 
-def evaluate(eval_step, params, batches) -> float:
-  """Mean cross-entropy (nats per target token) over the held-out batches."""
-  total, count = 0.0, 0.0
+def evaluate(eval_step, params, batches) -> dict[str, Any]:
+  """Held-out loss and routing over the eval batches.
+
+  Returns:
+    loss: mean cross-entropy (nats per target token).
+    expert_load: <float64>[MoE layers, E] mean load over the batches.
+    joint: <float64>[MoE layers, domains, E] summed (domain, expert) counts.
+  """
+  total, count, loads, joint = 0.0, 0.0, 0.0, 0.0
   for batch in batches:
-    batch_total, batch_count = eval_step(params, batch)
+    batch_total, batch_count, batch_loads, batch_joint = eval_step(params, batch)
     total += float(batch_total)
     count += float(batch_count)
-  return total / max(count, 1.0)
+    loads = loads + np.asarray(batch_loads, np.float64)
+    joint = joint + np.asarray(batch_joint, np.float64)
+  return {"loss": total / max(count, 1.0),
+          "expert_load": np.asarray(loads) / max(len(batches), 1),
+          "joint": np.asarray(joint)}

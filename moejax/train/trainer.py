@@ -35,6 +35,7 @@ from flax import nnx
 
 from moejax import data as data_lib
 from moejax import parallel
+from moejax import routing
 from moejax.nn import TransformerLM
 from moejax.scaling import accounting
 from moejax.train import checkpoints
@@ -44,6 +45,7 @@ from moejax.train import lock as lock_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optim
 from moejax.train import resume
+from moejax.train import routing_report
 from moejax.train import signals as signals_lib
 from moejax.train import steps as steps_lib
 
@@ -73,10 +75,13 @@ def model_kwargs(config: ml_collections.ConfigDict, vocab_size: int) -> dict[str
   """The architecture keywords shared by `TransformerLM` and the accounting."""
   model = config.model
   head_dim = model.head_dim or model.d_model // model.num_heads
+  moe = model.moe.to_dict()
   return dict(vocab_size=vocab_size, num_layers=model.num_layers, d_model=model.d_model,
-              num_heads=model.num_heads, head_dim=head_dim, moe=model.moe.to_dict(),
+              num_heads=model.num_heads, head_dim=head_dim, moe=moe,
               moe_every=model.moe_every, first_dense_layers=model.first_dense_layers,
-              tie_embeddings=model.tie_embeddings)
+              tie_embeddings=model.tie_embeddings,
+              tokens_per_group=accounting.tokens_per_group(
+                  moe, seq_len=config.train.seq_len, batch_size=config.train.batch_size))
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int,
@@ -101,7 +106,7 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   """The device mesh of `config.mesh`, validated against the devices and the
   model (experts, heads and hidden widths must divide over their axes)."""
   moe, model = config.model.moe, config.model
-  routed = moe.router != "dense"
+  routed = routing.get_router(moe.router).routed
   sizes = parallel.validate_mesh_config(
       config.mesh, num_devices=jax.device_count(),
       num_experts=moe.num_experts * moe.granularity if routed else None,
@@ -127,7 +132,8 @@ def init_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
       nnx.eval_shape(lambda: build_model(config, vocab_size, nnx.Rngs(config.seed))))
   shardings = parallel.param_shardings(abstract_params, mesh)
   params = jax.jit(init_params, out_shardings=shardings)()
-  opt_state = jax.jit(tx.init)(params)
+  # Router state (a balancing bias) is updated outside the optimizer.
+  opt_state = jax.jit(lambda p: tx.init(steps_lib.trainable(p)))(params)
   return graphdef, params, opt_state
 
 
@@ -344,7 +350,12 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
   train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
   health_check = steps_lib.make_health_check(graphdef, config.seed)
-  eval_step = steps_lib.make_eval_step(graphdef)
+  num_domains = (dataset.info.get("num_domains", 0) if isinstance(dataset.info, dict)
+                 else 0)
+  eval_step = steps_lib.make_eval_step(graphdef, num_domains)
+  moe_layers = [i for i, is_moe in enumerate(
+      nn_layer_flags(config)) if is_moe]
+  window_loads = None  # per-layer expert load summed over the logging window
   batch_sharding = parallel.batch_sharding(mesh)
   eval_batches = [global_batch(b, batch_sharding)
                   for b in dataset.eval_batches(train.eval_batches)]
@@ -366,6 +377,8 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
         batch = global_batch(next(iterator), batch_sharding)
         params, opt_state, metrics, finite = train_step(params, opt_state, batch,
                                                         jnp.asarray(step, jnp.int32))
+        loads = metrics.pop(steps_lib.LOADS_KEY)
+        window_loads = loads if window_loads is None else window_loads + loads
         ok = ok & finite
         done = step + 1
         if timer_start is None:  # exclude compilation from throughput
@@ -380,6 +393,8 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
             raise _non_finite(f"non-finite loss or gradient at or before step {done} "
                               f"(train/loss={float(metrics['train/loss'])})", last_saved)
           scalars = dict(metrics)
+          scalars.update(_dead_experts(window_loads, moe_layers))
+          window_loads = None
           jax.block_until_ready(scalars)
           elapsed = time.perf_counter() - timer_start
           if done > timer_step and elapsed > 0:
@@ -392,14 +407,15 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
           if dataset.entropy_floor is not None:
             scalars["data/entropy_floor"] = dataset.entropy_floor
           if done % train.eval_every == 0 or last:
-            scalars["eval/loss"] = steps_lib.evaluate(eval_step, params, eval_batches)
+            scalars.update(_eval_record(eval_step, params, eval_batches, moe_layers,
+                                        workdir, done, is_main))
           record = writer.write(done, scalars)
           console.log(done, record, seconds_per_step)
           if "eval/loss" in record:
             console.eval(done, record["eval/loss"])
         elif done % train.eval_every == 0:
-          record = writer.write(
-              done, {"eval/loss": steps_lib.evaluate(eval_step, params, eval_batches)})
+          record = writer.write(done, _eval_record(eval_step, params, eval_batches,
+                                                   moe_layers, workdir, done, is_main))
           console.eval(done, record["eval/loss"])
 
         if done % train.checkpoint_every == 0 or last or stop.received:
@@ -424,6 +440,48 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
   finally:
     writer.close()
   return _finish(stop, done, record, workdir, train, console)
+
+
+def nn_layer_flags(config) -> tuple[bool, ...]:
+  """Which Transformer layers of the config are MoE layers."""
+  from moejax.nn import moe_layer_flags  # pylint: disable=g-import-not-at-top
+  return moe_layer_flags(num_layers=config.model.num_layers,
+                         moe_every=config.model.moe_every,
+                         first_dense_layers=config.model.first_dense_layers,
+                         router=config.model.moe.router)
+
+
+def _dead_experts(window_loads, moe_layers: list[int]) -> dict[str, float]:
+  """train/layer{i}/dead_experts: experts with zero load over the window."""
+  if window_loads is None or not moe_layers:
+    return {}
+  loads = np.asarray(window_loads)
+  return {f"train/layer{i}/dead_experts": float(routing_report.dead_experts(load))
+          for i, load in zip(moe_layers, loads)}
+
+
+def _eval_record(eval_step, params, eval_batches, moe_layers, workdir, step,
+                 is_main) -> dict[str, float]:
+  """eval/loss, the per-layer load heatmap (plots/ and TensorBoard) and, with
+  domain labels, eval/expert_domain_mi (bits; mean and per layer)."""
+  result = steps_lib.evaluate(eval_step, params, eval_batches)
+  record = {"eval/loss": result["loss"]}
+  loads = result["expert_load"]
+  if moe_layers and np.size(loads):
+    for i, load in zip(moe_layers, loads):
+      record[f"eval/layer{i}/max_violation"] = float(routing_report.max_violation(load))
+    if is_main:
+      path = os.path.join(workdir, "plots", f"expert_load_step{step}.png")
+      routing_report.save_load_heatmap(path, loads, moe_layers, step)
+      routing_report.write_heatmap_image(os.path.join(workdir, "tensorboard", "routing"),
+                                         "eval/expert_load", path, step)
+  joint = result["joint"]
+  if moe_layers and np.ndim(joint) == 3 and joint.shape[1] > 0:
+    values = [routing_report.mutual_information_bits(j) for j in joint]
+    for i, value in zip(moe_layers, values):
+      record[f"eval/layer{i}/expert_domain_mi"] = value
+    record["eval/expert_domain_mi"] = float(np.mean(values))
+  return record
 
 
 def _finish(stop, done, record, workdir, train, console) -> dict[str, float]:

@@ -1,0 +1,202 @@
+"""`MoEConfig`: the one typed definition of an MoE layer's options and defaults.
+
+`config.model.moe` (an ml_collections ConfigDict) is generated from this
+dataclass (`moejax.train.config.moe_config`), the MoE layer, the Transformer,
+the accounting and `routing.route` all read their options from it, so each
+default is written here once. Router-specific checks live with the router
+(`routing.routers`); the checks here are those every router shares.
+
+Letters: E experts, K choices per token, H expert hidden width, S tokens per
+routing group.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional
+
+GROUP_BY = ("sequence", "batch")
+SCORE_FNS = ("softmax", "softmax_topk", "sigmoid")
+AUX_LOSS_TYPES = ("switch", "sequence", "global_batch", "importance", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Options of one MoE layer (the keys of `config.model.moe`).
+
+  Attributes:
+    num_experts: routed experts before `granularity`.
+    top_k: experts per token before `granularity` (token-choice routers).
+    expert_hidden: H of one expert before `granularity`.
+    router: a name in `routing.ROUTERS` ("dense" = the dense FFN baseline).
+    capacity_factor: slots per expert relative to an even split (token
+      choice: C = ceil(f K S / E); expert choice: tokens per expert f S / E;
+      Soft MoE: slots per expert f S / E); 0 = dropless (token choice).
+    eval_capacity_factor: the factor at evaluation; None = capacity_factor.
+    min_capacity: lower bound on the slots per expert per group.
+    capacity_rounding: capacity rounded up to a multiple of this (vmoe's
+      `multiple_of`); 1 = no rounding.
+    group_size: tokens per routing group; None = one group per sequence
+      (group_by="sequence") or per position (group_by="batch").
+    group_by: "sequence" (groups of consecutive tokens) or "batch" (groups of
+      the tokens at one position: causal in time).
+    dispatch: a name in `dispatch.DISPATCHERS` the router supports, or "auto"
+      (the router's first: "gather" for sparse routers, "einsum" for Soft MoE).
+    dropless_exchange: how dropless rows cross the expert mesh axis.
+    activation: "gelu" or "swiglu".
+    num_shared_experts: always-active experts (DeepSeekMoE).
+    granularity: fine-grained split of each expert (Krajewski et al. 2024).
+    batch_prioritized: serve slots by descending top-1 score (V-MoE BPR).
+    renormalize: renormalize the K weights of a token; None = on for K > 1.
+    score_fn: "softmax" (select on float32 probabilities, as vmoe and
+      flaxformer), "softmax_topk" (Mixtral: select on logits, softmax over the
+      K selected), "sigmoid" (DeepSeek-V3).
+    routed_scaling_factor: routed weights are multiplied by it (DeepSeek-V3).
+    num_groups, top_groups: group-limited routing (DeepSeek-V3): experts in
+      num_groups contiguous groups, only the top_groups best are eligible.
+    jitter: multiplicative jitter on the router input (Switch).
+    noise_std: Gaussian noise on the router logits (noisy top-k).
+    aux_loss_type: one of AUX_LOSS_TYPES (see `routing.balancing`).
+    aux_loss_weight, z_loss_weight: weights of the router losses.
+    bias_update_rate: u of auxiliary-loss-free balancing (Wang et al. 2024);
+      0 = off. The bias moves by u * sign(mean load - load) after each step.
+    expert_dropout: dropout rate on the hidden units of the routed experts
+      in training (Switch Transformer §2.4).
+    sinkhorn_iterations: Sinkhorn rounds of router="sinkhorn".
+    hash_seed: seed of router="hash"'s token-id -> expert map.
+  """
+
+  num_experts: int = 8
+  top_k: int = 2
+  expert_hidden: int = 256
+  router: str = "topk"
+  capacity_factor: float = 1.25
+  eval_capacity_factor: Optional[float] = None
+  min_capacity: int = 1
+  capacity_rounding: int = 1
+  group_size: Optional[int] = None
+  group_by: str = "sequence"
+  dispatch: str = "auto"
+  dropless_exchange: str = "auto"
+  activation: str = "gelu"
+  num_shared_experts: int = 0
+  granularity: int = 1
+  batch_prioritized: bool = False
+  renormalize: Optional[bool] = None
+  score_fn: str = "softmax"
+  routed_scaling_factor: float = 1.0
+  num_groups: int = 1
+  top_groups: int = 1
+  jitter: float = 0.0
+  noise_std: float = 0.0
+  aux_loss_type: str = "switch"
+  aux_loss_weight: float = 1e-2
+  z_loss_weight: float = 1e-3
+  bias_update_rate: float = 0.0
+  expert_dropout: float = 0.0
+  sinkhorn_iterations: int = 8
+  hash_seed: int = 0
+
+  @classmethod
+  def from_mapping(cls, options: Mapping[str, Any]) -> "MoEConfig":
+    """A config from `config.model.moe` (or any mapping of its keys)."""
+    if isinstance(options, MoEConfig):
+      return options
+    options = dict(options.items()) if hasattr(options, "items") else dict(options)
+    unknown = sorted(set(options) - set(field_names()))
+    if unknown:
+      raise ValueError(f"unknown MoE option(s) {unknown}; valid options: {field_names()}")
+    return cls(**options)
+
+  @property
+  def experts(self) -> int:
+    """E: routed experts after the fine-grained split."""
+    return self.num_experts * self.granularity
+
+  @property
+  def k(self) -> int:
+    """K: experts per token after the fine-grained split."""
+    return self.top_k * self.granularity
+
+  @property
+  def hidden(self) -> int:
+    """H of one (fine-grained) expert."""
+    return self.expert_hidden // self.granularity
+
+  @property
+  def renormalize_weights(self) -> bool:
+    # Renormalizing one weight would always give 1.0; Switch keeps the raw
+    # probability for K = 1, so the default is on only for K > 1. Mixtral's
+    # softmax over the K selected logits is normalized by construction.
+    if self.score_fn == "softmax_topk":
+      return True
+    return self.k > 1 if self.renormalize is None else self.renormalize
+
+  def dense(self) -> "MoEConfig":
+    """The same options for a dense FFN layer."""
+    return dataclasses.replace(self, router="dense")
+
+  def with_capacity_factor(self, capacity_factor: float) -> "MoEConfig":
+    return dataclasses.replace(self, capacity_factor=capacity_factor)
+
+
+def field_names() -> list[str]:
+  return [f.name for f in dataclasses.fields(MoEConfig)]
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
+def validate_common(cfg: MoEConfig) -> None:
+  """The checks every router shares; ValueError naming the option."""
+  for name in ("num_experts", "top_k", "expert_hidden", "granularity", "min_capacity",
+               "capacity_rounding", "num_groups", "top_groups", "sinkhorn_iterations"):
+    value = getattr(cfg, name)
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if cfg.group_size is not None and (not _is_int(cfg.group_size) or cfg.group_size < 1):
+    raise ValueError(f"group_size must be a positive integer or None, got {cfg.group_size!r}")
+  if not _is_int(cfg.num_shared_experts) or cfg.num_shared_experts < 0:
+    raise ValueError(f"num_shared_experts must be an integer >= 0, got "
+                     f"{cfg.num_shared_experts!r}")
+  if not _is_int(cfg.hash_seed):
+    raise ValueError(f"hash_seed must be an integer, got {cfg.hash_seed!r}")
+  if cfg.expert_hidden % cfg.granularity:
+    raise ValueError(f"expert_hidden={cfg.expert_hidden} is not divisible by "
+                     f"granularity={cfg.granularity}")
+  if cfg.group_by not in GROUP_BY:
+    raise ValueError(f"unknown group_by {cfg.group_by!r}; valid values: {list(GROUP_BY)}")
+  if cfg.score_fn not in SCORE_FNS:
+    raise ValueError(f"unknown score_fn {cfg.score_fn!r}; valid values: {list(SCORE_FNS)}")
+  if cfg.aux_loss_type not in AUX_LOSS_TYPES:
+    raise ValueError(f"unknown aux_loss_type {cfg.aux_loss_type!r}; valid values: "
+                     f"{list(AUX_LOSS_TYPES)}")
+  for name in ("capacity_factor", "eval_capacity_factor"):
+    factor = getattr(cfg, name)
+    if factor is None and name == "eval_capacity_factor":
+      continue
+    if not _is_number(factor) or factor < 0:
+      raise ValueError(f"{name} must be a finite number >= 0 (0 = dropless), got {factor!r}")
+  for name in ("jitter", "noise_std", "aux_loss_weight", "z_loss_weight",
+               "bias_update_rate", "expert_dropout"):
+    value = getattr(cfg, name)
+    if not _is_number(value) or value < 0:
+      raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+  if cfg.jitter >= 1:
+    raise ValueError(f"jitter must be < 1 (it scales by U(1-jitter, 1+jitter)), "
+                     f"got {cfg.jitter}")
+  if cfg.expert_dropout >= 1:
+    raise ValueError(f"expert_dropout must be in [0, 1), got {cfg.expert_dropout}")
+  if not _is_number(cfg.routed_scaling_factor) or cfg.routed_scaling_factor <= 0:
+    raise ValueError(f"routed_scaling_factor must be a finite number > 0, got "
+                     f"{cfg.routed_scaling_factor!r}")
+  if cfg.renormalize is not None and not isinstance(cfg.renormalize, bool):
+    raise ValueError(f"renormalize must be true, false or None, got {cfg.renormalize!r}")
+  if cfg.score_fn == "softmax_topk" and cfg.renormalize is False:
+    raise ValueError("score_fn='softmax_topk' (Mixtral) normalizes over the K selected "
+                     "experts by construction; renormalize=False contradicts it")
