@@ -22,9 +22,9 @@ def _x(batch=2, length=12, seed=0):
 def _reference(layer: MoELayer, x, group_size, **route_kwargs):
   """Routes with `route` and runs every expert on every token (gelu experts)."""
   tokens = x.reshape(-1, D_MODEL)
-  logits = (tokens @ layer.router_kernel[...]).reshape(-1, group_size, layer.num_experts)
-  routing = routing_lib.route(logits, router=layer.router, top_k=layer.top_k,
-                              capacity_factor=layer.capacity_factor, **route_kwargs)
+  logits = (tokens @ layer.router.kernel[...]).reshape(-1, group_size, layer.num_experts)
+  routing = routing_lib.route(logits, router=layer.cfg.router, top_k=layer.top_k,
+                              capacity_factor=layer.cfg.capacity_factor, **route_kwargs)
   wi, wo = layer.experts.wi[...], layer.experts.wo[...]
   hidden = jax.nn.gelu(jnp.einsum("td,edh->teh", tokens, wi))
   outputs = jnp.einsum("teh,ehd->ted", hidden, wo)  # every expert on every token
@@ -90,7 +90,7 @@ def test_bfloat16_activations_keep_a_float32_router():
                 capacity_factor=1.0)
   layer32 = MoELayer(rngs=nnx.Rngs(1), **kwargs)
   layer16 = MoELayer(dtype=jnp.bfloat16, rngs=nnx.Rngs(1), **kwargs)
-  assert layer16.router_kernel[...].dtype == jnp.float32
+  assert layer16.router.kernel[...].dtype == jnp.float32
   assert layer16.experts.wi[...].dtype == jnp.float32  # float32 master weights
   x = _x(batch=4, length=32)
   y32, aux32 = layer32(x)
@@ -172,7 +172,8 @@ def test_router_jitter_only_in_training():
     (dict(capacity_factor=float("inf")), ["capacity_factor"]),
     (dict(dispatch="dropless", capacity_factor=1.25), ["dropless", "capacity_factor"]),
     (dict(router="expert_choice", capacity_factor=0.0), ["capacity_factor"]),
-    (dict(router="hash"), ["hash", "topk", "switch", "expert_choice", "dense"]),
+    (dict(router="no_such_router"), ["no_such_router", "topk", "switch", "expert_choice",
+                                     "dense", "soft_moe", "hash"]),
     (dict(dispatch="scatter"), ["scatter", "gather", "einsum", "dropless"]),
     (dict(activation="relu"), ["relu", "gelu", "swiglu"]),
     (dict(granularity=3), ["expert_hidden", "granularity"]),

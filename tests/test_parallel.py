@@ -159,7 +159,7 @@ def test_param_logical_axes_cover_transformer(variant):
   assert by_suffix("['embed']['embedding']") == {("vocab", "embed")}
   if variant != "all_dense_swiglu":
     assert by_suffix("['experts']['wo']") == {("expert", "mlp", "embed")}
-    assert by_suffix("['router_kernel']") == {("embed", "router")}
+    assert by_suffix("['router']['kernel']") == {("embed", "router")}
   assert by_suffix("['ffn']['wo']") == (
       set() if variant in ("gelu_tied", "swiglu_shared_untied") else {("mlp", "embed")})
   if variant == "swiglu_shared_untied":

@@ -194,7 +194,7 @@ def test_top2_second_choices_depend_on_later_first_choices():
   """
   layer = _layer(top_k=2, capacity_factor=0.5)
   kernel = jnp.zeros((D_MODEL, 4)).at[jnp.arange(4), jnp.arange(4)].set(3.0)
-  layer.router_kernel[...] = kernel
+  layer.router.kernel[...] = kernel
   head = jnp.array([[1.0, 0.7, 0, 0], [0, 0, 1.0, 0.7], [0, 0, 1.0, 0.7]])
   token3_a = jnp.array([[0, 0, 0.7, 1.0]])
   token3_b = jnp.array([[0, 1.0, 0.7, 0]])
@@ -229,7 +229,7 @@ def test_model_builds_the_layout():
   assert model.moe_layers == (False, False, True, False, True)
   for layer, is_moe in zip(model.layers, model.moe_layers):
     assert layer.is_moe == is_moe
-    assert (layer.ffn.router == "topk") == is_moe
+    assert (layer.ffn.cfg.router == "topk") == is_moe
     if not is_moe:  # dense FFN with the active hidden width top_k * expert_hidden
       assert layer.ffn.ffn.wi[...].shape == (D_MODEL, 2 * 8)
 
@@ -366,7 +366,7 @@ def test_jit_and_grad_with_router_noise():
   assert np.isfinite(loss) and abs(float(loss) - np.log(VOCAB)) < 1.0
   assert float(loss) != float(loss_other_rng)  # the noise reaches the routers
   for path in (("embed", "embedding"), ("layers", 0, "attention", "qkv"),
-               ("layers", 1, "ffn", "router_kernel"), ("layers", 1, "ffn", "experts", "wo")):
+               ("layers", 1, "ffn", "router", "kernel"), ("layers", 1, "ffn", "experts", "wo")):
     grad = grads
     for key in path:
       grad = grad[key]

@@ -23,6 +23,7 @@ from flax import nnx
 
 from moejax import dispatch as dispatch_lib
 from moejax import routing as routing_lib
+from moejax.nn.attention import explicit_spec
 from moejax.nn.experts import MLP, DropoutExperts, Experts, _hidden_activation
 from moejax.parallel import expert_parallel
 from moejax.routing import MoEConfig, RouteContext
@@ -217,7 +218,11 @@ class MoELayer(nnx.Module):
         expert_dropout=cfg.expert_dropout)
     aux["weighted_loss"] = (self.aux_loss_weight * aux["aux_loss"]
                             + self.z_loss_weight * aux["z_loss"])
-    aux["first_expert"] = self._from_groups(aux["first_expert"], batch, length, x)
+    first = aux["first_expert"]
+    if explicit_spec(first) is not None:
+      # A small int array: replicate it rather than name a layout per reshape.
+      first = jax.sharding.reshard(first, jax.sharding.PartitionSpec())
+    aux["first_expert"] = self._from_groups(first, batch, length, x)
     y = self._from_groups(y, batch, length, x)
     return y.reshape(batch * length, -1), aux
 

@@ -105,6 +105,10 @@ def _is_param(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+# Parameters of router modules (`routing.Router`, attribute `router` of a layer).
+ROUTER_STATE_PATTERN = r"(^|/)router/"
+
+
 def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
   names = "/".join(_key_name(key) for key in path)
   shape = tuple(getattr(leaf, "shape", ()))
@@ -114,6 +118,10 @@ def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
         raise ValueError(f"parameter {names!r} has shape {shape} but its rule "
                          f"{pattern!r} gives {len(axes)} axes {axes}")
       return axes
+  if re.search(ROUTER_STATE_PATTERN, names):
+    # Any other router parameter (a router registered outside moejax) is
+    # replicated: every device routes its own tokens with the whole router.
+    return (None,) * len(shape)
   raise ValueError(f"no sharding rule for parameter {names!r} with shape {shape}; "
                    "add one to moejax.parallel.rules.PARAM_AXES")
 

@@ -425,6 +425,7 @@ class ExpertChoiceRouter(LogitRouter):
   loss (aux_loss_type is not used), a token gets 0..E experts."""
 
   scoring = "softmax of x W, top-C tokens per expert"
+  dispatchers = ("gather", "einsum")  # dropless needs capacity_factor=0
 
   @classmethod
   def validate(cls, cfg: MoEConfig) -> None:

@@ -13,6 +13,10 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from moejax.nn.attention import explicit_spec
+from moejax.parallel.mesh import current_mesh
 from moejax.train import routing_report
 
 
@@ -144,6 +148,17 @@ def make_health_check(graphdef, seed: int):
   return health_check
 
 
+def _replicated(x: jax.Array) -> jax.Array:
+  """`x` on every device (small per-token arrays reduced on one device, and
+  readable by every process)."""
+  if explicit_spec(x) is not None:
+    return jax.sharding.reshard(x, PartitionSpec())
+  mesh = current_mesh()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
+
+
 def make_eval_step(graphdef, num_domains: int = 0):
   """A jitted (params, batch) -> (loss sum, target count, loads, joint).
 
@@ -155,12 +170,13 @@ def make_eval_step(graphdef, num_domains: int = 0):
     mask = padding_mask(batch)
     logits, aux = nnx.merge(graphdef, params)(batch["inputs"], mask=mask)
     total, count = cross_entropy(logits, batch["targets"], batch["weights"])
-    loads = layer_loads(aux)
+    loads = _replicated(layer_loads(aux))
     joints = []
     for layer in aux.get("layers", {}).values():
       if num_domains and "domain" in batch:
         joints.append(routing_report.joint_counts(
-            batch["domain"], layer["first_expert"], num_domains, loads.shape[-1], mask))
+            _replicated(batch["domain"]), _replicated(layer["first_expert"]), num_domains,
+            loads.shape[-1], _replicated(mask)))
       else:
         joints.append(jnp.zeros((0, loads.shape[-1]), jnp.float32))
     joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)

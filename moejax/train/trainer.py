@@ -408,14 +408,15 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
             scalars["data/entropy_floor"] = dataset.entropy_floor
           if done % train.eval_every == 0 or last:
             scalars.update(_eval_record(eval_step, params, eval_batches, moe_layers,
-                                        workdir, done, is_main))
+                                        workdir, done, is_main, num_domains))
           record = writer.write(done, scalars)
           console.log(done, record, seconds_per_step)
           if "eval/loss" in record:
             console.eval(done, record["eval/loss"])
         elif done % train.eval_every == 0:
           record = writer.write(done, _eval_record(eval_step, params, eval_batches,
-                                                   moe_layers, workdir, done, is_main))
+                                                   moe_layers, workdir, done, is_main,
+                                                   num_domains))
           console.eval(done, record["eval/loss"])
 
         if done % train.checkpoint_every == 0 or last or stop.received:
@@ -461,7 +462,7 @@ def _dead_experts(window_loads, moe_layers: list[int]) -> dict[str, float]:
 
 
 def _eval_record(eval_step, params, eval_batches, moe_layers, workdir, step,
-                 is_main) -> dict[str, float]:
+                 is_main, num_domains) -> dict[str, float]:
   """eval/loss, the per-layer load heatmap (plots/ and TensorBoard) and, with
   domain labels, eval/expert_domain_mi (bits; mean and per layer)."""
   result = steps_lib.evaluate(eval_step, params, eval_batches)
