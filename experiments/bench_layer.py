@@ -89,7 +89,7 @@ def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
   """Seconds of the gather layer's parts (see the module docstring)."""
   tokens = x.reshape(-1, x.shape[-1])
   groups = x.shape[0]
-  kernel = layer.router_kernel[...]
+  kernel = layer.router.kernel[...]
   experts_graph, expert_params = nnx.split(layer.experts)
 
   @jax.jit
@@ -97,14 +97,14 @@ def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
     def loss(kernel, tokens):
       logits = jnp.dot(tokens, kernel).reshape(groups, -1, kernel.shape[-1])
       r = routing_lib.route(logits, router="topk", top_k=layer.top_k,
-                            capacity_factor=layer.capacity_factor)
+                            capacity_factor=layer.cfg.capacity_factor)
       return jnp.sum(r.weight) + r.aux_loss + r.z_loss + sum(
           jnp.sum(v) for v in r.metrics.values())
     return jax.grad(loss, argnums=(0, 1))(kernel, tokens)
 
   capacity = routing_lib.token_choice_capacity(
       num_tokens=tokens.shape[0] // groups, num_experts=layer.num_experts,
-      top_k=layer.top_k, capacity_factor=layer.capacity_factor, min_capacity=1)
+      top_k=layer.top_k, capacity_factor=layer.cfg.capacity_factor, min_capacity=1)
   buffer = jax.random.normal(jax.random.key(1),
                              (layer.num_experts, groups * capacity, x.shape[-1]))
 

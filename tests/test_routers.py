@@ -277,6 +277,14 @@ _MULTI_DEVICE = textwrap.dedent("""
       out[name] = [float(jnp.max(jnp.abs(one - many))),
                    float(abs(aux1["aux_loss"] - aux8["aux_loss"])),
                    float(jnp.max(jnp.abs(aux1["expert_load"] - aux8["expert_load"])))]
+    # Expert dropout through the expert-parallel experts (training mode).
+    layer = MoELayer(d_model=16, num_experts=4, expert_hidden=8, router="topk", top_k=2,
+                     group_by="batch", expert_dropout=0.5, rngs=nnx.Rngs(0))
+    with parallel.activate(mesh):
+      sharding = parallel.batch_sharding(mesh)
+      y, _ = jax.jit(lambda x: layer(x, deterministic=False, rng=jax.random.key(3)))(
+          jax.device_put(x, sharding))
+    out["expert_dropout_finite"] = [0.0 if bool(jnp.all(jnp.isfinite(y))) else 1.0, 0.0, 0.0]
     print(json.dumps(out))
 """)
 
@@ -297,7 +305,7 @@ def test_every_router_on_8_devices_matches_one_device():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   diffs = json.loads(result.stdout.strip().splitlines()[-1])
-  assert set(diffs) == set(cases)
+  assert set(diffs) == set(cases) | {"expert_dropout_finite"}
   for name, (y, aux_loss, load) in diffs.items():
     assert y < 1e-5 and aux_loss < 1e-5 and load < 1e-6, (name, y, aux_loss, load)
 

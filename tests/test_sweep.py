@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from experiments import sweep
+from moejax import routing
 from moejax.nn import NonCausalRoutingWarning
 from moejax.scaling import accounting
 from moejax.train import trainer
@@ -34,10 +35,9 @@ def _built_nonembed(config) -> tuple[int, float]:
     model = nnx.eval_shape(lambda: trainer.build_model(
         config, accounting.config_vocab_size(config), nnx.Rngs(0)))
   total = active = 0.0
-  moe = config.model.moe
-  num_experts = moe.num_experts * moe.granularity
-  per_token = (moe.capacity_factor if moe.router == "expert_choice"
-               else moe.top_k * moe.granularity)
+  moe = routing.MoEConfig.from_mapping(config.model.moe.to_dict())
+  num_experts = moe.experts
+  per_token = routing.get_router(moe.router).experts_per_token(moe)
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if path[0] in ("embed", "output_kernel"):
       continue

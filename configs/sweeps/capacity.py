@@ -29,7 +29,10 @@ def get_sweep(scale: str) -> list[tuple[str, dict]]:
   """[(name, overrides)]: "cf0.5_eval1.0" ... "cf2.0_eval2.0", then "dropless"."""
   setup = scale_setup(SCALES, scale)
   shared = {**setup, **schedule(setup["train.steps"]), "model.moe.router": "switch",
-            "model.moe.num_experts": 8, "model.moe.top_k": 1}
+            "model.moe.num_experts": 8, "model.moe.top_k": 1,
+            # Groups of one sequence, as measured (top-1 in position order is
+            # causal with either grouping).
+            "model.moe.group_by": "sequence"}
   points = [(f"cf{factor}_eval{eval_factor}",
              {**shared, "model.moe.capacity_factor": factor,
               "model.moe.eval_capacity_factor": eval_factor, "model.moe.dispatch": "gather"})

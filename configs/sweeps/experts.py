@@ -24,7 +24,9 @@ NUM_EXPERTS = (2, 4, 8, 16, 32)
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
   """[(name, overrides)]: "dense", then "e2" ... "e32" (switch, top-1)."""
   setup = scale_setup(SCALES, scale)
-  shared = {**setup, **schedule(setup["train.steps"]), "model.moe.top_k": 1}
+  # Groups of one sequence, as measured (top-1 in position order is causal).
+  shared = {**setup, **schedule(setup["train.steps"]), "model.moe.top_k": 1,
+            "model.moe.group_by": "sequence"}
   points = [("dense", {**shared, "model.moe.router": "dense", "model.moe.num_experts": 1})]
   for num_experts in NUM_EXPERTS:
     points.append((f"e{num_experts}", {**shared, "model.moe.router": "switch",

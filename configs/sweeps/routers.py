@@ -1,4 +1,4 @@
-"""Routers at matched active compute: switch, top-k, expert choice, dense.
+"""Routers at matched active compute: every registered router and dense.
 
 Every point runs an FFN hidden width of 2 H per token (H = expert_hidden):
   dense          one FFN of hidden top_k * H = 2 H (the yardstick);
@@ -7,7 +7,15 @@ Every point runs an FFN hidden width of 2 H per token (H = expert_hidden):
   topk           top-2 over E experts of hidden H (GShard, Lepikhin et al. 2020);
   expert_choice  each expert takes capacity_factor * S / E tokens with
                  capacity_factor = 2, i.e. 2 experts per token on average
-                 (Zhou et al. 2022, §3.1, "EC-CF2" against top-2).
+                 (Zhou et al. 2022, §3.1, "EC-CF2" against top-2);
+  sinkhorn       top-2 selected on Sinkhorn-balanced scores in training (S-BASE);
+  hash           top-2 by a fixed hash of the token id (Roller et al. 2021);
+  soft_moe       capacity_factor = 2: 2 S / E slots per expert, i.e. 2 S slots
+                 of hidden H per group of S tokens (Puigcerver et al. 2023);
+  topk_lossfree  top-2 with auxiliary-loss-free balancing (Wang et al. 2024):
+                 bias_update_rate = 1e-3, aux_loss_type = none;
+  deepseek_v3    top-2 with sigmoid scores, the bias and a sequence-wise loss
+                 of weight 1e-4 (DeepSeek-V3's recipe at this scale).
 
     python -m experiments.sweep --sweep=configs/sweeps/routers.py:tiny \
         --workdir=/tmp/routers
@@ -36,7 +44,8 @@ _SCALES = {
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  """[(name, overrides)]: "dense", "switch", "topk", "expert_choice"."""
+  """[(name, overrides)]: "dense", "switch", "topk", "expert_choice", "sinkhorn",
+  "hash", "soft_moe", "topk_lossfree", "deepseek_v3"."""
   setup = scale_setup(_SCALES, scale)
   hidden = 2 * setup["model.d_model"]  # H
   shared = {**setup, **schedule(setup["train.steps"]), "model.moe.group_by": "batch"}
@@ -50,4 +59,19 @@ def get_sweep(scale: str) -> list[tuple[str, dict]]:
       ("expert_choice", {**shared, "model.moe.router": "expert_choice",
                          "model.moe.top_k": 2, "model.moe.capacity_factor": 2.0,
                          "model.moe.expert_hidden": hidden}),
+      ("sinkhorn", {**shared, "model.moe.router": "sinkhorn", "model.moe.top_k": 2,
+                    "model.moe.expert_hidden": hidden}),
+      ("hash", {**shared, "model.moe.router": "hash", "model.moe.top_k": 2,
+                "model.moe.expert_hidden": hidden}),
+      ("soft_moe", {**shared, "model.moe.router": "soft_moe", "model.moe.top_k": 2,
+                    "model.moe.capacity_factor": 2.0, "model.moe.expert_hidden": hidden}),
+      ("topk_lossfree", {**shared, "model.moe.router": "topk", "model.moe.top_k": 2,
+                         "model.moe.expert_hidden": hidden,
+                         "model.moe.bias_update_rate": 1e-3,
+                         "model.moe.aux_loss_type": "none"}),
+      ("deepseek_v3", {**shared, "model.moe.router": "topk", "model.moe.top_k": 2,
+                       "model.moe.expert_hidden": hidden, "model.moe.score_fn": "sigmoid",
+                       "model.moe.bias_update_rate": 1e-3,
+                       "model.moe.aux_loss_type": "sequence",
+                       "model.moe.aux_loss_weight": 1e-4}),
   ]

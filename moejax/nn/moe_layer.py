@@ -65,10 +65,12 @@ def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
   Returns:
     y <dtype>[G, S, D] and the router's `routing_aux`.
   """
-  route_rng = dropout_rng = None
-  if rng is not None:
-    route_rng, dropout_rng = jax.random.split(rng)
-  ctx = ctx._replace(rng=route_rng, token_ids=extras.get("token_ids"),
+  # The router gets the layer's key as is (its noise is what it was before
+  # expert dropout existed); dropout draws from a key folded from it.
+  dropout_rng = None
+  if rng is not None and expert_dropout > 0:
+    dropout_rng = jax.random.fold_in(rng, 1)
+  ctx = ctx._replace(rng=rng, token_ids=extras.get("token_ids"),
                      mask=extras.get("mask"), sequence=extras.get("sequence"),
                      axis_name=axis_name)
   routing = router(groups, ctx)
@@ -130,7 +132,8 @@ class MoELayer(nnx.Module):
             and not routing_lib.is_dropless(factor)):
           raise ValueError(f"dispatch='dropless' has no capacity; set {name}=0 "
                            f"(got {name}={factor})")
-      self.router = router_cls(moe, d_model=d_model, tokens_per_group=tokens_per_group,
+      self.router = router_cls(moe, d_model=d_model,
+                               tokens_per_group=tokens_per_group or moe.group_size,
                                rngs=rngs)
       self.experts = Experts(num_experts=moe.experts, d_model=d_model, hidden=moe.hidden,
                              activation=moe.activation, dtype=dtype, rngs=rngs)

@@ -100,7 +100,13 @@ def mean_over_shards(aux: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
   """
   if not axes:
     return aux
-  aux = {name: jax.lax.pmean(value, axes) for name, value in aux.items()}
+  aux = {name: (jax.lax.psum(value, axes) if name == "expert_counts"
+                else jax.lax.pmean(value, axes)) for name, value in aux.items()}
+  if "expert_counts" in aux:
+    # Shards with padding hold fewer real assignments: the global load is
+    # the load of the summed counts, not the mean of per-shard fractions.
+    counts = aux["expert_counts"]
+    aux["expert_load"] = counts / jnp.maximum(jnp.sum(counts), 1.0)
   if "expert_load" in aux and "load_max_over_mean" in aux:
     load = aux["expert_load"]
     aux["load_max_over_mean"] = jnp.max(load) * load.shape[-1]
@@ -158,15 +164,16 @@ class ShardedExperts:
   def _sum_hidden_shards(self, y: jax.Array) -> jax.Array:
     return jax.lax.psum(y, self.model_axes) if self.model_axes else y
 
-  def __call__(self, buffer: jax.Array) -> jax.Array:
-    """<dtype>[E, N, D] rows for every expert -> [E, N, D] their outputs."""
+  def __call__(self, buffer: jax.Array, hidden_fn=None) -> jax.Array:
+    """<dtype>[E, N, D] rows for every expert -> [E, N, D] their outputs
+    (`hidden_fn`, e.g. expert dropout, on the hidden activations)."""
     num_experts, num_rows, d_model = buffer.shape
     shards = self.num_shards
     local_experts = num_experts // shards
     x = self._all_to_all(buffer.reshape(shards, local_experts, num_rows, d_model))
     # [X (source), E_l, N, D] -> [E_l, X*N, D]: each local expert's rows from all sources.
     x = jnp.swapaxes(x, 0, 1).reshape(local_experts, shards * num_rows, d_model)
-    y = self._sum_hidden_shards(self.local(x))
+    y = self._sum_hidden_shards(self.local(x, hidden_fn=hidden_fn))
     y = jnp.swapaxes(y.reshape(local_experts, shards, num_rows, -1), 0, 1)
     return self._all_to_all(y).reshape(num_experts, num_rows, -1)
 
@@ -176,7 +183,8 @@ class ShardedExperts:
     bound = self.max_assignments + local_experts * (block_size - 1)
     return min(num_rows, -(-bound // block_size) * block_size)
 
-  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
+  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
+              hidden_fn=None) -> jax.Array:
     """[R, D] rows sorted by expert (`group_sizes` [E]) -> [R, D] outputs.
 
     The dropless exchange (see the module docstring): send each shard its
@@ -184,11 +192,11 @@ class ShardedExperts:
     matmul, and send the outputs back.
     """
     if self.exchange == "padded" or not self.expert_axes:
-      return self._grouped_padded(rows, group_sizes, block_size)
-    return self._grouped_ragged(rows, group_sizes, block_size)
+      return self._grouped_padded(rows, group_sizes, block_size, hidden_fn)
+    return self._grouped_ragged(rows, group_sizes, block_size, hidden_fn)
 
   def _grouped_ragged(self, rows: jax.Array, group_sizes: jax.Array,
-                      block_size: int) -> jax.Array:
+                      block_size: int, hidden_fn=None) -> jax.Array:
     """The exchange as two `ragged_all_to_all`s of one slice per expert.
 
     Slice e of this device's rows (expert e's rows, sorted layout) goes to
@@ -218,13 +226,14 @@ class ShardedExperts:
     flat = lambda a: a.reshape(-1)  # noqa: E731
     received = exchange(rows, jnp.zeros((capacity, d_model), rows.dtype), send_offsets,
                         group_sizes, flat(dest_offsets), flat(received_sizes))
-    out = self._sum_hidden_shards(self.local.grouped(received, expert_rows, block_size))
+    out = self._sum_hidden_shards(self.local.grouped(received, expert_rows, block_size,
+                                                     hidden_fn=hidden_fn))
     return exchange(out, jnp.zeros((num_rows,) + out.shape[1:], out.dtype),
                     flat(received_offsets), flat(received_sizes), flat(peer_offsets),
                     group_sizes)
 
   def _grouped_padded(self, rows: jax.Array, group_sizes: jax.Array,
-                      block_size: int) -> jax.Array:
+                      block_size: int, hidden_fn=None) -> jax.Array:
     """The padded exchange: one fixed-size block of rows per peer, compacted
     by local expert on arrival."""
     num_rows, d_model = rows.shape
@@ -252,7 +261,8 @@ class ShardedExperts:
     compact_source = _inverse(compact_dest, exchanged)
     compact = _gather_rows(received.reshape(exchanged, d_model), compact_source,
                            compact_dest)
-    out = self.local.grouped(compact, received_sizes.sum(axis=0), block_size)
+    out = self.local.grouped(compact, received_sizes.sum(axis=0), block_size,
+                             hidden_fn=hidden_fn)
     out = self._sum_hidden_shards(out)
     out = _gather_rows(out, compact_dest, compact_source)  # received layout
 

@@ -87,8 +87,9 @@ def switch_loss(scores: jax.Array, choices: jax.Array, mask: Optional[jax.Array]
   over g's real tokens. Balanced = 1.0 for every K.
 
   Which variant: f counts *choices* (sum_e f_e = 1), as in
-  `losses.load_balancing_loss`, which this equals when mask is None; GShard and
-  flaxformer count tokens instead (sum_e f_e = K, balanced = K).
+  `losses.load_balancing_loss`, which this equals when mask is None;
+  flaxformer counts tokens instead (sum_e f_e = K, K times this loss), vmoe's
+  `gshard_loss` only first choices (balanced = 1, later choices ignored).
 
   Args:
     scores: <float32>[G, S, E] per-token expert scores.

@@ -12,9 +12,12 @@ def load_balancing_loss(probs: jax.Array, expert_counts: jax.Array) -> jax.Array
   capacity drops) and P_e the mean router probability of e over the group's
   tokens. A perfectly balanced router scores 1.0 for every K.
 
-  Implementations differ by a factor of K: GShard and flaxformer count the
-  fraction of *tokens* that chose e (sum_e f_e = K, balanced = K). We divide by
-  the S*K choices so the loss weight means the same thing for every K.
+  Peers differ for K > 1. flaxformer counts the fraction of *tokens* that
+  chose e among their K (sum_e f_e = K), so its loss is K times this one
+  (balanced = K). vmoe's `gshard_loss` counts only each token's *first*
+  choice (a one-hot of the argmax) and scores 1.0 when balanced for every K,
+  but ignores the later choices. We divide by the S*K choices so the loss
+  weight means the same thing for every K and every choice counts.
 
   Args:
     probs: <float32>[G, S, E] router probabilities.

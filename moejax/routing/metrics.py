@@ -32,6 +32,8 @@ def load_metrics(expert_counts: jax.Array, kept: jax.Array,
       count in no metric.
 
   Returns:
+    expert_counts: <float32>[E] requested assignments per expert (summed, not
+      averaged, over devices under expert parallelism).
     expert_load: <float32>[E] fraction of all requested assignments per expert.
     load_max_over_mean: <float32>[] max_e load / mean_e load (1.0 = balanced).
     dropped_fraction: <float32>[] fraction of assignments that found no slot.
@@ -39,6 +41,7 @@ def load_metrics(expert_counts: jax.Array, kept: jax.Array,
   counts = jnp.sum(expert_counts, axis=0).astype(jnp.float32)
   load = counts / jnp.maximum(jnp.sum(counts), 1.0)
   return {
+      "expert_counts": counts,
       "expert_load": load,
       "load_max_over_mean": jnp.max(load) * load.shape[0],
       "dropped_fraction": masked_mean((~kept).astype(jnp.float32), valid),

@@ -403,6 +403,14 @@ class SinkhornRouter(TokenChoiceRouter):
                        "score_fn='softmax' and num_groups=1")
 
   @classmethod
+  def noncausal_reason(cls, cfg, tokens_per_group=None):
+    if cfg.group_by == "batch":
+      return None
+    return ("router='sinkhorn' with group_by='sequence': in training the balanced "
+            "assignment normalizes each expert's column over the whole group, so a "
+            "token's experts depend on later tokens")
+
+  @classmethod
   def select(cls, logits, cfg, ctx, bias):
     selection = super().select(logits, cfg, ctx, bias)
     if ctx.deterministic:

@@ -72,8 +72,10 @@ def joint_counts(domain: jax.Array, expert: jax.Array, num_domains: int,
 
   Args:
     domain: <int32>[B] the domain of each sequence, or <int32>[B, L] per token.
-    expert: <int32>[B, L] each token's first expert; -1 for a token that was
-      not routed to any expert (dropped), which is left out.
+    expert: <int32>[B, L] each token's first expert (`Routing.first_expert`:
+      the first choice for token choice, even if capacity dropped it, so the
+      measure is of the router's preference); -1 for a token no expert
+      chose (expert choice), which is left out.
     num_domains: Dm, static.
     num_experts: E, static.
     mask: <bool>[B, L] tokens to count (e.g. not padding); None = all.
