@@ -167,11 +167,8 @@ def uninterrupted(tmp_path_factory):
   return train_losses(workdir)
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
-def test_signal_saves_ignores_a_second_signal_and_resume_is_exact(uninterrupted, tmp_path,
-                                                                  signum, status):
-  workdir = tmp_path / "run"
-  flags = ["--config.train.steps=40", "--config.train.checkpoint_every=100"]
+def _interrupt_and_resume(workdir, flags, signum, status) -> dict[int, float]:
+  """Signals a run as soon as it logs, checks the save, resumes it; its losses."""
   proc = subprocess.Popen(cli(workdir, *flags), cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + TIMEOUT
@@ -192,10 +189,31 @@ def test_signal_saves_ignores_a_second_signal_and_resume_is_exact(uninterrupted,
   result = run(workdir, *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"Resumed from step {stopped}" in result.stdout
-  losses = train_losses(workdir)
+  return train_losses(workdir)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_saves_ignores_a_second_signal_and_resume_is_exact(uninterrupted, tmp_path,
+                                                                  signum, status):
+  flags = ["--config.train.steps=40", "--config.train.checkpoint_every=100"]
+  losses = _interrupt_and_resume(tmp_path / "run", flags, signum, status)
   assert sorted(losses) == sorted(uninterrupted)
   for step, loss in uninterrupted.items():
     np.testing.assert_allclose(losses[step], loss, rtol=1e-6)
+
+
+def test_sigterm_resume_with_bias_balancing_is_exact(tmp_path):
+  # Auxiliary-loss-free balancing: the bias (router state outside the
+  # optimizer) must come back from the checkpoint exactly.
+  flags = ["--config.train.steps=40", "--config.train.checkpoint_every=100",
+           "--config.model.moe.bias_update_rate=1e-2", "--config.model.moe.aux_loss_type=none"]
+  result = run(tmp_path / "full", *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  uninterrupted = train_losses(tmp_path / "full")
+  losses = _interrupt_and_resume(tmp_path / "run", flags, signal.SIGTERM, 0)
+  assert sorted(losses) == sorted(uninterrupted)
+  for step, loss in uninterrupted.items():
+    assert abs(losses[step] - loss) <= 1e-6, step
 
 
 # --- divergence --------------------------------------------------------------------------

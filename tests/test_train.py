@@ -85,18 +85,40 @@ def test_run_writes_outputs_and_metrics(tmp_path):
   assert checkpoint_steps(tmp_path) == [4, 8, 12]
 
 
-@pytest.mark.parametrize("router", ["switch", "topk", "expert_choice", "dense"])
+@pytest.mark.parametrize("router", ["switch", "topk", "expert_choice", "dense", "sinkhorn",
+                                    "hash", "soft_moe"])
 def test_every_router_trains_with_one_flag(tmp_path, router):
-  overrides = {"model.moe.router": router, "train.steps": 4, "train.eval_every": 4}
+  overrides = {"model.moe.router": router, "train.steps": 4, "train.eval_every": 4,
+               "model.moe.group_by": "batch"}  # causal routing, as configs/default.py
   if router == "switch":
     overrides["model.moe.top_k"] = 1
-  if router == "expert_choice":
-    overrides["model.moe.group_by"] = "batch"  # causal routing in a decoder
   trainer.train_and_evaluate(small_config(**overrides), str(tmp_path))
   records = read_metrics(tmp_path)
   assert records[-1]["step"] == 4 and np.isfinite(records[-1]["eval/loss"])
-  if router == "dense":
+  assert ("train/layer1/max_violation" in records[-1]) == (router != "dense")
+  assert os.path.exists(os.path.join(tmp_path, "plots", "expert_load_step4.png")) == (
+      router != "dense")
+  if router != "dense":  # synthetic_mixture has domains: the specialization measure
+    assert 0 <= records[-1]["eval/expert_domain_mi"] <= 1.0  # <= log2(2 domains)
+  else:
     assert records[-1]["train/aux_loss"] == 0.0
+
+
+@pytest.mark.parametrize("options", [
+    {"model.moe.score_fn": "softmax_topk", "model.moe.capacity_rounding": 4,
+     "model.moe.aux_loss_type": "global_batch", "model.moe.expert_dropout": 0.2},
+    {"model.moe.score_fn": "sigmoid", "model.moe.num_groups": 2, "model.moe.top_groups": 1,
+     "model.moe.routed_scaling_factor": 2.0, "model.moe.aux_loss_type": "importance",
+     "model.moe.bias_update_rate": 1e-3},
+    {"model.moe.aux_loss_type": "sequence", "model.moe.capacity_factor": 0.0,
+     "model.moe.dispatch": "dropless"},
+])
+def test_routing_options_train_with_flags(tmp_path, options):
+  trainer.train_and_evaluate(small_config(**{"train.steps": 4, "train.eval_every": 4,
+                                             "model.moe.group_by": "batch", **options}),
+                             str(tmp_path))
+  records = read_metrics(tmp_path)
+  assert records[-1]["step"] == 4 and np.isfinite(records[-1]["eval/loss"])
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
