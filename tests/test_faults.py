@@ -335,7 +335,7 @@ def test_cli_input_errors_are_one_line_before_anything_is_written(tmp_path, case
     fragments = ["config.model.num_heads=3 does not divide config.model.d_model=32",
                  "config.model.head_dim"]
   elif case == "group_size":
-    flags = ["--config.model.moe.group_size=7"]
+    flags = ["--config.model.moe.group_by=sequence", "--config.model.moe.group_size=7"]
     fragments = ["config.model.moe.group_size=7 does not divide the 256 tokens"]
   before = snapshot(tmp_path)
   result = run(workdir, *flags, **kwargs)
