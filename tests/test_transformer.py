@@ -48,14 +48,24 @@ def test_output_shapes_and_dtypes(router):
   logits, aux = _forward(model, _tokens())
   chex.assert_shape(logits, (BATCH, LENGTH, VOCAB))
   assert logits.dtype == jnp.float32
-  expected = {"aux_loss", "z_loss", "weighted_loss"}
+  expected = {"aux_loss", "z_loss", "weighted_loss", "layers"}
   if router != "dense":
-    expected |= {"dropped_fraction", "load_max_over_mean", "router_entropy"}
+    expected |= {"dropped_fraction", "load_max_over_mean", "router_entropy", "max_violation"}
   if router == "expert_choice":
     expected |= {"unrouted_fraction"}
   assert set(aux) == expected
+  layers = aux.pop("layers")
   for value in aux.values():
     assert value.shape == () and value.dtype == jnp.float32
+  # Per MoE layer (keyed by its Transformer layer index): scalars, the load
+  # [E] and each token's first expert [B, L].
+  assert sorted(layers) == ([] if router == "dense" else [i for i, is_moe in
+                                                          enumerate(model.moe_layers) if is_moe])
+  for layer in layers.values():
+    assert layer["expert_load"].shape == (model.moe.experts,)
+    assert layer["first_expert"].shape == (BATCH, LENGTH)
+    np.testing.assert_allclose(float(layer["max_violation"]),
+                               float(layer["load_max_over_mean"]) - 1.0, rtol=1e-6)
 
 
 def test_bfloat16_compute_gives_float32_logits_close_to_float32():
@@ -63,7 +73,7 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   model16 = _lm(dtype="bfloat16")
   logits16, aux16 = _forward(model16, tokens)
   assert logits16.dtype == jnp.float32
-  assert all(value.dtype == jnp.float32 for value in aux16.values())
+  assert all(value.dtype == jnp.float32 for name, value in aux16.items() if name != "layers")
   # A dense model (no routing flips) computes in bf16: the logits round
   # differently from float32 with the same init (seed 0), but stay close.
   logits32, _ = _forward(_lm(_moe(router="dense"), dtype=jnp.float32), tokens)
@@ -304,7 +314,8 @@ def test_aux_is_the_mean_over_moe_layers(router):
 
 def test_dense_model_has_zero_router_losses():
   _, aux = _forward(_lm(_moe(router="dense")), _tokens())
-  assert set(aux) == {"aux_loss", "z_loss", "weighted_loss"}
+  assert set(aux) == {"aux_loss", "z_loss", "weighted_loss", "layers"}
+  assert aux.pop("layers") == {}
   assert all(float(value) == 0.0 for value in aux.values())
 
 
