@@ -135,9 +135,6 @@ class MoEConfig:
     """The same options for a dense FFN layer."""
     return dataclasses.replace(self, router="dense")
 
-  def with_capacity_factor(self, capacity_factor: float) -> "MoEConfig":
-    return dataclasses.replace(self, capacity_factor=capacity_factor)
-
 
 def field_names() -> list[str]:
   return [f.name for f in dataclasses.fields(MoEConfig)]

@@ -36,7 +36,7 @@ from flax import nnx
 from moejax import data as data_lib
 from moejax import parallel
 from moejax import routing
-from moejax.nn import TransformerLM
+from moejax.nn import TransformerLM, moe_layer_flags
 from moejax.scaling import accounting
 from moejax.train import checkpoints
 from moejax.train import config as config_lib
@@ -350,8 +350,7 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
   train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
   health_check = steps_lib.make_health_check(graphdef, config.seed)
-  num_domains = (dataset.info.get("num_domains", 0) if isinstance(dataset.info, dict)
-                 else 0)
+  num_domains = dataset.info.get("num_domains", 0)  # synthetic_mixture only
   eval_step = steps_lib.make_eval_step(graphdef, num_domains)
   moe_layers = [i for i, is_moe in enumerate(
       nn_layer_flags(config)) if is_moe]
@@ -445,7 +444,6 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
 
 def nn_layer_flags(config) -> tuple[bool, ...]:
   """Which Transformer layers of the config are MoE layers."""
-  from moejax.nn import moe_layer_flags  # pylint: disable=g-import-not-at-top
   return moe_layer_flags(num_layers=config.model.num_layers,
                          moe_every=config.model.moe_every,
                          first_dense_layers=config.model.first_dense_layers,
