@@ -15,12 +15,20 @@ and PNGs with the fitted law drawn over the points:
 Columns used: N = params_active_nonembed, D = tokens_seen, G = granularity,
 E = num_experts (0 or 1 both mean dense, read as E = 1), L = --loss. Runs whose
 N differ by under 10% (e.g. only by router parameters) share one line.
+
+A fit is only as good as the points allow: `moejax.scaling.laws.diagnose`
+flags coefficients at an optimizer bound, 95% intervals that span orders of
+magnitude or contain 0, and (Krajewski) an irreducible loss c below the data's
+entropy floor (the `entropy_floor` column a sweep writes for synthetic data, or
+--entropy_floor). The flags are logged, listed under "warnings" in the JSON and
+printed on every figure, with the coefficients and the entropy floor.
 """
 
 import csv
 import json
 import os
-from typing import Any, Mapping
+import sys
+from typing import Any, Mapping, Optional
 
 from absl import app
 from absl import flags
@@ -43,7 +51,11 @@ _E_START = flags.DEFINE_float("clark_e_start", laws.CLARK_E_START, "Fixed E_star
 _E_MAX = flags.DEFINE_float("clark_e_max", laws.CLARK_E_MAX, "Fixed E_max (clark).")
 _FIT_SATURATION = flags.DEFINE_bool(
     "clark_fit_saturation", False, "Fit E_start and E_max instead of fixing them (clark).")
+_ENTROPY_FLOOR = flags.DEFINE_float(
+    "entropy_floor", None, "Entropy of the data (nats/token), drawn on the plots and checked "
+    "against c; default: the results' entropy_floor column, where present.")
 
+CLARK_FREE_PARAMS = ("a", "b", "c", "d")  # fitted whatever E_start / E_max do
 NUMERIC_COLUMNS = ("num_experts", "top_k", "granularity", "params_total_nonembed",
                    "params_active_nonembed", "flops_per_token", "tokens_seen", "train_loss",
                    "eval_loss", "wall_seconds")
@@ -98,6 +110,19 @@ def read_results(path: str, law: str, loss: str) -> dict[str, np.ndarray]:
   return columns
 
 
+def read_entropy_floor(path: str) -> Optional[float]:
+  """The smallest `entropy_floor` of a results CSV (None: no such column or values)."""
+  with open(path, newline="") as f:
+    values = []
+    for row in csv.DictReader(f):
+      try:
+        values.append(float(row.get("entropy_floor") or "nan"))
+      except ValueError:
+        continue
+  values = [v for v in values if np.isfinite(v)]
+  return min(values) if values else None
+
+
 def fit(columns: Mapping[str, np.ndarray], law: str, loss: str, *, bootstrap: int, seed: int,
         e_start=laws.CLARK_E_START, e_max=laws.CLARK_E_MAX) -> dict[str, Any]:
   """Fits `law` to the columns of `read_results`; e_start/e_max None = fitted."""
@@ -126,6 +151,23 @@ def _predict(law: str, coefficients, n, d, g, e):
   if law == laws.KRAJEWSKI:
     return laws.krajewski_loss(coefficients, n, d, g)
   return laws.clark_loss(coefficients, n, e)
+
+
+def _annotate(ax, result: Mapping[str, Any]) -> None:
+  """The entropy floor as a line, the coefficients and the fit's warnings as text."""
+  floor = result.get("entropy_floor")
+  if floor is not None:
+    ax.axhline(floor, color="gray", ls="--", lw=1, label=f"entropy floor {floor:.3g}")
+  parts = [f"{name}={entry['value']:.3g}" for name, entry in result["coefficients"].items()]
+  lines = [", ".join(parts[i:i + 4]) for i in range(0, len(parts), 4)]
+  lines.append(f"rmse(log L)={result['rmse_log']:.3g}, {result['num_points']} runs")
+  warnings = result.get("warnings") or []
+  if warnings:
+    flagged = sorted({w["coefficient"] for w in warnings if w["coefficient"]})
+    lines.append(f"WARNING: {len(warnings)} fit warnings ({', '.join(flagged)}): see JSON")
+  ax.text(0.01, 0.01, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="bottom",
+          family="monospace", color="darkred" if warnings else "black",
+          bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
 
 
 def _finish(ax, title: str, xlabel: str, ylabel: str, path: str):
@@ -166,7 +208,8 @@ def plot_loss_vs_flops(columns, law, loss, result, path):
       d_runs = np.array([np.exp(np.mean(np.log(d[run]))) for run in runs])
       ones = np.ones_like(n_runs)
       pred = _predict(law, coefficients, n_runs, d_runs, value * ones, value * ones)
-      ax.plot(x[np.argsort(x)], pred[np.argsort(x)], color=color, lw=1, alpha=0.7)
+      ax.plot(x[np.argsort(x)], pred[np.argsort(x)], color=color, lw=1, alpha=0.7,
+              label=f"fit, {key_name}={value:g}")
       continue
     for size in np.unique(sizes[variant]):
       run = variant & (sizes == size)
@@ -174,8 +217,10 @@ def plot_loss_vs_flops(columns, law, loss, result, path):
       flops_per_token = np.median(columns["flops_per_token"][run])
       ones = np.ones_like(d_grid)
       pred = _predict(law, coefficients, n_size * ones, d_grid, value * ones, value * ones)
-      ax.plot(flops_per_token * d_grid, pred, color=color, lw=1, alpha=0.7)
+      ax.plot(flops_per_token * d_grid, pred, color=color, lw=1, alpha=0.7,
+              label=f"fit, {key_name}={value:g}, N={n_size:.2g}")
   ax.set_xscale("log")
+  _annotate(ax, result)
   _finish(ax, f"{_TITLES[law]}, fit (lines) over runs (points)", "training FLOPs",
           _LOSS_LABELS[loss], path)
 
@@ -195,8 +240,9 @@ def plot_loss_vs_granularity(columns, loss, result, path):
     n_size = np.exp(np.mean(np.log(n[run])))
     ax.scatter(g[run], columns[loss][run], color=color, s=18, zorder=3)
     pred = laws.krajewski_loss(coefficients, n_size, d_size, g_grid)
-    ax.plot(g_grid, pred, color=color, lw=1.2, label=f"N={n_size:.2g}, D={d_size:.2g}")
+    ax.plot(g_grid, pred, color=color, lw=1.2, label=f"fit, N={n_size:.2g}, D={d_size:.2g}")
   ax.set_xscale("log", base=2)
+  _annotate(ax, result)
   _finish(ax, f"{_TITLES[laws.KRAJEWSKI]}, loss vs granularity", "granularity G",
           _LOSS_LABELS[loss], path)
 
@@ -214,20 +260,40 @@ def plot_loss_vs_experts(columns, loss, result, path):
     n_size = np.exp(np.mean(np.log(n[run])))
     ax.scatter(e[run], columns[loss][run], color=color, s=18, zorder=3)
     ax.plot(e_grid, laws.clark_loss(coefficients, n_size, e_grid), color=color, lw=1.2,
-            label=f"N={n_size:.2g}")
+            label=f"fit, N={n_size:.2g}")
   ax.set_xscale("log", base=2)
+  _annotate(ax, result)
   _finish(ax, f"{_TITLES[laws.CLARK]}, loss vs experts", "experts E", _LOSS_LABELS[loss],
           path)
 
 
 def run(results: str, law: str, out: str, loss: str = "eval_loss", *, bootstrap: int = 200,
-        seed: int = 0, e_start=laws.CLARK_E_START, e_max=laws.CLARK_E_MAX) -> dict[str, Any]:
-  """Reads, fits, writes OUT/fit_<law>.json and the plots; returns the JSON dict."""
+        seed: int = 0, e_start=laws.CLARK_E_START, e_max=laws.CLARK_E_MAX,
+        entropy_floor: Optional[float] = None) -> dict[str, Any]:
+  """Reads, fits, writes OUT/fit_<law>.json and the plots; returns the JSON dict.
+
+  Raises ValueError with one message for a missing or unusable results file,
+  too few runs for the law, or a swept key with a single value.
+  """
+  if not os.path.isfile(results):
+    raise ValueError(f"--results={results}: no such file")
   columns = read_results(results, law, loss)
+  needed = len(laws.KRAJEWSKI_PARAMS if law == laws.KRAJEWSKI else CLARK_FREE_PARAMS) + 1
+  if law == laws.CLARK:
+    needed += (e_start is None) + (e_max is None)
+  if columns["name"].size < needed:
+    raise ValueError(f"{results} has {columns['name'].size} runs; law={law} fits "
+                     f"{needed - 1} coefficients and needs at least {needed} runs (a "
+                     f"--shard of a sweep holds part of it: fit the results.csv written "
+                     f"once every shard has finished)")
   result = fit(columns, law, loss, bootstrap=bootstrap, seed=seed, e_start=e_start,
                e_max=e_max)
+  floor = entropy_floor if entropy_floor is not None else read_entropy_floor(results)
   result.update(results=os.path.abspath(results), loss_column=loss,
-                runs=columns["name"].tolist())
+                runs=columns["name"].tolist(), entropy_floor=floor,
+                warnings=laws.diagnose(result, floor))
+  for warning in result["warnings"]:
+    logging.warning("fit warning: %s", warning["message"])
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, f"fit_{law}.json"), "w") as f:
     json.dump(result, f, indent=2)
@@ -244,13 +310,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   saturation = (None, None) if _FIT_SATURATION.value else (_E_START.value, _E_MAX.value)
-  result = run(_RESULTS.value, _LAW.value, _OUT.value, _LOSS.value,
-               bootstrap=_BOOTSTRAP.value, seed=_SEED.value, e_start=saturation[0],
-               e_max=saturation[1])
+  try:
+    result = run(_RESULTS.value, _LAW.value, _OUT.value, _LOSS.value,
+                 bootstrap=_BOOTSTRAP.value, seed=_SEED.value, e_start=saturation[0],
+                 e_max=saturation[1], entropy_floor=_ENTROPY_FLOOR.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   for name, entry in result["coefficients"].items():
     logging.info("%s = %.4g, 95%% CI %s", name, entry["value"], entry["ci95"])
+  for warning in result["warnings"]:
+    print(f"warning: {warning['message']}", file=sys.stderr)
   print(json.dumps({"law": result["law"], "rmse_log": result["rmse_log"],
-                    "num_points": result["num_points"]}))
+                    "num_points": result["num_points"],
+                    "warnings": [w["kind"] + (f" ({w['coefficient']})" if w["coefficient"]
+                                              else "") for w in result["warnings"]]}))
 
 
 if __name__ == "__main__":

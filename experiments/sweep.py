@@ -10,8 +10,9 @@ repository root or the current directory) and `get_sweep(scale)` returning
 point's overrides, then --extra) is validated, model included, before
 anything trains. Point i trains in `workdir/points/<name>` through
 `trainer.train_and_evaluate` in this process (compiled functions are cached
-per shape); `--shard=i/n` runs the points with index % n == i, so n machines
-can share one workdir.
+per shape); `--shard=i/n` runs the i-th of n interleaved slices
+(`shard_assignment`: every slice covers the sweep's range of each swept key),
+so n machines can share one workdir.
 
 A point is finished when `points/<name>/done.json` exists (written after its
 last step, holding its results row); finished points are skipped, so running
@@ -24,6 +25,7 @@ included; an interrupted point's earlier invocations are not added).
 """
 
 import ast
+import collections
 import csv
 import dataclasses
 import importlib.util
@@ -46,8 +48,9 @@ from moejax.train import trainer
 
 RESULT_COLUMNS = ("num_experts", "top_k", "granularity", "params_total_nonembed",
                   "params_active_nonembed", "flops_per_token", "flops_capacity_padding",
-                  "tokens_seen", "train_loss", "eval_loss", "wall_seconds")
+                  "tokens_seen", "train_loss", "eval_loss", "entropy_floor", "wall_seconds")
 DONE = "done.json"
+FAILED = "failed.json"  # a point whose loss diverged: a result, not retried
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -132,6 +135,30 @@ def parse_shard(text: str) -> tuple[int, int]:
   return index, count
 
 
+def shard_assignment(points: Sequence[Point], count: int) -> list[int]:
+  """The shard of each point when a sweep is split `count` ways.
+
+  Points are dealt in rounds of `count` in sweep order (shard sizes differ by
+  at most one); within a round each point goes to the free shard that already
+  holds the fewest of its (key, value) overrides. A grid swept as
+  size x budget x G therefore gives every shard small and large points of
+  every G, instead of shard 0 holding only G = 1 (as `index % count` did).
+  Deterministic: every machine of a job array computes the same split.
+  """
+  held = [collections.Counter() for _ in range(count)]
+  shards = []
+  for start in range(0, len(points), count):
+    free = list(range(count))
+    for point in points[start:start + count]:
+      pairs = [(key, json.dumps(value, sort_keys=True, default=str))
+               for key, value in point.overrides.items()]
+      best = min(free, key=lambda shard: (sum(held[shard][pair] for pair in pairs), shard))
+      free.remove(best)
+      held[best].update(pairs)
+      shards.append(best)
+  return shards
+
+
 def load_sweep(spec: str, extra: Optional[dict[str, Any]] = None) -> list[Point]:
   """The validated points of "path/to/sweep.py:scale".
 
@@ -190,6 +217,7 @@ def results_row(point: Point, point_dir: str, wall_seconds: float) -> dict[str, 
           "flops_capacity_padding": counts["flops_capacity_padding"],
           "tokens_seen": train.steps * train.batch_size * train.seq_len,
           "train_loss": latest.get("train/loss"), "eval_loss": latest.get("eval/loss"),
+          "entropy_floor": summary.get("data/entropy_floor"),
           "wall_seconds": round(wall_seconds, 1)}
 
 
@@ -210,9 +238,13 @@ def write_results(workdir: str) -> str:
     writer.writerow(["name", *keys, *RESULT_COLUMNS])
     for row in rows:
       writer.writerow([row["name"], *(row["overrides"].get(key, "") for key in keys),
-                       *(row[column] for column in RESULT_COLUMNS)])
+                       *(_csv_value(row.get(column)) for column in RESULT_COLUMNS)])
   os.replace(path + ".tmp", path)
   return path
+
+
+def _csv_value(value):
+  return "" if value is None else value
 
 
 def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0, 1),
@@ -222,11 +254,14 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
 
   `train_fn(config, point_dir)` defaults to `trainer.train_and_evaluate`. A
   point whose run stops before its last step (SIGTERM) ends the sweep without
-  a done.json; a point whose loss diverges is logged and skipped.
+  a done.json; a point whose loss diverges is logged, gets a failed.json (so a
+  rerun skips it: divergence is deterministic) and the sweep goes on; the
+  error naming the diverged points is raised at the end.
   """
   train_fn = train_fn or trainer.train_and_evaluate
   index, count = shard
-  mine = [point for point in points if point.index % count == index]
+  mine = [point for point, shard in zip(points, shard_assignment(points, count))
+          if shard == index]
   failed = []
   for number, point in enumerate(mine, 1):
     point_dir = os.path.join(workdir, "points", point.name)
@@ -237,6 +272,11 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
           raise ValueError(f"{done} was written by a point {point.name!r} with other "
                            "overrides; use a new --workdir")
       logging.info("[%d/%d] %s: finished, skipping", number, len(mine), point.name)
+      continue
+    if os.path.exists(os.path.join(point_dir, FAILED)):
+      logging.info("[%d/%d] %s: diverged earlier (%s), skipping", number, len(mine),
+                   point.name, FAILED)
+      failed.append(point.name)
       continue
     counts = accounting.counts_from_config(point.config)
     logging.info("[%d/%d] %s: %s non-embedding parameters (%s active), %.3g training "
@@ -252,6 +292,9 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
     except trainer.NonFiniteLossError as e:
       logging.error("[%d/%d] %s failed: %s", number, len(mine), point.name, e)
       failed.append(point.name)
+      with open(os.path.join(point_dir, FAILED), "w") as f:
+        json.dump({"name": point.name, "overrides": point.overrides, "error": str(e)}, f,
+                  indent=2)
       continue
     wall = time.perf_counter() - start
     step, _ = _last_records(os.path.join(point_dir, "metrics.jsonl"))
@@ -274,7 +317,8 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
 _SWEEP = flags.DEFINE_string("sweep", None, "path/to/sweep.py:scale")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: points/<name>/, "
                                "results.csv.")
-_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run the points with index % n == i.")
+_SHARD = flags.DEFINE_string("shard", "0/1", "i/n: run the i-th of n interleaved slices "
+                             "of the points (each covers every swept key's range).")
 _EXTRA = flags.DEFINE_multi_string("extra", [], "key=value override (dotted key relative "
                                    "to config) applied to every point, after its own.")
 

@@ -147,12 +147,16 @@ def _bootstrap(fit_fn, arrays: Sequence[np.ndarray], point: np.ndarray, bootstra
 
 
 def _result(law, formula, names, values, intervals, log_residuals, requested, succeeded,
-            fixed=()):
+            fixed=(), bounds=None):
   coefficients = {}
-  for name, value, ci in zip(names, values, intervals):
+  for index, (name, value, ci) in enumerate(zip(names, values, intervals)):
     entry = {"value": float(value), "ci95": ci}
     if name in fixed:
       entry.update(ci95=[float(value), float(value)], fixed=True)
+    elif bounds is not None:
+      # The optimizer's box; None = unbounded on that side (JSON has no inf).
+      entry["bounds"] = [float(b[index]) if np.isfinite(b[index]) else None
+                         for b in bounds]
     coefficients[name] = entry
   return {"law": law, "formula": formula, "coefficients": coefficients,
           "rmse_log": float(np.sqrt(np.mean(np.square(log_residuals)))),
@@ -238,7 +242,8 @@ def fit_krajewski(n_active, tokens, granularity, loss, *, bootstrap: int = 200,
 
   intervals, succeeded = _bootstrap(refit, [n, d, g, l], best, bootstrap, seed)
   return _result(KRAJEWSKI, KRAJEWSKI_FORMULA, KRAJEWSKI_PARAMS, best, intervals,
-                 _krajewski_log_residuals(best, n, d, g, l), bootstrap, succeeded)
+                 _krajewski_log_residuals(best, n, d, g, l), bootstrap, succeeded,
+                 bounds=_krajewski_bounds(l))
 
 
 # --------------------------------------------------------------------- Clark ---
@@ -339,5 +344,72 @@ def fit_clark(n_active, num_experts, loss, *, e_start: Optional[float] = CLARK_E
   coefficients = dict(zip(CLARK_PARAMS, best))
   residuals = np.log(clark_loss(coefficients, n, e)) - np.log(l)
   fixed = [name for name, value in (("e_start", e_start), ("e_max", e_max)) if value is not None]
+  # The optimizer's box (see _clark_fit): log E_start in [-5, 10] (or below
+  # log E_max) and log(E_max - E_start) in [-5, 14].
+  start_upper = np.exp(10.0) if e_max is None else e_max
+  lower = [-np.inf] * 4 + [np.exp(-5.0), best[4] + np.exp(-5.0)]
+  upper = [np.inf] * 4 + [start_upper, best[4] + np.exp(14.0)]
   return _result(CLARK, CLARK_FORMULA, CLARK_PARAMS, best, intervals, residuals, bootstrap,
-                 succeeded, fixed=fixed)
+                 succeeded, fixed=fixed, bounds=(lower, upper))
+
+
+# ----------------------------------------------------------------- diagnosis ---
+
+# An interval whose ends differ by this factor or more "spans orders of magnitude".
+WIDE_INTERVAL_RATIO = 100.0
+
+
+def diagnose(fit: Mapping[str, Any], entropy_floor: Optional[float] = None
+             ) -> list[dict[str, str]]:
+  """What a reader of a fit should not trust, as [{kind, coefficient, message}].
+
+  kinds:
+    at_bound             a fitted coefficient sits on a bound of the optimizer
+                         (exponents are capped at 3, c at the smallest loss,
+                         the rest at 0): the data do not pin it down;
+    wide_interval        its 95% bootstrap interval spans orders of magnitude
+                         (ends differ by WIDE_INTERVAL_RATIO or more, or one
+                         end is 0);
+    sign_undetermined    a signed coefficient's interval contains 0 (Clark);
+    below_entropy_floor  Krajewski's irreducible loss c is below the entropy
+                         of the data, which no model can beat;
+    no_interval          no bootstrap resample could be refitted.
+  """
+  found = []
+
+  def add(kind, name, message):
+    found.append({"kind": kind, "coefficient": name, "message": message})
+
+  for name, entry in fit["coefficients"].items():
+    if entry.get("fixed"):
+      continue
+    value = entry["value"]
+    for side, bound in zip(("lower", "upper"), entry.get("bounds") or ()):
+      if bound is not None and abs(value - bound) <= 1e-6 * max(1.0, abs(bound)):
+        add("at_bound", name, f"{name} = {value:.3g} sits at its {side} bound {bound:.3g}: "
+            f"the data do not determine it")
+    ci = entry.get("ci95")
+    if ci is None:
+      add("no_interval", name, f"{name} has no bootstrap interval")
+      continue
+    lo, hi = ci
+    if lo < 0 < hi:
+      add("sign_undetermined", name, f"{name}'s 95% interval [{lo:.3g}, {hi:.3g}] contains "
+          f"0: not even its sign is determined")
+    elif min(abs(lo), abs(hi)) == 0 or max(abs(lo), abs(hi)) / min(abs(lo), abs(hi)) >= \
+        WIDE_INTERVAL_RATIO:
+      ratio = (np.inf if min(abs(lo), abs(hi)) == 0
+               else max(abs(lo), abs(hi)) / min(abs(lo), abs(hi)))
+      span = "unbounded" if not np.isfinite(ratio) else f"{np.log10(ratio):.0f}"
+      add("wide_interval", name, f"{name}'s 95% interval [{lo:.3g}, {hi:.3g}] spans {span} "
+          f"orders of magnitude")
+  if (entropy_floor is not None and fit["law"] == KRAJEWSKI
+      and fit["coefficients"]["c"]["value"] < entropy_floor):
+    add("below_entropy_floor", "c", f"irreducible loss c = "
+        f"{fit['coefficients']['c']['value']:.3g} is below the data's entropy floor "
+        f"{entropy_floor:.3g} nats, which no model can beat: c is not identified")
+  if (fit["bootstrap"]["requested"] and
+      fit["bootstrap"]["succeeded"] < 0.5 * fit["bootstrap"]["requested"]):
+    add("no_interval", "", f"only {fit['bootstrap']['succeeded']} of "
+        f"{fit['bootstrap']['requested']} bootstrap refits succeeded")
+  return found

@@ -84,6 +84,24 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return restored["state"], restored["data"]
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the parameters of step `step` (no optimizer state is read)
+    into the structure and shardings of `abstract_params`."""
+    mismatched = [line for line in self.mismatched_shapes(step, {"params": abstract_params})
+                  if line.startswith("params")]
+    if mismatched:
+      raise IncompatibleCheckpointError(step, mismatched)
+    item = {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                       dtype=x.dtype), item)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(
+          os.path.join(self._step_dir(step), "state"),
+          args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                      partial_restore=True))
+    return restored["params"]
+
   def mismatched_shapes(self, step: int, abstract_state: Any) -> list[str]:
     """Leaves whose shape in checkpoint `step` differs from `abstract_state`,
     as 'path: [saved] vs [now]' (or a missing/extra path); [] when they agree."""

@@ -1,0 +1,258 @@
+r"""Compares training runs: loss curves with seed bands, and a final-loss table.
+
+    python -m experiments.compare_runs DIR [DIR ...] --out=OUT
+    python -m experiments.compare_runs '/tmp/study/points/*' --out=OUT
+
+Each DIR is a run's workdir (it holds metrics.jsonl and config.json), a sweep
+or study workdir (its points/*), a study results folder (its runs/*), or a
+glob of any of these. Runs whose configs differ only in `seed` (and in keys
+that do not change training: logging, checkpoint and evaluation intervals,
+mesh, peak FLOP/s, data paths) are one configuration, drawn as its mean curve
+with a band of one standard deviation across seeds; configurations are
+labelled by the keys in which they differ.
+
+Writes:
+  OUT/compare.png          train and eval loss against steps, tokens and training
+                           FLOPs (tokens x train_flops_per_token of summary.json);
+  OUT/final_eval_loss.md   final eval loss, mean ± std per configuration, with
+  OUT/final_eval_loss.csv  the number of seeds (and final train loss);
+and prints the Markdown table.
+"""
+
+import csv
+import fnmatch
+import glob
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from moejax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+from moejax.train import resume  # pylint: disable=g-import-not-at-top
+
+# Keys that do not change what is trained (besides the seed).
+IGNORED_KEYS = tuple(key for key in resume.RESUMABLE_KEYS if key != "config.train.steps") + (
+    "config.seed", "config.data.data_dir", "config.data.manual_dir")
+CURVES = (("train/loss", "train loss"), ("eval/loss", "eval loss"))
+
+
+class Run:
+  """One run directory: its flattened config, FLOPs per token and records."""
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(os.path.join(path, "config.json")) as f:
+      self.config = resume._flatten(json.load(f))  # pylint: disable=protected-access
+    self.flops_per_token = None
+    summary = os.path.join(path, "summary.json")
+    if os.path.exists(summary):
+      with open(summary) as f:
+        self.flops_per_token = json.load(f).get("train_flops_per_token")
+    self.records = metrics_lib.read_records(os.path.join(path, "metrics.jsonl"))
+    self.seed = self.config.get("config.seed")
+    train = lambda key: self.config.get(f"config.train.{key}")  # noqa: E731
+    self.tokens_per_step = (train("batch_size") or 0) * (train("seq_len") or 0)
+
+  @property
+  def key(self) -> tuple:
+    return tuple(sorted((k, json.dumps(v)) for k, v in self.config.items()
+                        if not any(fnmatch.fnmatchcase(k, p) for p in IGNORED_KEYS)))
+
+  def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(r["step"], r[name]) for r in self.records if name in r]
+    if not pairs:
+      return np.zeros(0, int), np.zeros(0)
+    steps, values = zip(*pairs)
+    return np.asarray(steps), np.asarray(values, np.float64)
+
+
+def find_runs(patterns: Sequence[str]) -> list[str]:
+  """Run directories named by the arguments (see the module docstring)."""
+  found = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern)) or ([pattern] if os.path.isdir(pattern) else [])
+    if not matches:
+      raise ValueError(f"{pattern}: no such directory")
+    for path in matches:
+      if os.path.exists(os.path.join(path, "metrics.jsonl")):
+        found.append(path)
+        continue
+      inner = [p for sub in ("points", "runs")
+               for p in sorted(glob.glob(os.path.join(path, sub, "*")))
+               if os.path.exists(os.path.join(p, "metrics.jsonl"))]
+      if not inner and os.path.isdir(path) and len(matches) == 1:
+        raise ValueError(f"{path} is not a run directory (no metrics.jsonl), nor a sweep, "
+                         f"study or results folder with runs under points/ or runs/")
+      found.extend(inner)
+  missing = [p for p in found if not os.path.exists(os.path.join(p, "config.json"))]
+  if missing:
+    raise ValueError(f"{missing[0]} has no config.json (a run writes it when it starts)")
+  if not found:
+    raise ValueError(f"no runs found in {list(patterns)}")
+  return list(dict.fromkeys(os.path.normpath(p) for p in found))
+
+
+def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+  """[(label, runs)] of configurations in first-seen order; a label names
+  the keys (without `config.`) whose values differ between configurations."""
+  groups: dict[tuple, list[Run]] = {}
+  for run in runs:
+    groups.setdefault(run.key, []).append(run)
+  configs = [dict(key) for key in groups]
+  names = dict.fromkeys(name for config in configs for name in config)
+  differing = [name for name in names if len({c.get(name) for c in configs}) > 1]
+  short = _short_names(differing)
+  labelled = []
+  for values, members in zip(configs, groups.values()):
+    parts = [f"{short[k]}={json.loads(values[k]) if k in values else '-'}"
+             for k in differing]
+    labelled.append((", ".join(parts) or "all runs", members))
+  return labelled
+
+
+def _short_names(keys: Sequence[str]) -> dict[str, str]:
+  """Each dotted key by its shortest unique tail ("config.model.moe.top_k" -> "top_k")."""
+  short = {}
+  for key in keys:
+    parts = key.removeprefix("config.").split(".")
+    for n in range(1, len(parts) + 1):
+      tail = ".".join(parts[-n:])
+      if sum(other.endswith("." + tail) or other == tail for other in keys) == 1:
+        break
+    short[key] = tail
+  return short
+
+
+def mean_curve(members: Sequence[Run], name: str, x_of) -> Optional[tuple]:
+  """(x, mean, std, n) at the steps every member logged `name` at."""
+  series = [run.series(name) for run in members]
+  series = [s for s in series if s[0].size]
+  if not series:
+    return None
+  common = set(series[0][0].tolist())
+  for steps, _ in series[1:]:
+    common &= set(steps.tolist())
+  steps = np.array(sorted(common))
+  if not steps.size:
+    return None
+  values = np.stack([vals[np.searchsorted(s, steps)] for s, vals in series])
+  return (x_of(members[0], steps), values.mean(0), values.std(0, ddof=1)
+          if len(series) > 1 else np.zeros(steps.size), len(series))
+
+
+_AXES = (("step", lambda run, steps: steps),
+         ("tokens", lambda run, steps: steps * run.tokens_per_step),
+         ("training FLOPs", lambda run, steps: steps * run.tokens_per_step
+          * (run.flops_per_token or np.nan)))
+
+
+def plot(groups, path: str) -> None:
+  fig, axes = plt.subplots(len(CURVES), len(_AXES), figsize=(15, 8.5), squeeze=False)
+  colors = plt.cm.tab10(np.arange(len(groups)) % 10)
+  for row, (name, title) in enumerate(CURVES):
+    for col, (xlabel, x_of) in enumerate(_AXES):
+      ax = axes[row, col]
+      for (label, members), color in zip(groups, colors):
+        curve = mean_curve(members, name, x_of)
+        if curve is None:
+          continue
+        x, mean, std, n = curve
+        if x.size <= 3:  # an evaluation at the end only: a point with an error bar
+          ax.errorbar(x, mean, yerr=std, fmt="o", color=color, capsize=3, ms=4,
+                      label=f"{label} (n={n})")
+          continue
+        ax.plot(x, mean, color=color, lw=1.3, label=f"{label} (n={n})")
+        if n > 1:
+          ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel(f"{title} (nats/token)")
+      if xlabel != "step":
+        ax.set_xscale("log")
+      ax.grid(True, alpha=0.3)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  columns = 2 if len(labels) > 3 else max(1, len(labels))
+  fig.legend(handles, labels, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+  fig.suptitle("mean over seeds; band and error bars: ±1 std across seeds")
+  fig.tight_layout(rect=(0, 0.02 + 0.03 * (-(-len(labels) // columns)), 1, 0.97))
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def final_table(groups) -> list[dict[str, Any]]:
+  """Per configuration: final eval and train loss, mean and std over seeds."""
+  rows = []
+  for label, members in groups:
+    row = {"config": label, "seeds": len(members),
+           "seed_values": " ".join(str(run.seed) for run in members)}
+    for name, column in (("eval/loss", "eval_loss"), ("train/loss", "train_loss")):
+      finals = [vals[-1] for _, vals in (run.series(name) for run in members) if vals.size]
+      finals = np.asarray(finals, np.float64)
+      row[f"{column}_mean"] = float(finals.mean()) if finals.size else None
+      row[f"{column}_std"] = float(finals.std(ddof=1)) if finals.size > 1 else (
+          0.0 if finals.size else None)
+      row[f"{column}_n"] = int(finals.size)
+    rows.append(row)
+  return rows
+
+
+def _pm(mean, std) -> str:
+  return "—" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(rows) -> str:
+  lines = ["| configuration | seeds | final eval loss | final train loss |",
+           "| --- | --- | --- | --- |"]
+  for row in rows:
+    lines.append(f"| {row['config']} | {row['eval_loss_n']} | "
+                 f"{_pm(row['eval_loss_mean'], row['eval_loss_std'])} | "
+                 f"{_pm(row['train_loss_mean'], row['train_loss_std'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def compare(patterns: Sequence[str], out: str) -> list[dict[str, Any]]:
+  """Finds, groups, plots and tabulates; returns the table rows."""
+  runs = [Run(path) for path in find_runs(patterns)]
+  groups = group_runs(runs)
+  os.makedirs(out, exist_ok=True)
+  plot(groups, os.path.join(out, "compare.png"))
+  rows = final_table(groups)
+  with open(os.path.join(out, "final_eval_loss.md"), "w") as f:
+    f.write(markdown(rows))
+  with open(os.path.join(out, "final_eval_loss.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  return rows
+
+
+_OUT = flags.DEFINE_string("out", None, "Output folder (created if missing).")
+
+
+def main(argv):
+  if len(argv) < 2:
+    print("error: name at least one run, sweep or results directory (or a glob)",
+          file=sys.stderr)
+    sys.exit(2)
+  if not _OUT.value:
+    print("error: --out is required", file=sys.stderr)
+    sys.exit(2)
+  try:
+    rows = compare(argv[1:], _OUT.value)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(markdown(rows), end="")
+  print(f"wrote {os.path.join(_OUT.value, 'compare.png')}, final_eval_loss.md, "
+        f"final_eval_loss.csv")
+
+
+if __name__ == "__main__":
+  app.run(main)
