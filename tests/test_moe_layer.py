@@ -226,3 +226,20 @@ def test_dropless_exchange_names():
   # XLA:CPU has no ragged all-to-all, so "auto" picks the padded exchange there.
   expected = "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
   assert expert_parallel.resolve_exchange("auto") == expected
+
+
+@pytest.mark.parametrize("router", ["topk", "expert_choice"])
+def test_router_logit_max_is_the_largest_logit_magnitude(router):
+  layer = MoELayer(d_model=D_MODEL, num_experts=4, top_k=2, expert_hidden=16, router=router,
+                   capacity_factor=2.0, rngs=nnx.Rngs(0))
+  x = _x() * 5.0
+  _, aux = layer(x)
+  logits = np.asarray(x, np.float32).reshape(-1, D_MODEL) @ np.asarray(layer.router.kernel[...])
+  np.testing.assert_allclose(aux["router_logit_max"], np.abs(logits).max(), rtol=1e-5)
+  # Padded tokens do not count.
+  mask = np.zeros(x.shape[:2], bool)
+  mask[:, :2] = True
+  _, masked = layer(x, mask=jnp.asarray(mask))
+  real = np.asarray(x, np.float32)[:, :2].reshape(-1, D_MODEL) @ np.asarray(
+      layer.router.kernel[...])
+  np.testing.assert_allclose(masked["router_logit_max"], np.abs(real).max(), rtol=1e-5)

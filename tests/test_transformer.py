@@ -50,7 +50,8 @@ def test_output_shapes_and_dtypes(router):
   assert logits.dtype == jnp.float32
   expected = {"aux_loss", "z_loss", "weighted_loss", "layers"}
   if router != "dense":
-    expected |= {"dropped_fraction", "load_max_over_mean", "router_entropy", "max_violation"}
+    expected |= {"dropped_fraction", "load_max_over_mean", "router_entropy", "max_violation",
+                 "router_logit_max"}
   if router == "expert_choice":
     expected |= {"unrouted_fraction"}
   assert set(aux) == expected

@@ -32,7 +32,7 @@ from moejax.routing import MoEConfig
 # Router metrics averaged over the MoE layers into the LM's aux (scalars only;
 # the per-expert `expert_load` vectors are left out).
 ROUTER_METRICS = ("dropped_fraction", "load_max_over_mean", "router_entropy",
-                  "unrouted_fraction", "bias_norm")
+                  "unrouted_fraction", "bias_norm", "router_logit_max")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _RMS_EPSILON = 1e-6
 

@@ -197,6 +197,14 @@ def z_loss(logits: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   return balancing.masked_z_loss(logits, mask)
 
 
+def logit_max(logits: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """<float32>[] largest |logit| over the (real) tokens of <float32>[G, S, E] logits."""
+  magnitude = jnp.max(jnp.abs(jax.lax.stop_gradient(logits)), axis=-1)
+  if mask is not None:
+    magnitude = jnp.where(mask, magnitude, 0.0)
+  return jnp.max(magnitude)
+
+
 def _add_noise(logits: jax.Array, cfg: MoEConfig, ctx: RouteContext,
                jitter_logits: bool) -> jax.Array:
   if ctx.deterministic or (cfg.noise_std == 0 and not (jitter_logits and cfg.jitter > 0)):
@@ -268,8 +276,10 @@ class LogitRouter(Router):
     logits = _add_noise(logits, cfg, ctx._replace(rng=rng), jitter_logits=False)
     bias = None if self.bias is None else self.bias[...]
     routing = self.route_logits(logits, cfg, ctx, bias)
-    # The z-loss is taken on the logits before noise.
-    routing = routing.replace(z_loss=z_loss(z_logits, ctx.mask))
+    # The z-loss is taken on the logits before noise; so is their magnitude, the
+    # quantity that grows before a router diverges (ST-MoE, §3).
+    routing = routing.replace(z_loss=z_loss(z_logits, ctx.mask), metrics={
+        **routing.metrics, "router_logit_max": logit_max(z_logits, ctx.mask)})
     if bias is not None:
       routing = routing.replace(metrics={**routing.metrics,
                                          "bias_norm": jnp.linalg.norm(bias)})

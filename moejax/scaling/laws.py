@@ -403,13 +403,75 @@ def diagnose(fit: Mapping[str, Any], entropy_floor: Optional[float] = None
       span = "unbounded" if not np.isfinite(ratio) else f"{np.log10(ratio):.0f}"
       add("wide_interval", name, f"{name}'s 95% interval [{lo:.3g}, {hi:.3g}] spans {span} "
           f"orders of magnitude")
-  if (entropy_floor is not None and fit["law"] == KRAJEWSKI
-      and fit["coefficients"]["c"]["value"] < entropy_floor):
-    add("below_entropy_floor", "c", f"irreducible loss c = "
-        f"{fit['coefficients']['c']['value']:.3g} is below the data's entropy floor "
-        f"{entropy_floor:.3g} nats, which no model can beat: c is not identified")
+  irreducible = {KRAJEWSKI: "c", GRANULARITY_TERM: "l_inf"}.get(fit["law"])
+  if (entropy_floor is not None and irreducible is not None
+      and fit["coefficients"][irreducible]["value"] < entropy_floor):
+    add("below_entropy_floor", irreducible, f"irreducible loss {irreducible} = "
+        f"{fit['coefficients'][irreducible]['value']:.3g} is below the data's entropy floor "
+        f"{entropy_floor:.3g} nats, which no model can beat: it is not identified")
   if (fit["bootstrap"]["requested"] and
       fit["bootstrap"]["succeeded"] < 0.5 * fit["bootstrap"]["requested"]):
     add("no_interval", "", f"only {fit['bootstrap']['succeeded']} of "
         f"{fit['bootstrap']['requested']} bootstrap refits succeeded")
   return found
+
+
+# ------------------------------------------------- one-axis granularity term ---
+
+GRANULARITY_TERM = "granularity_term"
+GRANULARITY_TERM_FORMULA = "L = l_inf + g / G**gamma  (fixed N and D)"
+GRANULARITY_TERM_PARAMS = ("l_inf", "g", "gamma")
+
+
+def granularity_term_loss(coefficients: Mapping[str, float], granularity):
+  """l_inf + g / G**gamma: Krajewski et al. 2024's law at one N and D, where
+  (g / G**gamma + a) / N**alpha + b / D**beta + c collapses to this form."""
+  k = coefficients
+  return k["l_inf"] + k["g"] / np.asarray(granularity, np.float64)**k["gamma"]
+
+
+def _granularity_bounds(loss):
+  return np.array([0.0, 0.0, 0.0]), np.array([loss.min(), np.inf, _EXPONENT_MAX])
+
+
+def _granularity_fit(g, loss, x0=None):
+  lower, upper = _granularity_bounds(loss)
+
+  def residuals(x):
+    pred = granularity_term_loss(dict(zip(GRANULARITY_TERM_PARAMS, x)), g)
+    return np.log(np.maximum(pred, 1e-12)) - np.log(loss)
+
+  starts = [x0] if x0 is not None else [
+      np.array([loss.min() * f, (loss.max() - loss.min() * f) + 1e-3, gamma])
+      for f in (0.5, 0.9) for gamma in (0.3, 1.0)]
+  best = None
+  for start in starts:
+    result = optimize.least_squares(residuals, np.clip(start, lower, upper),
+                                    bounds=(lower, upper), method="trf")
+    if best is None or result.cost < best.cost:
+      best = result
+  return best.x, residuals(best.x)
+
+
+def fit_granularity_term(granularity, loss, *, bootstrap: int = 200, seed: int = 0
+                         ) -> dict[str, Any]:
+  """Fits L(G) = l_inf + g / G**gamma on log L (runs at one model size and budget).
+
+  Returns the fit dict of this module (law "granularity_term"); `diagnose` applies.
+  Raises ValueError for fewer than 4 points or fewer than 3 distinct G.
+  """
+  arrays = _validated({"granularity": granularity, "loss": loss}, 4, GRANULARITY_TERM)
+  g, l = arrays.values()
+  if np.unique(g).size < 3:
+    raise ValueError(f"{GRANULARITY_TERM}: needs at least 3 distinct granularities to fit "
+                     f"3 coefficients, got {np.unique(g).tolist()}")
+  best, residuals = _granularity_fit(g, l)
+
+  def refit(sample, x0):
+    if np.unique(sample[0]).size < 3:
+      raise ValueError("degenerate resample")
+    return _granularity_fit(*sample, x0=x0)[0]
+
+  intervals, succeeded = _bootstrap(refit, [g, l], best, bootstrap, seed)
+  return _result(GRANULARITY_TERM, GRANULARITY_TERM_FORMULA, GRANULARITY_TERM_PARAMS, best,
+                 intervals, residuals, bootstrap, succeeded, bounds=_granularity_bounds(l))

@@ -30,7 +30,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
 
 # Per-layer routing scalars logged as train/layer{i}/<name> (when reported).
 LAYER_SCALARS = ("max_violation", "dropped_fraction", "router_entropy",
-                 "unrouted_fraction", "bias_norm")
+                 "unrouted_fraction", "bias_norm", "router_logit_max")
 
 
 def trainable(params: nnx.State) -> nnx.State:
@@ -51,7 +51,7 @@ def _scalar_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
          "train/dropped_fraction": aux.get("dropped_fraction", zero),
          "train/expert_load_max_over_mean": aux.get("load_max_over_mean", zero),
          "train/router_entropy": aux.get("router_entropy", zero)}
-  for name in ("max_violation", "unrouted_fraction", "bias_norm"):
+  for name in ("max_violation", "unrouted_fraction", "bias_norm", "router_logit_max"):
     if name in aux:
       out[f"train/{name}"] = aux[name]
   for index, layer in aux.get("layers", {}).items():
