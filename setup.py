@@ -38,6 +38,7 @@ setuptools.setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist"],
+        # nbclient/ipykernel: tests/test_colabs.py executes the notebooks.
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -87,6 +87,8 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
                  "eval_max_violation"):
     for name, stats in common.by_config(rows, column).items():
       table.setdefault(name, {})[column] = stats
+  for name, stats in common.paired_difference(rows, "eval_loss", "bias").items():
+    table[name]["eval_loss_minus_bias"] = stats
   aux = {name: v for name, v in table.items() if name.startswith("aux")}
   best_loss_aux = min(aux, key=lambda n: aux[n]["eval_loss"]["mean"]) if aux else None
   return {"configs": table, "best_loss_aux": best_loss_aux,

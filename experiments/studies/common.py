@@ -311,6 +311,20 @@ def run_records(folder: str, name: str) -> list[dict]:
   return metrics_lib.read_records(os.path.join(folder, "runs", name, "metrics.jsonl"))
 
 
+def mean_series(folder: str, rows: Sequence[dict], config: str, key: str
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+  """(steps, mean, std, n) of metric `key` over the finished seeds of a config,
+  at the steps all of them logged."""
+  names = [r["name"] for r in rows if r["config"] == config and r["status"] == "finished"]
+  series_list = [series(run_records(folder, name), key) for name in names]
+  series_list = [s for s in series_list if s[0].size]
+  if not series_list:
+    return np.zeros(0, int), np.zeros(0), np.zeros(0), 0
+  steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in series_list)))
+  values = np.stack([v[np.searchsorted(s, steps)] for s, v in series_list])
+  return np.asarray(steps), values.mean(0), values.std(0), len(series_list)
+
+
 def _parse(text: str):
   if text == "":
     return None
