@@ -233,26 +233,25 @@ def compare(patterns: Sequence[str], out: str) -> list[dict[str, Any]]:
   return rows
 
 
-_OUT = flags.DEFINE_string("out", None, "Output folder (created if missing).")
-
-
-def main(argv):
+def main(argv, out_flag):
   if len(argv) < 2:
     print("error: name at least one run, sweep or results directory (or a glob)",
           file=sys.stderr)
     sys.exit(2)
-  if not _OUT.value:
+  if not out_flag.value:
     print("error: --out is required", file=sys.stderr)
     sys.exit(2)
   try:
-    rows = compare(argv[1:], _OUT.value)
+    rows = compare(argv[1:], out_flag.value)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(markdown(rows), end="")
-  print(f"wrote {os.path.join(_OUT.value, 'compare.png')}, final_eval_loss.md, "
+  print(f"wrote {os.path.join(out_flag.value, 'compare.png')}, final_eval_loss.md, "
         f"final_eval_loss.csv")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Defined here, not at import: other tools importing this module have an --out too.
+  _OUT = flags.DEFINE_string("out", None, "Output folder (created if missing).")
+  app.run(lambda argv: main(argv, _OUT))

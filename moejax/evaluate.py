@@ -170,7 +170,12 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
   if config.train.batch_size % jax.device_count():
     config.mesh.data = 1
     config.mesh.model = jax.device_count()
-  trainer.check_model_config(config, vocab_size)
+  try:
+    trainer.check_model_config(config, vocab_size)
+  except ValueError as e:
+    first_line = str(e).splitlines()[0]
+    raise ValueError(f"these evaluation settings do not apply to this run: {first_line}"
+                     ) from None
   mesh = trainer.make_mesh(config)
   with parallel.activate(mesh):
     graphdef, abstract = nnx.split(nnx.eval_shape(

@@ -393,6 +393,9 @@ def main(module: ModuleType, parsed: dict, argv: Sequence[str]) -> None:
   if not parsed["workdir"].value:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)
+  if not flags.FLAGS["verbosity"].present:
+    # orbax logs every save and restore at INFO; the trainer prints progress.
+    logging.set_verbosity(logging.WARNING)
   try:
     summary = run(module, parsed["workdir"].value, parsed["scale"].value,
                   parsed["out"].value, parsed["shard"].value,

@@ -105,12 +105,10 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   return {"configs": table, "clark_slope_fit": fit}
 
 
-FLAGS = common.define_flags()
-
-
 def main(argv):
-  common.main(sys.modules[__name__], FLAGS, argv)
+  common.main(sys.modules[__name__], common.define_flags(), argv)
 
 
 if __name__ == "__main__":
+  common.define_flags()  # before app.run parses the command line
   app.run(main)

@@ -103,12 +103,10 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   return {"configs": table, "fits": fits, "entropy_floor": floor}
 
 
-FLAGS = common.define_flags()
-
-
 def main(argv):
-  common.main(sys.modules[__name__], FLAGS, argv)
+  common.main(sys.modules[__name__], common.define_flags(), argv)
 
 
 if __name__ == "__main__":
+  common.define_flags()  # before app.run parses the command line
   app.run(main)
