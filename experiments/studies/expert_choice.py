@@ -103,6 +103,16 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   for column in columns:
     for name, stats in common.by_config(rows, column).items():
       table.setdefault(name, {})[column] = stats
+  for column in ("eval_loss_16batches", "loss_first_half"):
+    for name, stats in common.paired_difference(rows, column, "topk").items():
+      table[name][f"{column}_minus_topk"] = stats
+  # The leaky model routed causally, against the model trained causally (same seed).
+  batch = {r["seed"]: r for r in rows if r["config"] == "ec_batch" and r["status"] == "finished"}
+  diffs = [r["eval_loss_causal_groups"] - batch[r["seed"]]["eval_loss_16batches"]
+           for r in rows if r["config"] == "ec_sequence" and r["seed"] in batch
+           and r.get("eval_loss_causal_groups") is not None]
+  if "ec_sequence" in table:
+    table["ec_sequence"]["causal_groups_minus_ec_batch"] = common.mean_std(diffs)
   return {"configs": table}
 
 
