@@ -292,3 +292,31 @@ def test_z_loss_instability_criteria():
   assert row([6.0, 5.9, 5.8, 5.8], 5.7)["unstable"] == 1        # never left the plateau
   assert row([6.0, float("nan"), 3.0, 2.5], 2.4)["unstable"] == 1
   assert row([6.0, 4.0, 3.0, 2.5], 2.4)["router_logit_max_peak"] == 6.0
+
+
+def test_compare_runs_reads_a_committed_study(tmp_path):
+  rows = compare_runs.compare([os.path.join(REPO, "experiments", "results", "capacity")],
+                              str(tmp_path))
+  assert len(rows) == 5 and all(row["eval_loss_n"] == 3 for row in rows)
+  labels = [row["config"] for row in rows]
+  assert any("capacity_factor=0.5" in label for label in labels)
+  study_rows, summary = common.load_results(os.path.join(REPO, "experiments", "results",
+                                                         "capacity"))
+  by_config = {row["config"]: row for row in rows}
+  for name, stats in summary["configs"].items():
+    matches = [row for label, row in by_config.items()
+               if f"capacity_factor={float(name[2:]) if name != 'dropless' else 0.0}"
+               in label]
+    assert len(matches) == 1, name
+    assert matches[0]["eval_loss_mean"] == pytest.approx(stats["eval_loss"]["mean"])
+
+
+def test_the_tiny_granularity_fit_is_flagged(tmp_path):
+  """The fit the issue reported (configs/sweeps/granularity.py:tiny, measured
+  results committed): gamma at its bound, c below the entropy floor of 1.07."""
+  results = os.path.join(REPO, "experiments", "results", "granularity_tiny", "results.csv")
+  result = fit_scaling.run(results, laws.KRAJEWSKI, str(tmp_path), bootstrap=20)
+  kinds = {(w["kind"], w["coefficient"]) for w in result["warnings"]}
+  assert ("at_bound", "gamma") in kinds
+  assert ("below_entropy_floor", "c") in kinds
+  assert result["entropy_floor"] == pytest.approx(1.0725, abs=1e-3)
