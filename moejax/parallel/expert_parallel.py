@@ -36,7 +36,7 @@ buffer by the same static bound.
 Router losses and metrics are means over groups or tokens, and every device
 holds the same number of both, so their `pmean` over the batch axes equals the
 one-device value; `load_max_over_mean` (a max, not a mean) is recomputed from
-the averaged `expert_load`.
+the averaged `expert_load`, and `router_logit_max` is the `pmax` of the shards'.
 """
 
 import functools
@@ -89,19 +89,31 @@ def parallel_mesh():
   return mesh if _size(mesh, tuple(axes)) > 1 else None
 
 
+# Router metrics that are maxima over tokens, not means.
+MAX_METRICS = ("router_logit_max",)
+
+
 def mean_over_shards(aux: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
   """One-device values of a layer's router losses and metrics from their
   per-shard values.
 
   Valid because each shard holds the same number of groups, tokens and
-  assignments, so a mean of per-shard means is the global mean. The one
-  non-mean, `load_max_over_mean` = E * max_e expert_load
-  (`routing.metrics.load_metrics`), is recomputed from the mean load.
+  assignments, so a mean of per-shard means is the global mean. The
+  non-means: `load_max_over_mean` = E * max_e expert_load
+  (`routing.metrics.load_metrics`) is recomputed from the mean load, and
+  maxima over tokens (`MAX_METRICS`, the largest router logit) are `pmax`-ed.
   """
   if not axes:
     return aux
-  aux = {name: (jax.lax.psum(value, axes) if name == "expert_counts"
-                else jax.lax.pmean(value, axes)) for name, value in aux.items()}
+
+  def reduce(name, value):
+    if name == "expert_counts":
+      return jax.lax.psum(value, axes)
+    if name in MAX_METRICS:
+      return jax.lax.pmax(value, axes)
+    return jax.lax.pmean(value, axes)
+
+  aux = {name: reduce(name, value) for name, value in aux.items()}
   if "expert_counts" in aux:
     # Shards with padding hold fewer real assignments: the global load is
     # the load of the summed counts, not the mean of per-shard fractions.
