@@ -99,6 +99,11 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
     table[name]["stable"] = f"{len(stable)}/{len(runs)}"
     table[name]["eval_loss_stable_runs"] = common.mean_std(
         [row["eval_loss"] for row in stable])
+  for lr_name in ("unstable_lr", "stable_lr"):
+    with_z, without = f"{lr_name}_zloss", f"{lr_name}_no_zloss"
+    if with_z in table and without in table:
+      table[with_z]["eval_loss_minus_no_zloss"] = common.paired_difference(
+          rows, "eval_loss", without)[with_z]
   return {"configs": table, "criteria": {"spike_nats": SPIKE, "failed_eval_loss": FAILED_LOSS}}
 
 
