@@ -53,8 +53,7 @@ def configs(scale: str) -> list[tuple[str, dict]]:
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  common.check_scale(scale)
-  return common.seeded(configs(scale), _SCALES[scale]["seeds"])
+  return common.seeded_sweep(configs, _SCALES, scale)
 
 
 def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
@@ -82,11 +81,8 @@ def _eval_mean(records: Sequence[dict]) -> Optional[float]:
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  table = {}
-  for column in ("eval_loss", "max_violation_late", "max_violation_final", "dropped_late",
-                 "eval_max_violation"):
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, ("eval_loss", "max_violation_late", "max_violation_final",
+                                     "dropped_late", "eval_max_violation"))
   for name, stats in common.paired_difference(rows, "eval_loss", "bias").items():
     table[name]["eval_loss_minus_bias"] = stats
   aux = {name: v for name, v in table.items() if name.startswith("aux")}

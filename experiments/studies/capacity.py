@@ -56,8 +56,7 @@ def configs(scale: str) -> list[tuple[str, dict]]:
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  common.check_scale(scale)
-  return common.seeded(configs(scale), _SCALES[scale]["seeds"])
+  return common.seeded_sweep(configs, _SCALES, scale)
 
 
 def postprocess(workdir: str, points, scale: str) -> None:
@@ -87,10 +86,7 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   columns = ["eval_loss", "train_dropped_late", "tokens_per_sec", "flops_capacity_padding"]
   columns += [f"eval_loss_{name}" for name in EVAL_SETTINGS]
   columns += [f"eval_dropped_{name}" for name in EVAL_SETTINGS]
-  table = {}
-  for column in columns:
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, columns)
   return {"configs": table, "eval_settings": list(EVAL_SETTINGS)}
 
 

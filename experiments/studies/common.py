@@ -136,6 +136,22 @@ def by_config(rows: Sequence[dict], column: str, finished_only: bool = True
   return {name: mean_std(values) for name, values in groups.items()}
 
 
+def config_table(rows: Sequence[dict], columns: Iterable[str]) -> dict[str, dict[str, Any]]:
+  """{config: {column: mean_std over its finished seeds}} for each column."""
+  table: dict[str, dict[str, Any]] = {}
+  for column in columns:
+    for name, stats in by_config(rows, column).items():
+      table.setdefault(name, {})[column] = stats
+  return table
+
+
+def seeded_sweep(configs: Callable[[str], list[tuple[str, dict]]],
+                 scales: dict[str, dict], scale: str) -> list[tuple[str, dict]]:
+  """A study's `get_sweep`: its configs at `scale`, one point per seed of the scale."""
+  check_scale(scale)
+  return seeded(configs(scale), scales[scale]["seeds"])
+
+
 def paired_difference(rows: Sequence[dict], column: str, reference: str
                       ) -> dict[str, dict[str, Any]]:
   """{config: mean_std over seeds of (its `column` - the reference config's, same seed)}.

@@ -61,8 +61,7 @@ def configs(scale: str) -> list[tuple[str, dict]]:
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  common.check_scale(scale)
-  return common.seeded(configs(scale), _SCALES[scale]["seeds"])
+  return common.seeded_sweep(configs, _SCALES, scale)
 
 
 def postprocess(workdir: str, points, scale: str) -> None:
@@ -99,10 +98,7 @@ def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   columns = ("eval_loss", "eval_loss_16batches", "loss_first_half",
              "loss_first_half_scrambled", "future_leak", "eval_loss_causal_groups",
              "unrouted_late")
-  table = {}
-  for column in columns:
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, columns)
   for column in ("eval_loss_16batches", "loss_first_half"):
     for name, stats in common.paired_difference(rows, column, "topk").items():
       table[name][f"{column}_minus_topk"] = stats

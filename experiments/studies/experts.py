@@ -53,8 +53,7 @@ def configs(scale: str) -> list[tuple[str, dict]]:
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  common.check_scale(scale)
-  return common.seeded(configs(scale), _SCALES[scale]["seeds"])
+  return common.seeded_sweep(configs, _SCALES, scale)
 
 
 def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
@@ -90,11 +89,8 @@ def fit_log_slope(experts, losses, bootstrap: int = 200, seed: int = 0) -> dict[
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  table = {}
-  for column in ("eval_loss", "params_active_nonembed", "params_total_nonembed",
-                 "flops_per_token", "dropped_late"):
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, ("eval_loss", "params_active_nonembed",
+                                     "params_total_nonembed", "flops_per_token", "dropped_late"))
   for name, stats in common.paired_difference(rows, "eval_loss", "dense").items():
     table[name]["eval_loss_minus_dense"] = stats
   moe = [r for r in rows if r["num_experts"] > 1 and r["status"] == "finished"]

@@ -63,8 +63,7 @@ def configs(scale: str) -> list[tuple[str, dict]]:
 
 
 def get_sweep(scale: str) -> list[tuple[str, dict]]:
-  common.check_scale(scale)
-  return common.seeded(configs(scale), _SCALES[scale]["seeds"])
+  return common.seeded_sweep(configs, _SCALES, scale)
 
 
 def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
@@ -81,11 +80,8 @@ def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  table = {}
-  for column in ("eval_loss", "params_active_nonembed", "params_total_nonembed",
-                 "dropped_late"):
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, ("eval_loss", "params_active_nonembed",
+                                     "params_total_nonembed", "dropped_late"))
   for name, stats in common.paired_difference(rows, "eval_loss", "g1").items():
     table[name]["eval_loss_minus_g1"] = stats
   floor = min((r["entropy_floor"] for r in rows if r.get("entropy_floor")), default=None)

@@ -88,11 +88,8 @@ def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  table = {}
-  for column in ("eval_loss", "router_logit_max_peak", "router_logit_max_final",
-                 "max_spike", "z_loss_final"):
-    for name, stats in common.by_config(rows, column).items():
-      table.setdefault(name, {})[column] = stats
+  table = common.config_table(rows, ("eval_loss", "router_logit_max_peak",
+                                     "router_logit_max_final", "max_spike", "z_loss_final"))
   for name in table:
     runs = [row for row in rows if row["config"] == name]
     stable = [row for row in runs if not row["unstable"]]
