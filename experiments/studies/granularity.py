@@ -27,7 +27,6 @@ import sys
 from typing import Any, Optional, Sequence
 
 from absl import app
-import numpy as np
 
 from experiments.studies import common
 from moejax.scaling import laws
