@@ -37,7 +37,7 @@ GRANULARITIES = (1, 2, 4, 8)
 NUM_EXPERTS, TOP_K = 8, 2
 BOOTSTRAP = 200
 _SCALES = {
-    "full": dict(model=common.STUDY_MODEL, steps=1000, log_every=20, seeds=(0, 1),
+    "full": dict(model=common.STUDY_MODEL, steps=1000, log_every=20, seeds=(0, 1, 2),
                  granularities=GRANULARITIES),
     "quick": dict(model=common.QUICK_MODEL, steps=12, log_every=4, seeds=(0,),
                   granularities=(1, 2, 4)),

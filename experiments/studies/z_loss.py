@@ -15,7 +15,7 @@ the 0.03 at which this model trains well; measured: at 0.3 no run trains).
 Runs: the study model, top-2 of 8 experts, groups of one position (causal),
 `model.dtype=bfloat16`, `train.grad_clip=0`:
   unstable_lr  learning rate 0.2, z_loss_weight 0 / 1e-3 (`zloss`), 6 seeds each;
-  stable_lr    learning rate 0.03, z_loss_weight 0 / 1e-3, 2 seeds each (does the
+  stable_lr    learning rate 0.03, z_loss_weight 0 / 1e-3, 3 seeds each (does the
                z-loss cost quality where training is stable?).
 A run counts as unstable when its loss becomes non-finite, or jumps more
 than SPIKE nats above its running minimum, or it ends with an eval loss above
@@ -42,7 +42,7 @@ FAILED_LOSS = 4.0  # final eval loss (nats/token)
 Z_LOSS_WEIGHT = 1e-3
 _SCALES = {
     "full": dict(model=common.STUDY_MODEL, steps=300, log_every=10, unstable_lr=0.2,
-                 stable_lr=0.03, unstable_seeds=(0, 1, 2, 3, 4, 5), stable_seeds=(0, 1)),
+                 stable_lr=0.03, unstable_seeds=(0, 1, 2, 3, 4, 5), stable_seeds=(0, 1, 2)),
     "quick": dict(model=common.QUICK_MODEL, steps=15, log_every=5, unstable_lr=0.2,
                   stable_lr=None, unstable_seeds=(0, 1), stable_seeds=()),
 }
