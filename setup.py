@@ -36,9 +36,18 @@ setuptools.setup(
         # moejax.scaling.laws fits (scipy.optimize); experiments.fit_scaling plots.
         "scipy",
         "matplotlib",
+        # config.data.loader="grain": tokens in ArrayRecord files read at random
+        # through a Grain pipeline (moejax/data/streaming.py).
+        "grain",
+        "array-record",
     ],
     extras_require={
-        # nbclient/ipykernel: tests/test_colabs.py executes the notebooks.
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],
+        # config.model.moe.grouped_matmul="tokamax" (and "auto" on GPU/TPU): the
+        # Pallas grouped-matmul kernels of dropless. Optional: it needs jax>=0.9.2
+        # and pins typeguard==2.13.3.
+        "tokamax": ["tokamax"],
+        # nbclient/ipykernel: tests/test_colabs.py executes the notebooks;
+        # tokamax: tests/test_grouped_matmul.py checks its kernels (XLA on CPU).
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "tokamax"],
     },
 )

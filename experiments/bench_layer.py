@@ -3,8 +3,10 @@ r"""Forward+backward time of `MoELayer` per dispatcher, next to a dense FFN.
     python -m experiments.bench_layer                      # the full grid
     python -m experiments.bench_layer --num_experts=64 --top_k=2 --dispatch=gather
     python -m experiments.bench_layer --breakdown --num_experts=8,64,256 --top_k=2
+    python -m experiments.bench_layer --dispatch=dropless --grouped_matmul=xla,tokamax
 
-Prints one JSON object per line: a result per (dispatch, E, k) and a final
+Prints one JSON object per line: a result per (dispatch, E, k) (dropless: per
+grouped matmul too, its resolved name in "grouped_matmul") and a final
 summary. The yardstick is a dense FFN with the same active FLOPs (hidden
 k * expert_hidden), timed in the same process; `ratio_to_dense` is the MoE
 median time over the dense median time. Times are medians of --repeats runs
@@ -18,6 +20,7 @@ same-sized gradient (what any forward+backward must do at least once). The
 parts explain where the layer's time goes as E grows at fixed k.
 """
 
+import functools
 import json
 import statistics
 import time
@@ -28,8 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import dispatch as dispatch_lib
 from moejax import routing as routing_lib
-from moejax.dispatch import dropless as dropless_lib
+from moejax.dispatch.grouped_matmul import resolve_grouped_matmul, tokamax_module
 from moejax.nn import MoELayer
 
 _DISPATCH = flags.DEFINE_list("dispatch", ["gather", "dropless", "einsum"], "Dispatchers.")
@@ -41,9 +45,14 @@ _HIDDEN = flags.DEFINE_integer("expert_hidden", 512, "Expert hidden width H.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per batch.")
 _LENGTH = flags.DEFINE_integer("length", 1024, "Tokens per sequence (= routing group).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per configuration.")
+_GROUPED_MATMUL = flags.DEFINE_list(
+    "grouped_matmul", ["auto"], "Grouped matmuls to time for dropless "
+    f"(`config.model.moe.grouped_matmul`: {list(routing_lib.config.GROUPED_MATMULS)}).")
 _DROPLESS_BLOCK = flags.DEFINE_list(
-    "dropless_block_size", [], "Block sizes to time for dropless (1 = jax.lax.ragged_dot); "
-    "default: the backend's choice (`dispatch.dropless.default_block_size`).")
+    "dropless_block_size", [], "Block sizes to time for dropless, with each grouped "
+    "matmul (for grouped_matmul=auto: 1 = jax.lax.ragged_dot, larger = the blocked loop; "
+    "for xla/tokamax only the padding of each expert's rows changes); default: the "
+    "grouped matmul's own (`dispatch.dropless.default_block_size`).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Profile the gather layer's parts.")
 _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
@@ -76,13 +85,15 @@ def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
 
 
 def _time_dropless_block(layer: MoELayer, x: jax.Array, block_size: int) -> float:
-  """The layer's time with the dropless grouped matmul at `block_size`."""
-  default = dropless_lib.default_block_size
-  dropless_lib.default_block_size = lambda num_assignments, num_experts: block_size
+  """The layer's time with its dropless grouped matmul at `block_size`."""
+  default = layer._dispatcher  # pylint: disable=protected-access
+  layer._dispatcher = functools.partial(  # pylint: disable=protected-access
+      dispatch_lib.dropless_dispatch, block_size=block_size,
+      grouped_matmul=layer.cfg.grouped_matmul)
   try:
     return _time_layer(layer, x, _REPEATS.value)
   finally:
-    dropless_lib.default_block_size = default
+    layer._dispatcher = default  # pylint: disable=protected-access
 
 
 def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
@@ -139,14 +150,18 @@ def main(argv):
     print(json.dumps({"layer": "dense", "top_k": top_k,
                       "hidden": top_k * _HIDDEN.value,
                       "seconds": round(dense_seconds[top_k], 5)}), flush=True)
-    for dispatch in _DISPATCH.value:
+    runs = [(dispatch, grouped_matmul) for dispatch in _DISPATCH.value
+            for grouped_matmul in (_GROUPED_MATMUL.value if dispatch == "dropless"
+                                   else [None])]
+    for dispatch, grouped_matmul in runs:
       for num_experts in map(int, _EXPERTS.value):
         if dispatch == "einsum" and num_experts > _EINSUM_MAX_EXPERTS.value:
           continue
         capacity_factor = 0.0 if dispatch == "dropless" else _CAPACITY.value
+        options = {} if grouped_matmul is None else {"grouped_matmul": grouped_matmul}
         layer = MoELayer(num_experts=num_experts, top_k=top_k, router="topk",
                          capacity_factor=capacity_factor, dispatch=dispatch,
-                         rngs=nnx.Rngs(0), **common)
+                         rngs=nnx.Rngs(0), **options, **common)
         seconds = _time_layer(layer, x, _REPEATS.value)
         if _BREAKDOWN.value and dispatch == "gather":
           parts = _breakdown(layer, x, _REPEATS.value)
@@ -160,19 +175,31 @@ def main(argv):
                   "top_k": top_k, "capacity_factor": capacity_factor,
                   "seconds": round(seconds, 5),
                   "ratio_to_dense": round(seconds / dense_seconds[top_k], 3)}
+        if grouped_matmul is not None:  # the implementation that ran ("auto" resolved)
+          result["grouped_matmul"] = resolve_grouped_matmul(grouped_matmul)
         results.append(result)
         print(json.dumps(result), flush=True)
         if dispatch == "dropless":
           for block_size in map(int, _DROPLESS_BLOCK.value):
             seconds = _time_dropless_block(layer, x, block_size)
+            implementation, _ = dispatch_lib.dropless.grouped_matmul_layout(
+                grouped_matmul, block_size, 0, num_experts)
             print(json.dumps({**result, "block_size": block_size, "seconds": round(seconds, 5),
-                              "ratio_to_dense": round(seconds / dense_seconds[top_k], 3)}),
+                              "ratio_to_dense": round(seconds / dense_seconds[top_k], 3),
+                              "grouped_matmul": implementation}),
                   flush=True)
 
   summary = {"summary": True, "backend": jax.default_backend(),
              "tokens": _BATCH.value * _LENGTH.value, "d_model": _D_MODEL.value,
              "expert_hidden": _HIDDEN.value, "jax": jax.__version__}
-  by_key = {(r["dispatch"], r["num_experts"], r["top_k"]): r["seconds"] for r in results}
+  if "dropless" in _DISPATCH.value and "tokamax" in map(resolve_grouped_matmul,
+                                                        _GROUPED_MATMUL.value):
+    summary["tokamax"] = tokamax_module().__version__
+  # Dropless ratios are per grouped matmul when several are timed.
+  several = len(_GROUPED_MATMUL.value) > 1
+  by_key = {(f"{r['dispatch']}_{r['grouped_matmul']}" if several and "grouped_matmul" in r
+             else r["dispatch"], r["num_experts"], r["top_k"]): r["seconds"]
+            for r in results}
   for (dispatch, num_experts, top_k), seconds in sorted(by_key.items()):
     base = by_key.get((dispatch, min(map(int, _EXPERTS.value)), top_k))
     if base and num_experts != min(map(int, _EXPERTS.value)):

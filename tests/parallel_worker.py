@@ -22,6 +22,7 @@ from flax import nnx
 
 from moejax import dispatch, parallel
 from moejax.nn import MoELayer, NonCausalRoutingWarning, TransformerLM
+from moejax.routing.config import tokamax_installed
 
 # |got - want| <= RTOL * (|want| + ATOL_FRACTION * max|want|) per leaf: float32
 # sums over devices run in another order; the floor scales with the leaf.
@@ -273,6 +274,12 @@ def cases():
       (2, 2, 2), ragged, "auto")
   yield "layer/2x4x1/dropless_ragged_reference_ragged_dot/explicit", lambda: layer_case(
       (2, 4, 1), ragged, "explicit", block_size=1)
+  if tokamax_installed():  # grouped_matmul="tokamax" inside shard_map, both exchanges
+    tokamax = dict(ROUTERS["dropless"], grouped_matmul="tokamax")
+    yield "layer/2x4x1/dropless_tokamax/explicit", lambda: layer_case(
+        (2, 4, 1), tokamax, "explicit")
+    yield "layer/2x2x2/dropless_ragged_reference_tokamax/explicit", lambda: layer_case(
+        (2, 2, 2), dict(tokamax, dropless_exchange="ragged_reference"), "explicit")
   yield "ragged_reference/docstring_example", ragged_reference_docstring_case
   yield "lowered/2x4x1/dropless_ragged", ragged_lowering_case
   yield "lowered/2x2x2/dropless_ragged", lambda: ragged_lowering_case((2, 2, 2))

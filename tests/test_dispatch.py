@@ -22,8 +22,8 @@ class _LinearExperts:
   def __call__(self, buffer):
     return jnp.tanh(jnp.einsum("end,edh->enh", buffer, self.w))
 
-  def grouped(self, rows, group_sizes, block_size):
-    return jnp.tanh(grouped_matmul(rows, self.w, group_sizes, block_size))
+  def grouped(self, rows, group_sizes, block_size, implementation=None):
+    return jnp.tanh(grouped_matmul(rows, self.w, group_sizes, block_size, implementation))
 
 
 def _dense_reference(x, combine_weights, w):
@@ -53,7 +53,13 @@ DISPATCH_FNS = {
     "einsum": dispatch.einsum_dispatch,
     "dropless_blocked": functools.partial(dispatch.dropless_dispatch, block_size=4),
     "dropless_ragged_dot": functools.partial(dispatch.dropless_dispatch, block_size=1),
+    # grouped_matmul="auto" is the blocked loop on CPU, at the default block size.
+    "dropless_auto": dispatch.dropless_dispatch,
+    "dropless_xla": functools.partial(dispatch.dropless_dispatch, grouped_matmul="xla"),
 }
+if routing_lib.config.tokamax_installed():  # tests/test_grouped_matmul.py reports a skip
+  DISPATCH_FNS["dropless_tokamax"] = functools.partial(dispatch.dropless_dispatch,
+                                                       grouped_matmul="tokamax")
 
 
 @pytest.mark.parametrize("route_kwargs", ROUTE_CASES, ids=lambda c: str(c))

@@ -12,8 +12,16 @@ Keys of `config.data` (defaults in `DEFAULTS`):
   vocab_size    synthetic_mixture vocabulary / SentencePiece size (byte: ignored)
   num_domains   synthetic_mixture: number of Markov sources
   branching     synthetic_mixture: successors per state of each source
+  loader        TFDS datasets: "memory" (one .npy token stream per split, an
+                in-memory permutation of all windows per epoch) or "grain"
+                (tokens in ArrayRecord chunks read at random by a Grain
+                pipeline with an O(1)-memory shuffle: memory stays flat as the
+                corpus grows; see streaming.py). Both give batches that depend
+                only on (seed, step) and resume exactly; the orders differ.
+                synthetic_mixture is generated per step and takes "memory".
 """
 
+import importlib.util
 import os
 from typing import Any, Mapping, Optional, Union
 
@@ -37,7 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "vocab_size": 512,
     "num_domains": 4,
     "branching": 4,
+    "loader": "memory",
 }
+
+LOADERS = ("memory", "grain")
 
 DataConfig = Union[ml_collections.ConfigDict, Mapping[str, Any]]
 
@@ -125,6 +136,19 @@ def validate_data_config(data_config: DataConfig) -> None:
       and not os.path.isdir(manual_dir)):
     raise ValueError(f"config.data.manual_dir={manual_dir!r} does not exist")
 
+  if config["loader"] not in LOADERS:
+    raise ValueError(f"config.data.loader={config['loader']!r} is not a known loader; "
+                     f"valid: {', '.join(LOADERS)}")
+  if config["loader"] == "grain":
+    if name == SYNTHETIC:
+      raise ValueError(f"config.data.loader='grain' streams TFDS text datasets; {SYNTHETIC} "
+                       "is generated per step in constant memory: use "
+                       "config.data.loader='memory'")
+    missing = [m for m in ("grain", "array_record") if importlib.util.find_spec(m) is None]
+    if missing:
+      raise ValueError(f"config.data.loader='grain' needs the {' and '.join(missing)} "
+                       f"package(s): pip install grain")
+
   if name == SYNTHETIC:
     _check_positive_int(config, "vocab_size", minimum=2)
     if config["branching"] > config["vocab_size"]:
@@ -165,7 +189,11 @@ def make_dataset(data_config: DataConfig, *, seq_len: int, global_batch_size: in
     return synthetic.SyntheticMixtureDataset(
         vocab_size=config["vocab_size"], num_domains=config["num_domains"],
         branching=config["branching"], **batch_args)
-  return text.TextDataset(
+  dataset_class = text.TextDataset
+  if config["loader"] == "grain":
+    from moejax.data import streaming  # pylint: disable=g-import-not-at-top
+    dataset_class = streaming.StreamingTextDataset
+  return dataset_class(
       name=config["name"], data_dir=config["data_dir"], manual_dir=config["manual_dir"],
       text_key=config["text_key"], train_split=config["train_split"],
       eval_split=config["eval_split"], tokenizer=config["tokenizer"],

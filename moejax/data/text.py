@@ -128,12 +128,15 @@ def _check_split(builder, key: str, split: str) -> None:
 def iter_documents(builder, split: str, text_key: str) -> Iterator[np.ndarray]:
   """Batches of documents of `split` in order: <object>[<= _READ_BATCH] of bytes."""
   tfds = import_tfds(with_tensorflow=True)
-  dataset = builder.as_dataset(split=split, shuffle_files=False)
+  # One pass: TFDS's auto-cache (splits under 250 MiB) would keep every document
+  # read in memory until the pass ends, for nothing.
+  read_config = tfds.ReadConfig(try_autocache=False)
+  dataset = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
   dataset = dataset.map(lambda example: example[text_key]).batch(_READ_BATCH)
   yield from tfds.as_numpy(dataset.prefetch(2))
 
 
-def _publish(tmp_path: str, path: str) -> None:
+def publish(tmp_path: str, path: str) -> None:
   """Moves `tmp_path` to `path` unless `path` exists (then the first one wins)."""
   try:
     os.link(tmp_path, path)
@@ -145,7 +148,7 @@ def _publish(tmp_path: str, path: str) -> None:
     os.remove(tmp_path)
 
 
-def _unigram_entropy(counts: np.ndarray) -> float:
+def unigram_entropy(counts: np.ndarray) -> float:
   probs = counts[counts > 0] / counts.sum()
   return float(-np.sum(probs * np.log(probs)))
 
@@ -174,15 +177,15 @@ def _write_token_cache(path: str, builder, split: str, text_key: str, tokenizer)
         out[start:start + _COPY_CHUNK] = source[start:start + _COPY_CHUNK]
       out.flush()
       del out, source
-    _publish(tmp_npy, path)
+    publish(tmp_npy, path)
   finally:
     os.remove(raw.name)
   meta = {"dataset": builder.info.full_name, "split": split, "text_key": text_key,
           "tokenizer": tokenizer.fingerprint, "num_tokens": num_tokens,
-          "num_documents": num_documents, "unigram_entropy": _unigram_entropy(counts)}
+          "num_documents": num_documents, "unigram_entropy": unigram_entropy(counts)}
   with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False) as f:
     json.dump(meta, f)
-  _publish(f.name, _meta_path(path))
+  publish(f.name, _meta_path(path))
 
 
 def _meta_path(npy_path: str) -> str:
@@ -198,7 +201,7 @@ def _file_safe(name: str) -> str:
   return f"{clean}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def _split_tag(text_key: str, split: str) -> str:
+def split_tag(text_key: str, split: str) -> str:
   return f"{_file_safe(text_key)}.{_file_safe(split)}"
 
 
@@ -206,7 +209,7 @@ def load_tokens(cache_folder: str, builder, split: str, text_key: str,
                 tokenizer) -> tuple[np.ndarray, dict[str, Any]]:
   """Memory-mapped tokens of `split` (tokenized on first use) and their facts."""
   path = os.path.join(cache_folder,
-                      f"{_split_tag(text_key, split)}.{tokenizer.fingerprint}.npy")
+                      f"{split_tag(text_key, split)}.{tokenizer.fingerprint}.npy")
   if not (os.path.exists(path) and os.path.exists(_meta_path(path))):
     logging.info("Tokenizing %s split %r into %s", builder.info.full_name, split, path)
     _write_token_cache(path, builder, split, text_key, tokenizer)
@@ -220,7 +223,7 @@ def load_tokenizer(name: str, vocab_size: int, cache_folder: str, builder,
   """The tokenizer; SentencePiece is trained on `train_split` once and cached."""
   if name != "sentencepiece":
     return tokenizers_lib.make_tokenizer(name)
-  path = os.path.join(cache_folder, f"sentencepiece.{_split_tag(text_key, train_split)}"
+  path = os.path.join(cache_folder, f"sentencepiece.{split_tag(text_key, train_split)}"
                                     f".v{vocab_size}.model")
   if not os.path.exists(path):
     logging.info("Training a %d-piece SentencePiece model on %s into %s",
@@ -230,7 +233,7 @@ def load_tokenizer(name: str, vocab_size: int, cache_folder: str, builder,
     proto = tokenizers_lib.train_sentencepiece(documents, vocab_size)
     with tempfile.NamedTemporaryFile(dir=cache_folder, suffix=".model", delete=False) as f:
       f.write(proto)
-    _publish(f.name, path)
+    publish(f.name, path)
   return tokenizers_lib.SentencePieceTokenizer.from_file(path)
 
 
@@ -244,7 +247,9 @@ class TextDataset(base.Dataset):
   """Packed windows of a tokenized TFDS text dataset (see the module docstring).
 
   `entropy_floor` is None (unknown); `unigram_entropy` is that of the train
-  split's tokens, separators included.
+  split's tokens, separators included. Where the tokens live (`_load_split`,
+  `_windows`) and the training order (`train_batch`) are what
+  `streaming.StreamingTextDataset` (config.data.loader="grain") replaces.
   """
 
   def __init__(self, *, name: str, data_dir: Optional[str], manual_dir: Optional[str],
@@ -268,12 +273,10 @@ class TextDataset(base.Dataset):
 
     self.tokenizer = load_tokenizer(tokenizer, vocab_size, folder, builder,
                                     train_split, text_key)
-    self._train_tokens, train_meta = load_tokens(folder, builder, train_split, text_key,
-                                                 self.tokenizer)
-    self._eval_tokens, eval_meta = load_tokens(folder, builder, eval_split, text_key,
-                                               self.tokenizer)
-    self.num_train_windows = max(len(self._train_tokens) - 1, 0) // self.seq_len
-    self.num_eval_windows = max(len(self._eval_tokens) - 1, 0) // self.seq_len
+    self._train_tokens, train_meta = self._load_split(folder, builder, train_split, text_key)
+    self._eval_tokens, eval_meta = self._load_split(folder, builder, eval_split, text_key)
+    self.num_train_windows = max(train_meta["num_tokens"] - 1, 0) // self.seq_len
+    self.num_eval_windows = max(eval_meta["num_tokens"] - 1, 0) // self.seq_len
     for key, split, meta, windows, needed in (
         ("train_split", train_split, train_meta, self.num_train_windows,
          self.global_batch_size),
@@ -301,6 +304,11 @@ class TextDataset(base.Dataset):
         "cache_dir": cache_dir, "seq_len": self.seq_len,
         "global_batch_size": self.global_batch_size, "seed": self.seed,
     }
+
+  def _load_split(self, folder: str, builder, split: str,
+                  text_key: str) -> tuple[Any, dict[str, Any]]:
+    """The tokens of `split` (here a memory-mapped array) and their JSON facts."""
+    return load_tokens(folder, builder, split, text_key, self.tokenizer)
 
   def _permutation(self, epoch: int) -> np.ndarray:
     """The window order of `epoch`; the last two epochs are kept."""

@@ -5,6 +5,7 @@ Every dispatcher maps `(x [G, S, D], routing, experts) -> [G, S, D]` (see
 gradients.
 """
 
+import functools
 from typing import Callable
 
 from moejax.dispatch.base import Experts
@@ -20,10 +21,16 @@ DISPATCHERS: dict[str, Callable] = {
 }
 
 
-def get_dispatcher(name: str) -> Callable:
-  """The dispatcher called `name`; ValueError listing the valid names otherwise."""
+def get_dispatcher(name: str, *, grouped_matmul: str = "auto") -> Callable:
+  """The dispatcher called `name`; ValueError listing the valid names otherwise.
+
+  `grouped_matmul` (`config.model.moe.grouped_matmul`) is bound into the
+  dispatcher that runs one ("dropless"); the others have no use for it.
+  """
   if name not in DISPATCHERS:
     raise ValueError(f"unknown dispatch {name!r}; valid dispatchers: {sorted(DISPATCHERS)}")
+  if DISPATCHERS[name] is dropless_dispatch:
+    return functools.partial(dropless_dispatch, grouped_matmul=grouped_matmul)
   return DISPATCHERS[name]
 
 

@@ -1,8 +1,13 @@
 """Dropless dispatch (MegaBlocks, Gale et al. 2022): no capacity; assignments
 are sorted by expert and the experts run as one grouped matmul over exactly
-the rows they received (plus block padding on CPU). Meant for
-`capacity_factor=0`; given a routing with drops it skips the dropped
+the rows they received (plus block padding for the CPU blocked loop). Meant
+for `capacity_factor=0`; given a routing with drops it skips the dropped
 assignments, so its output equals the other dispatchers' for any routing.
+
+The grouped matmul is `config.model.moe.grouped_matmul` (see
+`dispatch.grouped_matmul`): the "blocked" loop needs every expert's rows
+padded to a multiple of a block size; the ragged kernels ("xla", "tokamax")
+take the rows as they are (block size 1).
 """
 
 from typing import Optional
@@ -12,6 +17,7 @@ import jax.numpy as jnp
 
 from moejax.dispatch import permute
 from moejax.dispatch.base import Experts
+from moejax.dispatch.grouped_matmul import resolve_grouped_matmul
 from moejax.routing import Routing
 
 # Rows per block of the CPU blocked grouped matmul: about a quarter of an
@@ -19,13 +25,32 @@ from moejax.routing import Routing
 _MIN_BLOCK, _MAX_BLOCK = 8, 128
 
 
-def default_block_size(num_assignments: int, num_experts: int) -> int:
-  """1 (ragged_dot) on GPU/TPU; a power of two on CPU (blocked loop)."""
-  if jax.default_backend() != "cpu":
+def default_block_size(num_assignments: int, num_experts: int,
+                       implementation: str = "blocked") -> int:
+  """1 for the ragged kernels; a power of two for the blocked loop."""
+  if implementation != "blocked":
     return 1
   target = max(1, num_assignments // (4 * num_experts))
   block = 1 << (target.bit_length() - 1)
   return int(min(_MAX_BLOCK, max(_MIN_BLOCK, block)))
+
+
+def grouped_matmul_layout(grouped_matmul: str, block_size: Optional[int],
+                          num_assignments: int, num_experts: int) -> tuple[str, int]:
+  """(implementation, block size) of the dropless grouped matmul.
+
+  `grouped_matmul` is resolved for the default backend; block_size None is
+  the implementation's default. With grouped_matmul="auto" an explicit block
+  size picks the implementation, as before the option existed: 1 = "xla",
+  larger = "blocked".
+  """
+  if grouped_matmul == "auto" and block_size is not None:
+    implementation = "xla" if block_size == 1 else "blocked"
+  else:
+    implementation = resolve_grouped_matmul(grouped_matmul)
+  if block_size is None:
+    block_size = default_block_size(num_assignments, num_experts, implementation)
+  return implementation, block_size
 
 
 def sorted_layout(routing: Routing, block_size: int):
@@ -62,28 +87,31 @@ def sorted_layout(routing: Routing, block_size: int):
 
 
 def dropless_dispatch(x: jax.Array, routing: Routing, experts: Experts,
-                      block_size: Optional[int] = None) -> jax.Array:
+                      block_size: Optional[int] = None,
+                      grouped_matmul: str = "auto") -> jax.Array:
   """Runs the experts on every kept assignment through a grouped matmul.
 
   Args:
     x: [G, S, D] tokens.
     routing: the routing of those tokens.
     experts: see `dispatch.base`.
-    block_size: rows per block of the grouped matmul; default per backend
-      (`default_block_size`); 1 uses `jax.lax.ragged_dot`.
+    block_size: rows per block of the grouped matmul; None = the
+      implementation's (`default_block_size`).
+    grouped_matmul: a name in `routing.config.GROUPED_MATMULS` (see
+      `grouped_matmul_layout` for how it combines with block_size).
 
   Returns:
     [G, S, D] combined expert outputs.
   """
   num_groups, num_tokens, d_model = x.shape
   total_tokens = num_groups * num_tokens
-  if block_size is None:
-    block_size = default_block_size(routing.token.size, routing.num_experts)
+  implementation, block_size = grouped_matmul_layout(
+      grouped_matmul, block_size, routing.token.size, routing.num_experts)
   token, dest, group_sizes, num_rows = sorted_layout(routing, block_size)
   source = permute.buffer_sources(token, dest, num_rows, total_tokens)
   rows = permute.to_buffer(x.reshape(total_tokens, d_model), token, dest, source,
                            total_tokens, routing.choices_per_token)
-  out = experts.grouped(rows, group_sizes, block_size)
+  out = experts.grouped(rows, group_sizes, block_size, implementation)
   y = permute.from_buffer(out, routing.weight.reshape(-1), token, dest, source,
                           total_tokens, routing.choices_per_token)
   return y.reshape(num_groups, num_tokens, -1)

@@ -15,31 +15,97 @@ body's results (shard_map's varying-axes check, check_vma, requires a carry
 to keep its type), and the backward pass sums each gradient over the axes
 its input is invariant over (the transpose of using an invariant value in a
 varying computation, as for built-in ops).
+
+Implementations (`config.model.moe.grouped_matmul`):
+  * "xla": `jax.lax.ragged_dot`, XLA's own lowering.
+  * "tokamax": `tokamax.ragged_dot` (an optional dependency), which runs the
+    first of its kernels that takes the inputs on this device: Pallas Mosaic
+    GPU (Hopper, Blackwell), Pallas Triton (GPUs), Pallas Mosaic TPU (v5+,
+    every dimension >= 128; the MegaBlocks TPU kernel), else XLA's
+    `ragged_dot_general` (always the case on CPU, where the tests run it).
+    The backward pass runs the same kernels (a grouped matmul for d_x, one
+    contracting the rows for d_w).
+  * "blocked": the blocked loop above, for CPU.
+  * "auto": "blocked" on CPU; on GPU/TPU "tokamax" when it imports, else "xla".
 """
 
 import functools
+from typing import Optional
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 
+from moejax.routing.config import check_grouped_matmul
+
+
+@functools.cache
+def _import_tokamax():
+  """The tokamax module, or the ImportError raised importing it."""
+  try:
+    import tokamax  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    return error
+  # tokamax (0.0.12) reads its options from absl flags and, where no absl app
+  # has parsed them, parses all of sys.argv itself, which raises on any other
+  # program's arguments (pytest's, a notebook kernel's); upstream parses only
+  # its own since openxla/tokamax#957. Outside an absl app its options keep
+  # their defaults.
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
+def tokamax_module():
+  """`tokamax`; ImportError naming `pip install tokamax` when it does not import."""
+  module = _import_tokamax()
+  if isinstance(module, ImportError):
+    raise ImportError(f"grouped_matmul='tokamax' needs the tokamax package (pip install "
+                      f"tokamax); importing it failed: {module}") from module
+  return module
+
+
+def resolve_grouped_matmul(name: str) -> str:
+  """The implementation `name` runs on the default backend ("auto" resolved).
+
+  "auto" is "blocked" on CPU (XLA:CPU's ragged_dot costs ~34x a dense matmul,
+  see DESIGN.md) and a ragged kernel on GPU/TPU: tokamax's when it imports,
+  else XLA's.
+  """
+  check_grouped_matmul(name)
+  if name != "auto":
+    return name
+  if jax.default_backend() == "cpu":
+    return "blocked"
+  return "xla" if isinstance(_import_tokamax(), ImportError) else "tokamax"
+
 
 def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                   block_size: int) -> jax.Array:
+                   block_size: int = 1, implementation: Optional[str] = None) -> jax.Array:
   """y[r] = x[r] @ w[group of r].
 
   Args:
     x: [R, D] rows sorted by group.
     w: [E, D, H] one kernel per group.
     group_sizes: <int32>[E] rows per group; multiples of block_size.
-    block_size: 1 selects `jax.lax.ragged_dot`; larger sizes the blocked loop,
-      which needs R to be a multiple of block_size.
+    block_size: rows per block of the "blocked" loop, which needs R to be a
+      multiple of it; the ragged implementations ignore it.
+    implementation: a name in `routing.config.GROUPED_MATMULS` ("auto" resolved by
+      `resolve_grouped_matmul`); None = "xla" for block_size 1, else "blocked".
 
   Returns:
     [R, H]; rows past the last group are zero (blocked) or unspecified
-    (ragged_dot) and must not be read.
+    (ragged kernels) and must not be read.
   """
-  if block_size == 1:
+  if implementation is None:
+    implementation = "xla" if block_size == 1 else "blocked"
+  implementation = resolve_grouped_matmul(implementation)
+  if implementation == "xla":
     return jax.lax.ragged_dot(x, w, group_sizes)
+  if implementation == "tokamax":
+    # implementation=None: tokamax tries its kernels in order and falls back
+    # to XLA where none supports the inputs or the device.
+    return tokamax_module().ragged_dot(x, w, group_sizes.astype(jnp.int32))
   if x.shape[0] % block_size:
     raise ValueError(f"rows ({x.shape[0]}) must be a multiple of block_size ({block_size})")
   return _blocked_matmul(x, w, group_sizes.astype(jnp.int32), block_size)

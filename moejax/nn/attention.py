@@ -10,6 +10,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec
 
 
@@ -128,7 +129,8 @@ class CausalSelfAttention(nnx.Module):
     kernel = self.qkv[...].astype(self.dtype)  # [D, 3, N, P]
 
     def project(index):  # [T, D] x [D, N*P] -> [B, L, N, P]
-      y = jnp.dot(tokens, kernel[:, index].reshape(d_model, width))
+      y = checkpoint_name(jnp.dot(tokens, kernel[:, index].reshape(d_model, width)),
+                          "qkv")  # kept by remat="save_matmuls"
       return y.reshape(batch, length, width).reshape(batch, length, num_heads, head_dim)
 
     # Three 2-D dots: a 3-D operand ran ~2.2x slower forward+backward on

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moejax.dispatch import grouped_matmul
 from moejax.nn.attention import explicit_spec
@@ -55,7 +56,9 @@ class _FeedForwardParams(nnx.Module):
   def _mlp(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array],
            out_matmul: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
            hidden_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
-    pre = [matmul(x, kernel) for kernel in self._input_kernels()]
+    # Named for remat="save_matmuls" (moejax.nn.transformer.MATMUL_NAMES).
+    pre = [checkpoint_name(matmul(x, kernel), "ffn_hidden")
+           for kernel in self._input_kernels()]
     hidden = self.act(pre[0]) if len(pre) == 1 else self.act(pre[0]) * pre[1]
     if hidden_fn is not None:
       hidden = hidden_fn(hidden)
@@ -76,10 +79,12 @@ class Experts(_FeedForwardParams):
                      lambda x, w: jnp.einsum("end,edh->enh", x, w), hidden_fn=hidden_fn)
 
   def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
-              hidden_fn=None) -> jax.Array:
-    """[R, D] rows sorted by expert -> [R, D] (see `dispatch.grouped_matmul`)."""
+              implementation: Optional[str] = None, hidden_fn=None) -> jax.Array:
+    """[R, D] rows sorted by expert -> [R, D] (see `dispatch.grouped_matmul`
+    for `block_size` and `implementation`)."""
     return self._mlp(rows.astype(self.dtype),
-                     lambda x, w: grouped_matmul(x, w, group_sizes, block_size),
+                     lambda x, w: grouped_matmul(x, w, group_sizes, block_size,
+                                                 implementation),
                      hidden_fn=hidden_fn)
 
 
@@ -101,8 +106,10 @@ class DropoutExperts:
   def __call__(self, buffer: jax.Array) -> jax.Array:
     return self.experts(buffer, hidden_fn=self._drop)
 
-  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int) -> jax.Array:
-    return self.experts.grouped(rows, group_sizes, block_size, hidden_fn=self._drop)
+  def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
+              implementation: Optional[str] = None) -> jax.Array:
+    return self.experts.grouped(rows, group_sizes, block_size, implementation,
+                                hidden_fn=self._drop)
 
 
 class MLP(_FeedForwardParams):

@@ -124,7 +124,8 @@ class MoELayer(nnx.Module):
       self.ffn = MLP(d_model=d_model, hidden=moe.top_k * moe.expert_hidden,
                      activation=moe.activation, dtype=dtype, rngs=rngs)
     else:
-      self._dispatcher = dispatch_lib.get_dispatcher(routing_lib.resolve_dispatch(moe))
+      self._dispatcher = dispatch_lib.get_dispatcher(routing_lib.resolve_dispatch(moe),
+                                                     grouped_matmul=moe.grouped_matmul)
       expert_parallel.resolve_exchange(moe.dropless_exchange)  # validates the name
       for name, factor in (("capacity_factor", moe.capacity_factor),
                            ("eval_capacity_factor", moe.eval_capacity_factor)):

@@ -6,13 +6,30 @@
 
 Pre-norm blocks with RMSNorm and no biases (as in T5 / PaLM / LLaMA). The
 residual stream and the norms stay float32; attention and FFN matmuls compute
-in `dtype` (float32 or bfloat16) from float32 parameters; routers and logits
-are float32.
+in `dtype` (float32 or bfloat16) from parameters stored in `param_dtype`
+(float32 by default; bfloat16 halves their memory); routers, norms and logits
+are float32 whatever the dtypes.
+
+Layouts (`scan_layers`): unscanned, every block is its own module
+(`layers/<i>/...`) traced one by one; scanned, the repeated unit of the layer
+layout (one block, or a dense+MoE pair for moe_every=2) is stacked along a
+leading "layers" axis (`stack/blocks/<j>/...`, [units, ...]) and applied with
+`nnx.scan`, so compile time and program size stay flat in depth (dense bottom
+layers, and any dense layers above the last whole unit, stay unscanned in
+`bottom/<i>` and `top/<i>`). Both compute the same function from the same
+weights (`convert_layout` maps one onto the other).
+
+Rematerialization (`remat`): each block's activations are recomputed in the
+backward pass instead of stored ("full"), or only the outputs of its big
+matmuls are kept ("save_matmuls", named with `checkpoint_name`: `qkv`,
+`attention_out`, `ffn_hidden`, `ffn_out`), or everything is stored ("none").
 
 Letters: B batch, L sequence, D model width, V vocabulary, N heads, P head dim.
 """
 
+import functools
 import math
+import re
 import os
 import sys
 import warnings
@@ -29,11 +46,20 @@ from moejax.nn.attention import CausalSelfAttention, explicit_spec
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
 
+from jax.ad_checkpoint import checkpoint_name
+
 # Router metrics averaged over the MoE layers into the LM's aux (scalars only;
 # the per-expert `expert_load` vectors are left out).
 ROUTER_METRICS = ("dropped_fraction", "load_max_over_mean", "router_entropy",
                   "unrouted_fraction", "bias_norm", "router_logit_max")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
+# Names of the activations `remat="save_matmuls"` keeps (checkpoint_name).
+MATMUL_NAMES = ("qkv", "attention_out", "ffn_hidden", "ffn_out")
+REMAT_POLICIES = ("none", "full", "save_matmuls")
+# Parameters that stay float32 whatever param_dtype: routers (and their
+# balancing bias) and norm scales.
+_FLOAT32_PARAMS = re.compile(r"(^|/)(router/|[a-z_]*norm/)")
 _RMS_EPSILON = 1e-6
 
 
@@ -124,10 +150,62 @@ class DecoderBlock(nnx.Module):
                token_ids: Optional[jax.Array] = None,
                mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """<float32>[B, L, D] -> (<float32>[B, L, D], the FFN's aux)."""
-    x = x + self.attention(self.attention_norm(x)).astype(jnp.float32)
+    x = x + checkpoint_name(self.attention(self.attention_norm(x)),
+                            "attention_out").astype(jnp.float32)
     y, aux = self.ffn(self.ffn_norm(x), deterministic=deterministic, rng=rng,
                       token_ids=token_ids, mask=mask)
-    return x + y.astype(jnp.float32), aux
+    return x + checkpoint_name(y, "ffn_out").astype(jnp.float32), aux
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of config.model.remat (None: no remat)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {name!r}")
+  if name == "none":
+    return None
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  return jax.checkpoint_policies.save_only_these_names(*MATMUL_NAMES)
+
+
+def _apply_block(block: DecoderBlock, x, key, *, deterministic, token_ids, mask, remat,
+                 in_scan: bool = False):
+  """block(x) under the remat policy `remat`."""
+  def run(block, x, key):
+    return block(x, deterministic=deterministic, rng=key, token_ids=token_ids, mask=mask)
+  if remat == "none":
+    return run(block, x, key)
+  # A pure function of the block's state (jax.checkpoint, not nnx.remat: the
+  # block's variables may come from an outer trace, e.g. router state held
+  # fixed under jax.grad, which nnx transforms refuse). The forward pass
+  # changes no state. Outside a scan, prevent_cse keeps XLA from merging the
+  # recomputation with the forward pass (which would store everything again);
+  # inside one, the loop boundary does that and the barrier only costs time.
+  graphdef, state = nnx.split(block)
+
+  def pure(state, x, key):
+    return run(nnx.merge(graphdef, state), x, key)
+  return jax.checkpoint(pure, policy=remat_policy(remat), prevent_cse=not in_scan)(
+      state, x, key)
+
+
+def scan_layout(flags: tuple[bool, ...], moe_every: int,
+                first_dense_layers: int) -> tuple[int, int, int]:
+  """(start, period, units) of the scanned layout: layers [start, start +
+  period * units) are `units` repeats of a `period`-layer unit; the layers
+  below `start` (dense bottom layers) and above (dense layers past the last
+  whole unit) stay unscanned."""
+  if not any(flags):
+    return 0, 1, len(flags)
+  period = moe_every
+  return first_dense_layers, period, (len(flags) - first_dense_layers) // period
+
+
+class _Unit(nnx.Module):
+  """One repeat of the layer layout (the blocks of one period)."""
+
+  def __init__(self, blocks: list[DecoderBlock]):
+    self.blocks = nnx.List(blocks)
 
 
 def _average_aux(layer_aux: list[dict[str, jax.Array]], aux_loss_weight: float,
@@ -180,6 +258,12 @@ class TransformerLM(nnx.Module):
     rngs: parameter initialization.
     tokens_per_group: S, the tokens of one routing group, when known (the
       trainer passes it; routers with per-slot parameters, Soft MoE, need it).
+    scan_layers: stack the repeated unit of the layout and apply it with
+      `nnx.scan` (see the module docstring); same function, flat compile time.
+    remat: "none", "full" or "save_matmuls" (see the module docstring).
+    param_dtype: storage dtype of the matmul weights (attention, experts,
+      dense FFNs, embedding, output kernel): "float32" or "bfloat16"; routers
+      and norms stay float32.
 
   Warns NonCausalRoutingWarning when the MoE routing lets a token see later
   tokens (see `noncausal_routing_reason`).
@@ -189,8 +273,19 @@ class TransformerLM(nnx.Module):
                num_heads: int, moe: Mapping[str, Any], head_dim: Optional[int] = None,
                moe_every: int = 1, first_dense_layers: int = 0,
                tie_embeddings: bool = True, rope_base: float = 10000.0,
-               dtype=jnp.float32, rngs: nnx.Rngs, tokens_per_group: Optional[int] = None):
+               dtype=jnp.float32, rngs: nnx.Rngs, tokens_per_group: Optional[int] = None,
+               scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32):
     _check_int("vocab_size", vocab_size, 1)
+    if not isinstance(scan_layers, bool):
+      raise ValueError(f"scan_layers must be true or false, got {scan_layers!r}")
+    remat_policy(remat)  # validates the name
+    try:
+      storage_dtype = jnp.dtype(param_dtype)
+    except TypeError as error:
+      raise ValueError(f"param_dtype must be one of {list(PARAM_DTYPES)}, got "
+                       f"{param_dtype!r}") from error
+    if storage_dtype.name not in PARAM_DTYPES:
+      raise ValueError(f"param_dtype must be one of {list(PARAM_DTYPES)}, got {param_dtype!r}")
     _check_int("d_model", d_model, 1)
     _check_int("num_heads", num_heads, 1)
     if head_dim is None:
@@ -225,12 +320,33 @@ class TransformerLM(nnx.Module):
     self.dtype = compute_dtype
     self.moe_layers = flags
     self.moe = moe
+    self.scan_layers = scan_layers
+    self.remat = remat
+    self.param_dtype = storage_dtype
     self.embed = nnx.Embed(vocab_size, d_model, param_dtype=jnp.float32, rngs=rngs)
-    self.layers = nnx.List([
-        DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
-                     moe=moe if is_moe else moe.dense(), rope_base=rope_base,
-                     dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group)
-        for is_moe in flags])
+
+    def block(is_moe, rngs):
+      return DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
+                          moe=moe if is_moe else moe.dense(), rope_base=rope_base,
+                          dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group)
+
+    if not scan_layers:
+      self.layers = nnx.List([block(is_moe, rngs) for is_moe in flags])
+      first = self.layers[0]
+    else:
+      start, period, units = scan_layout(flags, moe_every, first_dense_layers)
+      end = start + period * units
+      self.layout = (start, period, units)
+      self.bottom = nnx.List([block(is_moe, rngs) for is_moe in flags[:start]])
+
+      @nnx.split_rngs(splits=units)
+      @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=units)
+      def stacked(rngs):
+        return _Unit([block(is_moe, rngs) for is_moe in flags[start:start + period]])
+
+      self.stack = stacked(rngs)
+      self.top = nnx.List([block(is_moe, rngs) for is_moe in flags[end:]])
+      first = self.stack.blocks[0]
     self.final_norm = _rms_norm(d_model, rngs)
     self.output_kernel = nnx.data(None)
     if not tie_embeddings:
@@ -245,8 +361,10 @@ class TransformerLM(nnx.Module):
           "config.model.moe.group_by='batch' to route the tokens at one position "
           "together, or change config.model.moe.router.",
           NonCausalRoutingWarning, stacklevel=_user_stacklevel())
-    self.aux_loss_weight = self.layers[0].ffn.aux_loss_weight
-    self.z_loss_weight = self.layers[0].ffn.z_loss_weight
+    self.aux_loss_weight = first.ffn.aux_loss_weight
+    self.z_loss_weight = first.ffn.z_loss_weight
+    if storage_dtype != jnp.float32:
+      _cast_params(self, storage_dtype)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                rng: Optional[jax.Array] = None,
@@ -279,14 +397,20 @@ class TransformerLM(nnx.Module):
     spec = explicit_spec(tokens)
     x = self.embed(tokens, out_sharding=None if spec is None else PartitionSpec(*spec, None))
     x = x.astype(jnp.float32)  # [B, L, D]
-    keys = [None] * len(self.layers)
+    num_layers = len(self.moe_layers)
+    keys = None
     if not deterministic and rng is not None:
-      keys = list(jax.random.split(rng, len(self.layers)))
+      keys = jax.random.split(rng, num_layers)  # layer i's key is keys[i], either layout
+    apply = functools.partial(_apply_block, deterministic=deterministic, token_ids=tokens,
+                              mask=mask, remat=self.remat)
     layer_aux = {}
-    for index, (layer, key) in enumerate(zip(self.layers, keys)):
-      x, aux = layer(x, deterministic=deterministic, rng=key, token_ids=tokens, mask=mask)
-      if layer.is_moe:
-        layer_aux[index] = aux
+    if not self.scan_layers:
+      for index, layer in enumerate(self.layers):
+        x, aux = apply(layer, x, None if keys is None else keys[index])
+        if layer.is_moe:
+          layer_aux[index] = aux
+    else:
+      x = self._scanned(x, keys, apply, layer_aux)
     hidden = self.final_norm(x).reshape(batch * length, self.d_model).astype(self.dtype)
     if self.tie_embeddings:
       kernel = self.embed.embedding[...].astype(self.dtype).T  # [D, V]
@@ -295,12 +419,134 @@ class TransformerLM(nnx.Module):
     # 2-D [B*L, D] x [D, V] dot, accumulated and returned in float32.
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
     aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
-    aux["layers"] = {index: _layer_report(layer) for index, layer in layer_aux.items()}
+    aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
     return logits.reshape(batch, length, self.vocab_size), aux
+
+  def _scanned(self, x, keys, apply, layer_aux):
+    """The scanned layout's blocks on x; fills layer_aux {layer index: aux}."""
+    start, period, units = self.layout
+    end = start + period * units
+    for index, layer in enumerate(self.bottom):
+      x, aux = apply(layer, x, None if keys is None else keys[index])
+      if layer.is_moe:
+        layer_aux[index] = aux
+    moe_slots = [j for j, layer in enumerate(self.stack.blocks) if layer.is_moe]
+
+    # jax.lax.scan over the stacked state, each unit merged inside the body
+    # (a pure function of the state; see `_apply_block` on nnx transforms).
+    graphdef, state = nnx.split(self.stack)
+
+    def body(x, inputs):
+      unit_state, unit_keys = inputs
+      unit = nnx.merge(graphdef, unit_state)
+      outputs = {}
+      for j, layer in enumerate(unit.blocks):
+        x, aux = apply(layer, x, None if unit_keys is None else unit_keys[j], in_scan=True)
+        if layer.is_moe:
+          outputs[j] = aux
+      return x, outputs
+
+    unit_keys = None if keys is None else keys[start:end].reshape(units, period)
+    x, stacked = jax.lax.scan(body, x, (state, unit_keys))
+    for u in range(units):
+      for j in moe_slots:
+        layer_aux[start + u * period + j] = jax.tree.map(lambda a, u=u: a[u], stacked[j])
+    for offset, layer in enumerate(self.top):
+      index = end + offset
+      x, aux = apply(layer, x, None if keys is None else keys[index])
+      if layer.is_moe:
+        layer_aux[index] = aux
+    return x
 
   def after_step(self, aux: dict[str, Any]) -> None:
     """Updates every router's state outside the optimizer from the forward
     pass's per-layer aux (`aux["layers"]`), e.g. the balancing bias."""
-    for index, layer in enumerate(self.layers):
+    if not self.scan_layers:
+      for index, layer in enumerate(self.layers):
+        if layer.is_moe:
+          layer.ffn.after_step(aux["layers"][index])
+      return
+    start, period, units = self.layout
+    end = start + period * units
+    for index, layer in list(enumerate(self.bottom)) + [
+        (end + offset, layer) for offset, layer in enumerate(self.top)]:
       if layer.is_moe:
         layer.ffn.after_step(aux["layers"][index])
+    moe_slots = [j for j, layer in enumerate(self.stack.blocks) if layer.is_moe]
+    if not moe_slots:
+      return
+    per_slot = {j: jax.tree.map(lambda *a: jnp.stack(a), *[
+        aux["layers"][start + u * period + j] for u in range(units)]) for j in moe_slots}
+
+    graphdef, state = nnx.split(self.stack)
+
+    def update(unit_state, unit_aux):
+      unit = nnx.merge(graphdef, unit_state)
+      for j in moe_slots:
+        unit.blocks[j].ffn.after_step(unit_aux[j])
+      return nnx.state(unit)
+
+    nnx.update(self.stack, jax.vmap(update)(state, per_slot))
+
+
+def _cast_params(model: nnx.Module, dtype) -> None:
+  """Stores the matmul weights of `model` in `dtype`; routers (and their
+  state) and norm scales stay float32."""
+  for path, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param):
+      name = "/".join(str(p) for p in path)
+      if not _FLOAT32_PARAMS.search(name):
+        variable.set_value(variable[...].astype(dtype))
+
+
+def convert_layout(params: Mapping[str, Any], *, scanned: bool, num_layers: int,
+                   moe_every: int = 1, first_dense_layers: int = 0,
+                   router: str = MoEConfig.router) -> dict[str, Any]:
+  """The same weights in the other layer layout.
+
+  Args:
+    params: a pure nested dict of the model's state (`nnx.State.to_pure_dict()`,
+      or a checkpoint's params) in the layout opposite to `scanned`.
+    scanned: True maps unscanned (`layers/<i>`) -> scanned (`bottom`, `stack`,
+      `top`); False maps back.
+    num_layers, moe_every, first_dense_layers, router: the model's layout
+      (as passed to `TransformerLM`).
+
+  Returns:
+    A pure nested dict for `nnx.replace_by_pure_dict` on the other layout.
+  """
+  flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
+                          first_dense_layers=first_dense_layers, router=router)
+  start, period, units = scan_layout(flags, moe_every, first_dense_layers)
+  end = start + period * units
+  flat = flax.traverse_util.flatten_dict(dict(params))
+  out: dict[tuple, Any] = {}
+  if scanned:
+    stacked: dict[tuple, list] = {}
+    for path, value in flat.items():
+      if path[0] != "layers":
+        out[path] = value
+        continue
+      index, rest = int(path[1]), path[2:]
+      if index < start:
+        out[("bottom", index) + rest] = value
+      elif index >= end:
+        out[("top", index - end) + rest] = value
+      else:
+        unit, slot = divmod(index - start, period)
+        stacked.setdefault(("stack", "blocks", slot) + rest, [None] * units)[unit] = value
+    for path, values in stacked.items():
+      out[path] = jnp.stack(values)
+  else:
+    for path, value in flat.items():
+      if path[0] == "bottom":
+        out[("layers", int(path[1])) + path[2:]] = value
+      elif path[0] == "top":
+        out[("layers", end + int(path[1])) + path[2:]] = value
+      elif path[0] == "stack":
+        slot, rest = int(path[2]), path[3:]
+        for unit in range(units):
+          out[("layers", start + unit * period + slot) + rest] = value[unit]
+      else:
+        out[path] = value
+  return flax.traverse_util.unflatten_dict(out)

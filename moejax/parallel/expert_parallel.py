@@ -196,19 +196,22 @@ class ShardedExperts:
     return min(num_rows, -(-bound // block_size) * block_size)
 
   def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
-              hidden_fn=None) -> jax.Array:
+              implementation: Optional[str] = None, hidden_fn=None) -> jax.Array:
     """[R, D] rows sorted by expert (`group_sizes` [E]) -> [R, D] outputs.
 
     The dropless exchange (see the module docstring): send each shard its
     experts' rows, lay the received rows out by local expert, run one grouped
-    matmul, and send the outputs back.
+    matmul (`implementation`, see `dispatch.grouped_matmul`), and send the
+    outputs back.
     """
+    local = functools.partial(self.local.grouped, block_size=block_size,
+                              implementation=implementation, hidden_fn=hidden_fn)
     if self.exchange == "padded" or not self.expert_axes:
-      return self._grouped_padded(rows, group_sizes, block_size, hidden_fn)
-    return self._grouped_ragged(rows, group_sizes, block_size, hidden_fn)
+      return self._grouped_padded(rows, group_sizes, block_size, local)
+    return self._grouped_ragged(rows, group_sizes, block_size, local)
 
   def _grouped_ragged(self, rows: jax.Array, group_sizes: jax.Array,
-                      block_size: int, hidden_fn=None) -> jax.Array:
+                      block_size: int, local: Callable) -> jax.Array:
     """The exchange as two `ragged_all_to_all`s of one slice per expert.
 
     Slice e of this device's rows (expert e's rows, sorted layout) goes to
@@ -238,16 +241,16 @@ class ShardedExperts:
     flat = lambda a: a.reshape(-1)  # noqa: E731
     received = exchange(rows, jnp.zeros((capacity, d_model), rows.dtype), send_offsets,
                         group_sizes, flat(dest_offsets), flat(received_sizes))
-    out = self._sum_hidden_shards(self.local.grouped(received, expert_rows, block_size,
-                                                     hidden_fn=hidden_fn))
+    out = self._sum_hidden_shards(local(received, expert_rows))
     return exchange(out, jnp.zeros((num_rows,) + out.shape[1:], out.dtype),
                     flat(received_offsets), flat(received_sizes), flat(peer_offsets),
                     group_sizes)
 
   def _grouped_padded(self, rows: jax.Array, group_sizes: jax.Array,
-                      block_size: int, hidden_fn=None) -> jax.Array:
+                      block_size: int, local: Callable) -> jax.Array:
     """The padded exchange: one fixed-size block of rows per peer, compacted
-    by local expert on arrival."""
+    by local expert on arrival. `local(rows, group_sizes)` runs this device's
+    experts."""
     num_rows, d_model = rows.shape
     shards = self.num_shards
     num_experts = group_sizes.shape[0]
@@ -273,9 +276,7 @@ class ShardedExperts:
     compact_source = _inverse(compact_dest, exchanged)
     compact = _gather_rows(received.reshape(exchanged, d_model), compact_source,
                            compact_dest)
-    out = self.local.grouped(compact, received_sizes.sum(axis=0), block_size,
-                             hidden_fn=hidden_fn)
-    out = self._sum_hidden_shards(out)
+    out = self._sum_hidden_shards(local(compact, received_sizes.sum(axis=0)))
     out = _gather_rows(out, compact_dest, compact_source)  # received layout
 
     returned = self._all_to_all(out.reshape(shards, per_shard, -1))

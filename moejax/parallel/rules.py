@@ -6,7 +6,8 @@ Two tables, each written once:
     hard-coding them.
   * `PARAM_AXES`: which logical axes each parameter has, by its path in the
     model (e.g. `layers/0/ffn/experts/wi` [E, D, H] -> ("expert", "embed",
-    "mlp")). A parameter no rule matches is an error, so a new parameter gets
+    "mlp"); scanned layers `stack/blocks/0/ffn/experts/wi` [units, E, D, H]
+    get a leading "layers" axis). A parameter no rule matches is an error, so a new parameter gets
     a rule instead of being silently replicated.
 
 Letters: E experts, D model width, H hidden width, N heads, P head dim, V vocab.
@@ -35,7 +36,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "head_dim": None,
     "qkv": None,
     "router": None,       # router logits over all E: every device routes its own tokens
-    "layers": None,       # a stacked-layers axis (nnx.scan), if a model adds one
+    "layers": None,       # the stacked-layers axis of scan_layers (nnx.scan)
 }
 
 # Parameter path (regex on "/"-joined names, first match wins) -> logical axes.
@@ -109,9 +110,16 @@ def _is_param(x: Any) -> bool:
 ROUTER_STATE_PATTERN = r"(^|/)router/"
 
 
+# Parameters of a scanned layer stack (`TransformerLM(scan_layers=True)`):
+# a leading "layers" axis [units, ...] before the axes of their rule.
+STACKED_PATTERN = r"^stack/"
+
+
 def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
   names = "/".join(_key_name(key) for key in path)
   shape = tuple(getattr(leaf, "shape", ()))
+  if re.search(STACKED_PATTERN, names) and shape:
+    return ("layers",) + _leaf_axes(path[1:], jax.ShapeDtypeStruct(shape[1:], "float32"))
   for pattern, axes in PARAM_AXES:
     if re.search(pattern, names):
       if len(axes) != len(shape):

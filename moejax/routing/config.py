@@ -11,12 +11,15 @@ routing group.
 """
 
 import dataclasses
+import importlib.util
 import math
 from typing import Any, Mapping, Optional
 
 GROUP_BY = ("sequence", "batch")
 SCORE_FNS = ("softmax", "softmax_topk", "sigmoid")
 AUX_LOSS_TYPES = ("switch", "sequence", "global_batch", "importance", "none")
+# Grouped matmul of the dropless dispatcher (see `dispatch.grouped_matmul`).
+GROUPED_MATMULS = ("auto", "xla", "tokamax", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,11 @@ class MoEConfig:
     dispatch: a name in `dispatch.DISPATCHERS` the router supports, or "auto"
       (the router's first: "gather" for sparse routers, "einsum" for Soft MoE).
     dropless_exchange: how dropless rows cross the expert mesh axis.
+    grouped_matmul: the dropless experts' grouped matmul, one of
+      GROUPED_MATMULS: "xla" (`jax.lax.ragged_dot`), "tokamax" (its
+      `ragged_dot` kernels; pip install tokamax), "blocked" (the CPU loop over
+      row blocks) or "auto" (blocked on CPU; on GPU/TPU tokamax when
+      installed, else xla).
     activation: "gelu" or "swiglu".
     num_shared_experts: always-active experts (DeepSeekMoE).
     granularity: fine-grained split of each expert (Krajewski et al. 2024).
@@ -77,6 +85,7 @@ class MoEConfig:
   group_by: str = "sequence"
   dispatch: str = "auto"
   dropless_exchange: str = "auto"
+  grouped_matmul: str = "auto"
   activation: str = "gelu"
   num_shared_experts: int = 0
   granularity: int = 1
@@ -149,6 +158,20 @@ def _is_number(value: Any) -> bool:
           and math.isfinite(value))
 
 
+def tokamax_installed() -> bool:
+  """Whether the optional `tokamax` package is installed (without importing it)."""
+  return importlib.util.find_spec("tokamax") is not None
+
+
+def check_grouped_matmul(name: str) -> None:
+  """ValueError unless `name` is in GROUPED_MATMULS and what it needs is installed."""
+  if name not in GROUPED_MATMULS:
+    raise ValueError(f"unknown grouped_matmul {name!r}; valid values: {list(GROUPED_MATMULS)}")
+  if name == "tokamax" and not tokamax_installed():
+    raise ValueError("grouped_matmul='tokamax' needs the tokamax package, which is not "
+                     "installed: pip install tokamax")
+
+
 def validate_common(cfg: MoEConfig) -> None:
   """The checks every router shares; ValueError naming the option."""
   for name in ("num_experts", "top_k", "expert_hidden", "granularity", "min_capacity",
@@ -173,6 +196,7 @@ def validate_common(cfg: MoEConfig) -> None:
   if cfg.aux_loss_type not in AUX_LOSS_TYPES:
     raise ValueError(f"unknown aux_loss_type {cfg.aux_loss_type!r}; valid values: "
                      f"{list(AUX_LOSS_TYPES)}")
+  check_grouped_matmul(cfg.grouped_matmul)
   for name in ("capacity_factor", "eval_capacity_factor"):
     factor = getattr(cfg, name)
     if factor is None and name == "eval_capacity_factor":

@@ -12,6 +12,7 @@ import difflib
 import ml_collections
 
 from moejax import data
+from moejax.nn.transformer import REMAT_POLICIES
 from moejax.routing import MoEConfig
 
 
@@ -48,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.grad_clip = 1.0
   config.train.b1 = 0.9
   config.train.b2 = 0.95
+  # Storage dtype of the AdamW moments (computed in float32 either way).
+  config.train.moment_dtype = "float32"   # float32 | bfloat16
   config.train.log_every = 10
   config.train.eval_every = 100
   config.train.eval_batches = 4
@@ -73,6 +76,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.tie_embeddings = True
   config.model.rope_base = 10000.0
   config.model.dtype = "float32"          # compute dtype: float32 | bfloat16
+  # Storage dtype of the matmul weights (routers and norms stay float32).
+  config.model.param_dtype = "float32"    # float32 | bfloat16
+  # Stack the repeated layer unit and apply it with nnx.scan (flat compile time).
+  config.model.scan_layers = False
+  config.model.remat = "none"             # none | full | save_matmuls
   config.model.moe = moe_config()
 
   config.mesh = ml_collections.ConfigDict()
@@ -172,8 +180,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_int(model.head_dim) and model.head_dim > 0,
              f"config.model.head_dim must be a positive integer or None, got {model.head_dim!r}")
   _check_group_size(config)
-  _require(model.dtype in _DTYPES,
-           f"config.model.dtype must be one of {list(_DTYPES)}, got {model.dtype!r}")
+  for section, key in ((model, "dtype"), (model, "param_dtype"), (train, "moment_dtype")):
+    name = "model" if section is model else "train"
+    _require(section[key] in _DTYPES,
+             f"config.{name}.{key} must be one of {list(_DTYPES)}, got {section[key]!r}")
+  _require(isinstance(model.scan_layers, bool),
+           f"config.model.scan_layers must be true or false, got {model.scan_layers!r}")
+  _require(model.remat in REMAT_POLICIES,
+           f"config.model.remat must be one of {list(REMAT_POLICIES)}, got {model.remat!r}")
   for key in ("data", "expert", "model"):
     value = config.mesh[key]
     _require(_is_int(value) and (value == -1 or value > 0),

@@ -25,7 +25,12 @@ RESUMABLE_KEYS = (
     "config.train.steps", "config.train.log_every", "config.train.eval_every",
     "config.train.checkpoint_every", "config.train.keep_checkpoints",
     "config.train.peak_flops_per_device", "config.train.resume_with_changes", "config.mesh.*",
+    # Recomputing activations changes no number.
+    "config.model.remat",
 )
+# Keys that change the layout of the checkpointed arrays: refused even with
+# resume_with_changes (the restore could not read the checkpoint).
+LAYOUT_KEYS = ("config.model.scan_layers",)
 CHANGES_FILE = "config_changes.jsonl"
 _ABSENT = "<absent>"
 
@@ -91,6 +96,15 @@ def check(saved: Optional[dict], config: ml_collections.ConfigDict, *, step: int
   if saved is None:
     return []
   changes = differences(saved, config)
+  for c in changes:
+    if c.key in LAYOUT_KEYS:
+      layout = {True: "scanned layers", False: "unscanned layers"}
+      raise ConfigChangedError(
+          f"checkpoint step {step} in {workdir} holds {layout.get(c.saved, c.saved)} "
+          f"({c.key.removeprefix('config.')}={c.saved!r}) and this config asks for "
+          f"{layout.get(c.given, c.given)} ({c.given!r}); resume with "
+          f"--{c.key}={c.saved!r} (the checkpoint's layout), or start a new --workdir. "
+          f"moejax.nn.transformer.convert_layout maps parameters between the layouts.")
   blocking = [c for c in changes if not c.resumable]
   if blocking and not config.train.resume_with_changes:
     lines = "\n".join(f"  {c.key}: {c.saved!r} in the checkpoint, {c.given!r} now"

@@ -90,6 +90,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int,
   try:
     return TransformerLM(rope_base=config.model.rope_base,
                          dtype=_DTYPES[config.model.dtype], rngs=rngs,
+                         scan_layers=config.model.scan_layers, remat=config.model.remat,
+                         param_dtype=_DTYPES[config.model.param_dtype],
                          **model_kwargs(config, vocab_size))
   except (ValueError, TypeError) as e:
     section = ("config.model.moe" if any(key in str(e) for key in config.model.moe)
