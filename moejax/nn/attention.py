@@ -1,8 +1,8 @@
 """Causal multi-head self-attention with rotary position embeddings.
 
 Letters: B batch, L sequence (queries), M sequence (keys), N heads, P head
-dim, D model width, T = B*L tokens. Kernels are float32 parameters cast to the
-compute dtype at use; the softmax is always float32.
+dim, D model width, T = B*L tokens. Kernels (stored in float32 or bfloat16) are cast
+to the compute dtype at use; the softmax is always float32.
 """
 
 from typing import Optional

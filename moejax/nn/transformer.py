@@ -13,8 +13,11 @@ are float32 whatever the dtypes.
 Layouts (`scan_layers`): unscanned, every block is its own module
 (`layers/<i>/...`) traced one by one; scanned, the repeated unit of the layer
 layout (one block, or a dense+MoE pair for moe_every=2) is stacked along a
-leading "layers" axis (`stack/blocks/<j>/...`, [units, ...]) and applied with
-`nnx.scan`, so compile time and program size stay flat in depth (dense bottom
+leading "layers" axis (`stack/blocks/<j>/...`, [units, ...], created with
+`nnx.vmap`) and applied by `jax.lax.scan` over the stacked state, each unit
+rebuilt with `nnx.merge` inside the body (`nnx.scan` cannot take modules whose
+state was created in an outer trace, as under the trainer's jit and grad), so
+compile time and program size stay flat in depth (dense bottom
 layers, and any dense layers above the last whole unit, stay unscanned in
 `bottom/<i>` and `top/<i>`). Both compute the same function from the same
 weights (`convert_layout` maps one onto the other).
@@ -253,13 +256,13 @@ class TransformerLM(nnx.Module):
     tie_embeddings: the output projection is the transposed embedding
       (Press & Wolf 2017); otherwise its own kernel [D, V].
     rope_base: RoPE base (RoFormer, Su et al. 2021).
-    dtype: compute dtype ("float32", "bfloat16" or a jnp dtype); parameters
-      and logits are float32.
+    dtype: compute dtype ("float32", "bfloat16" or a jnp dtype); logits are
+      float32.
     rngs: parameter initialization.
     tokens_per_group: S, the tokens of one routing group, when known (the
       trainer passes it; routers with per-slot parameters, Soft MoE, need it).
-    scan_layers: stack the repeated unit of the layout and apply it with
-      `nnx.scan` (see the module docstring); same function, flat compile time.
+    scan_layers: stack the repeated unit of the layout and scan over it
+      (see the module docstring); same function, flat compile time.
     remat: "none", "full" or "save_matmuls" (see the module docstring).
     param_dtype: storage dtype of the matmul weights (attention, experts,
       dense FFNs, embedding, output kernel): "float32" or "bfloat16"; routers

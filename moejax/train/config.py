@@ -63,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.resume_with_changes = False
 
   # config.data: name, data_dir, manual_dir, text_key, train_split, eval_split,
-  # tokenizer, vocab_size, num_domains, branching (see moejax/data/pipeline.py).
+  # tokenizer, vocab_size, num_domains, branching, loader (see moejax/data/pipeline.py).
   config.data = data.default_config()
 
   config.model = ml_collections.ConfigDict()

@@ -25,8 +25,9 @@ RESUMABLE_KEYS = (
     "config.train.steps", "config.train.log_every", "config.train.eval_every",
     "config.train.checkpoint_every", "config.train.keep_checkpoints",
     "config.train.peak_flops_per_device", "config.train.resume_with_changes", "config.mesh.*",
-    # Recomputing activations changes no number.
-    "config.model.remat",
+    # Recomputing activations changes no number; the grouped-matmul kernels
+    # compute the same products (to float rounding) on another backend.
+    "config.model.remat", "config.model.moe.grouped_matmul",
 )
 # Keys that change the layout of the checkpointed arrays: refused even with
 # resume_with_changes (the restore could not read the checkpoint).
