@@ -178,18 +178,7 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
                      ) from None
   mesh = trainer.make_mesh(config)
   with parallel.activate(mesh):
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: trainer.build_model(config, vocab_size, nnx.Rngs(config.seed))))
-    shardings = parallel.param_shardings(abstract, mesh)
-    target = jax.tree.map(
-        lambda s, variable: jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variable),
-        shardings, abstract)
-    checkpointer = checkpoints.Checkpointer(workdir, keep=1, read_only=True)
-    try:
-      params = checkpointer.restore_params(step, target)
-    finally:
-      checkpointer.close()
+    graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     batches = [trainer.global_batch(b, batch_sharding)
                for b in dataset.eval_batches(num_batches)]

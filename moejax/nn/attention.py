@@ -122,6 +122,43 @@ class CausalSelfAttention(nnx.Module):
     one axis only, and only if a merged axis's sharding sits on its leading
     part, hence [D, N, P] -> [D, N*P] per projection and the two-step reshapes.
     """
+    length = x.shape[1]
+    q, k, v, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
+    return self._output(causal_attention(q, k, v), tokens, x.shape)
+
+  def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array
+             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Attention of L new tokens at positions index .. index + L - 1 over a
+    key/value cache.
+
+    Args:
+      x: [B, L, D] the new tokens' inputs.
+      cache: (keys, values), each [B, N, M, P] (M >= index + L), holding the
+        rotated keys and the values of positions < index.
+      index: <int32>[] the position of x's first token.
+
+    Returns:
+      ([B, L, D] in `dtype`, the cache with positions index .. index + L - 1
+      written). Position index + l attends to cached positions <= index + l,
+      so decoding a sequence in pieces computes what `__call__` computes on
+      the whole sequence.
+    """
+    length = x.shape[1]
+    positions = index + jnp.arange(length, dtype=jnp.int32)
+    q, k, v, tokens = self._project(x, positions)
+    keys, values = cache
+    keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
+    values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
+    scores = jnp.einsum("bnlp,bnmp->bnlm", q, keys.astype(q.dtype)).astype(jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
+    visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, None]  # [L, M]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    context = jnp.einsum("bnlm,bnmp->bnlp", weights, values.astype(v.dtype))
+    return self._output(context, tokens, x.shape), (keys, values)
+
+  def _project(self, x: jax.Array, positions: jax.Array):
+    """q, k (rotated to `positions`), v as [B, N, L, P], and x as [T, D]."""
     batch, length, d_model = x.shape
     num_heads, head_dim = self.num_heads, self.head_dim
     width = num_heads * head_dim
@@ -137,12 +174,17 @@ class CausalSelfAttention(nnx.Module):
     # XLA:CPU, and one [D, 3*N*P] dot would merge the unsplit "3" axis with
     # the heads. Three ran as fast as one: forward+backward 59-60 ms vs 62 ms
     # (best of 40; B=32, L=128, D=128, N=4, float32, 2 cores).
-    positions = jnp.arange(length, dtype=jnp.int32)
     q = apply_rope(project(0), positions, self.rope_base)  # [B, L, N, P]
     k = apply_rope(project(1), positions, self.rope_base)
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, project(2)))  # [B, N, L, P]
-    context = jnp.swapaxes(causal_attention(q, k, v), 1, 2)  # [B, L, N, P]
-    context = context.reshape(batch * length, num_heads, head_dim).reshape(
+    return q, k, v, tokens
+
+  def _output(self, context: jax.Array, tokens: jax.Array, shape) -> jax.Array:
+    """[B, N, L, P] attention context -> [B, L, D] through the out projection."""
+    batch, length, d_model = shape
+    width = self.num_heads * self.head_dim
+    context = jnp.swapaxes(context, 1, 2)  # [B, L, N, P]
+    context = context.reshape(batch * length, self.num_heads, self.head_dim).reshape(
         batch * length, width)
     # With split heads the dot sums partial products over the "model" devices;
     # an Explicit mesh needs its output typed (laid out like the tokens).

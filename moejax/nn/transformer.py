@@ -159,6 +159,14 @@ class DecoderBlock(nnx.Module):
                       token_ids=token_ids, mask=mask)
     return x + checkpoint_name(y, "ffn_out").astype(jnp.float32), aux
 
+  def decode(self, x: jax.Array, cache, index: jax.Array, token_ids: jax.Array):
+    """The block on L new positions with the attention's key/value cache
+    (`CausalSelfAttention.decode`); routing as in evaluation. -> (x, cache)."""
+    y, cache = self.attention.decode(self.attention_norm(x), cache, index)
+    x = x + y.astype(jnp.float32)
+    y, _ = self.ffn(self.ffn_norm(x), deterministic=True, token_ids=token_ids)
+    return x + y.astype(jnp.float32), cache
+
 
 def remat_policy(name: str):
   """The `jax.checkpoint` policy of config.model.remat (None: no remat)."""
@@ -319,6 +327,8 @@ class TransformerLM(nnx.Module):
 
     self.vocab_size = vocab_size
     self.d_model = d_model
+    self.num_heads = num_heads
+    self.head_dim = head_dim
     self.tie_embeddings = tie_embeddings
     self.dtype = compute_dtype
     self.moe_layers = flags
@@ -395,11 +405,7 @@ class TransformerLM(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
     batch, length = tokens.shape
-    # The gather [V, D][tokens] is laid out like the tokens (batch-sharded)
-    # with D replicated; on an Explicit mesh its type must say so.
-    spec = explicit_spec(tokens)
-    x = self.embed(tokens, out_sharding=None if spec is None else PartitionSpec(*spec, None))
-    x = x.astype(jnp.float32)  # [B, L, D]
+    x = self._embed(tokens)  # [B, L, D]
     num_layers = len(self.moe_layers)
     keys = None
     if not deterministic and rng is not None:
@@ -414,6 +420,21 @@ class TransformerLM(nnx.Module):
           layer_aux[index] = aux
     else:
       x = self._scanned(x, keys, apply, layer_aux)
+    aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
+    aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
+    return self._logits(x), aux
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """<int>[B, L] -> <float32>[B, L, D]."""
+    # The gather [V, D][tokens] is laid out like the tokens (batch-sharded)
+    # with D replicated; on an Explicit mesh its type must say so.
+    spec = explicit_spec(tokens)
+    x = self.embed(tokens, out_sharding=None if spec is None else PartitionSpec(*spec, None))
+    return x.astype(jnp.float32)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    """<float32>[B, L, D] residual stream -> <float32>[B, L, V] logits."""
+    batch, length, _ = x.shape
     hidden = self.final_norm(x).reshape(batch * length, self.d_model).astype(self.dtype)
     if self.tie_embeddings:
       kernel = self.embed.embedding[...].astype(self.dtype).T  # [D, V]
@@ -421,9 +442,75 @@ class TransformerLM(nnx.Module):
       kernel = self.output_kernel[...].astype(self.dtype)
     # 2-D [B*L, D] x [D, V] dot, accumulated and returned in float32.
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
-    aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
-    aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
-    return logits.reshape(batch, length, self.vocab_size), aux
+    return logits.reshape(batch, length, self.vocab_size)
+
+  def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
+    """An empty decoding cache for `batch` sequences of up to `max_length`
+    tokens: {"index": <int32>[] positions filled, "keys", "values":
+    [num_layers, B, N, max_length, P] in the compute dtype}."""
+    zeros = jnp.zeros((len(self.moe_layers), batch, self.num_heads, max_length,
+                       self.head_dim), self.dtype)
+    return {"index": jnp.zeros((), jnp.int32), "keys": zeros, "values": zeros}
+
+  def decode(self, tokens: jax.Array, cache: dict[str, jax.Array]
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Logits of L new tokens after the cache's positions, and the new cache.
+
+    `tokens` <int>[B, L] sit at positions cache["index"] .. + L - 1 (a prompt,
+    or the one token sampled last). Routing is the evaluation's
+    (deterministic), applied to these tokens only: decoding a sequence in
+    pieces gives the logits of `__call__` on the whole sequence when routing
+    is token-local (dropless, dense) or groups the tokens at one position
+    (group_by="batch", each piece holding all B sequences); see
+    `moejax.generate`.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
+    index = cache["index"]
+    keys, values = cache["keys"], cache["values"]
+    x = self._embed(tokens)
+    if not self.scan_layers:
+      new_keys, new_values = [], []
+      for i, layer in enumerate(self.layers):
+        x, (k, v) = layer.decode(x, (keys[i], values[i]), index, tokens)
+        new_keys.append(k)
+        new_values.append(v)
+      keys, values = jnp.stack(new_keys), jnp.stack(new_values)
+    else:
+      x, keys, values = self._scanned_decode(x, keys, values, index, tokens)
+    return self._logits(x), {"index": index + tokens.shape[1], "keys": keys,
+                             "values": values}
+
+  def _scanned_decode(self, x, keys, values, index, tokens):
+    start, period, units = self.layout
+    end = start + period * units
+    keys, values = list(keys), list(values)
+    for i, layer in enumerate(self.bottom):
+      x, (keys[i], values[i]) = layer.decode(x, (keys[i], values[i]), index, tokens)
+    graphdef, state = nnx.split(self.stack)
+
+    def body(x, inputs):
+      unit_state, unit_keys, unit_values = inputs
+      unit = nnx.merge(graphdef, unit_state)
+      out_keys, out_values = [], []
+      for j, layer in enumerate(unit.blocks):
+        x, (k, v) = layer.decode(x, (unit_keys[j], unit_values[j]), index, tokens)
+        out_keys.append(k)
+        out_values.append(v)
+      return x, (jnp.stack(out_keys), jnp.stack(out_values))
+
+    stacked = lambda a: jnp.stack(a[start:end]).reshape(
+        (units, period) + a[start].shape)
+    x, (unit_keys, unit_values) = jax.lax.scan(
+        body, x, (state, stacked(keys), stacked(values)))
+    for u in range(units):
+      for j in range(period):
+        keys[start + u * period + j] = unit_keys[u, j]
+        values[start + u * period + j] = unit_values[u, j]
+    for offset, layer in enumerate(self.top):
+      i = end + offset
+      x, (keys[i], values[i]) = layer.decode(x, (keys[i], values[i]), index, tokens)
+    return x, jnp.stack(keys), jnp.stack(values)
 
   def _scanned(self, x, keys, apply, layer_aux):
     """The scanned layout's blocks on x; fills layer_aux {layer index: aux}."""

@@ -139,6 +139,26 @@ def init_state(config: ml_collections.ConfigDict, vocab_size: int, mesh: jax.sha
   return graphdef, params, opt_state
 
 
+def restore_params(workdir: str, step: int, config: ml_collections.ConfigDict,
+                   vocab_size: int, mesh: jax.sharding.Mesh):
+  """(graphdef, parameters) of checkpoint `step` of `workdir`, placed in the
+  shardings of `mesh` (any mesh; orbax reshards). No optimizer state is read.
+  Call under `parallel.activate(mesh)`. A checkpoint whose shapes do not fit
+  `config` raises `checkpoints.IncompatibleCheckpointError` naming them."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: build_model(config, vocab_size, nnx.Rngs(config.seed))))
+  shardings = parallel.param_shardings(abstract, mesh)
+  target = jax.tree.map(
+      lambda s, variable: jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variable),
+      shardings, abstract)
+  checkpointer = checkpoints.Checkpointer(workdir, keep=1, read_only=True)
+  try:
+    return graphdef, checkpointer.restore_params(step, target)
+  finally:
+    checkpointer.close()
+
+
 def global_batch(local_batch: dict[str, np.ndarray],
                  sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
   """This process's rows -> global arrays split over the batch mesh axes."""
