@@ -253,15 +253,24 @@ def _define_flags() -> dict[str, Any]:
   }
 
 
-def main(argv, cli: dict[str, Any]):
+def check_workdir_cli(argv, workdir: Optional[str],
+                      verbosity: int = logging.ERROR) -> None:
+  """The common start of a CLI that reads a run directory: exits with one
+  message (status 2) on stray arguments or without --workdir, and quiets
+  logging to `verbosity` unless --verbosity was given (orbax warns about
+  read-only folders)."""
   if len(argv) > 1:
     print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
     sys.exit(2)
-  if not cli["workdir"].value:
+  if not workdir:
     print("error: --workdir is required", file=sys.stderr)
     sys.exit(2)
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns about read-only folders
+    logging.set_verbosity(verbosity)
+
+
+def main(argv, cli: dict[str, Any]):
+  check_workdir_cli(argv, cli["workdir"].value)
   try:
     result = evaluate(cli["workdir"].value, num_batches=cli["num_batches"].value,
                       eval_capacity_factor=cli["eval_capacity_factor"].value,

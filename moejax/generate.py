@@ -51,7 +51,6 @@ from typing import Any, Optional, Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -267,14 +266,7 @@ def _define_flags() -> dict[str, Any]:
 
 
 def main(argv, cli: dict[str, Any]):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not cli["workdir"].value:
-    print("error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns about read-only folders
+  evaluate_lib.check_workdir_cli(argv, cli["workdir"].value)
   options = SamplingOptions(max_new_tokens=cli["max_new_tokens"].value,
                             temperature=cli["temperature"].value, top_k=cli["top_k"].value,
                             top_p=cli["top_p"].value, seed=cli["seed"].value)

@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from experiments import sweep
+from moejax import evaluate as evaluate_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import trainer
 
@@ -403,15 +404,8 @@ def _define_flags():
 
 def main(module: ModuleType, parsed: dict, argv: Sequence[str]) -> None:
   """The CLI of a study module: one message on bad input, never a traceback."""
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  if not parsed["workdir"].value:
-    print("error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
-  if not flags.FLAGS["verbosity"].present:
-    # orbax logs every save and restore at INFO; the trainer prints progress.
-    logging.set_verbosity(logging.WARNING)
+  # orbax logs every save and restore at INFO; the trainer prints progress.
+  evaluate_lib.check_workdir_cli(argv, parsed["workdir"].value, logging.WARNING)
   try:
     summary = run(module, parsed["workdir"].value, parsed["scale"].value,
                   parsed["out"].value, parsed["shard"].value,
