@@ -46,6 +46,7 @@ from flax import nnx
 
 from moejax import data as data_lib
 from moejax import parallel
+from moejax import quantize as quantize_lib
 from moejax.train import checkpoints
 from moejax.train import config as config_lib
 from moejax.train import routing_report
@@ -150,9 +151,16 @@ def _run_batches(eval_step, params, batches) -> dict[str, Any]:
 
 def evaluate(workdir: str, *, num_batches: Optional[int] = None,
              eval_capacity_factor: Optional[float] = None, dropless: bool = False,
-             group_by: Optional[str] = None, scramble_after: Optional[int] = None
-             ) -> dict[str, Any]:
-  """Evaluates the newest checkpoint of `workdir`; see the module docstring."""
+             group_by: Optional[str] = None, scramble_after: Optional[int] = None,
+             quantize: Optional[str] = None) -> dict[str, Any]:
+  """Evaluates the newest checkpoint of `workdir`; see the module docstring.
+
+  `quantize`: a `moejax.quantize.SETTINGS` name; the routed experts' kernels
+  are quantized (weight-only) before evaluating, and the result adds
+  `quantize` and `expert_param_bytes` (their stored size).
+  """
+  if quantize is not None:
+    quantize_lib.check_setting(quantize)
   step, trained = load_config(workdir)
   config = eval_config(trained, eval_capacity_factor=eval_capacity_factor,
                        dropless=dropless, group_by=group_by)
@@ -179,6 +187,7 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
   mesh = trainer.make_mesh(config)
   with parallel.activate(mesh):
     graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, mesh)
+    params, expert_bytes = quantize_lib.quantize_params(params, quantize)
     batch_sharding = parallel.batch_sharding(mesh)
     batches = [trainer.global_batch(b, batch_sharding)
                for b in dataset.eval_batches(num_batches)]
@@ -198,6 +207,7 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
           moe.eval_capacity_factor if moe.eval_capacity_factor is not None
           else moe.capacity_factor)),
       "dropless": bool(dropless or moe.capacity_factor == 0), "group_by": moe.group_by,
+      "quantize": quantize, "expert_param_bytes": expert_bytes,
       "eval/loss": result["loss"]}
   if scramble_after is not None:
     out.update({"scramble_after": scramble_after, "eval/loss_before": before["loss"],
@@ -269,13 +279,13 @@ def check_workdir_cli(argv, workdir: Optional[str],
     logging.set_verbosity(verbosity)
 
 
-def main(argv, cli: dict[str, Any]):
+def json_cli(argv, cli: dict[str, Any], compute) -> None:
+  """Runs a JSON-printing CLI over a run directory: `check_workdir_cli`, then
+  `compute()` (bad input is one "error: ..." line, exit status 1), then the
+  JSON to --out if given, else to stdout."""
   check_workdir_cli(argv, cli["workdir"].value)
   try:
-    result = evaluate(cli["workdir"].value, num_batches=cli["num_batches"].value,
-                      eval_capacity_factor=cli["eval_capacity_factor"].value,
-                      dropless=cli["dropless"].value, group_by=cli["group_by"].value,
-                      scramble_after=cli["scramble_after"].value)
+    result = compute()
   except (ValueError, checkpoints.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -285,6 +295,13 @@ def main(argv, cli: dict[str, Any]):
       f.write(text + "\n")
   else:
     print(text)
+
+
+def main(argv, cli: dict[str, Any]):
+  json_cli(argv, cli, lambda: evaluate(
+      cli["workdir"].value, num_batches=cli["num_batches"].value,
+      eval_capacity_factor=cli["eval_capacity_factor"].value, dropless=cli["dropless"].value,
+      group_by=cli["group_by"].value, scramble_after=cli["scramble_after"].value))
 
 
 if __name__ == "__main__":

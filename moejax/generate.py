@@ -2,7 +2,7 @@ r"""Samples text from a run's newest checkpoint, with a key/value cache.
 
     python -m moejax.generate --workdir=DIR --prompt="ROMEO:" [--prompt=...]
         [--max_new_tokens=200] [--temperature=0.8] [--top_k=0] [--top_p=1.0]
-        [--seed=0] [--dropless] [--mesh=1,1,-1] [--out=FILE]
+        [--seed=0] [--dropless] [--quantize=int8|int4] [--mesh=1,1,-1] [--out=FILE]
 
 Loads only the parameters of the newest checkpoint of DIR (no optimizer
 state) with the config they were trained with, on a mesh of your choice
@@ -10,6 +10,9 @@ state) with the config they were trained with, on a mesh of your choice
 expert hidden units split across them), and samples `--max_new_tokens`
 tokens after every prompt. Prints each prompt's continuation (or writes a
 JSON object with the settings and the samples to --out).
+
+`--quantize=int8` (or int4, ...: `moejax.quantize.SETTINGS`) samples with
+the routed experts' weights quantized per expert and channel.
 
 Prompts are text, tokenized with the run's tokenizer (byte or its
 SentencePiece model) after a document separator (the token that starts every
@@ -60,6 +63,7 @@ from flax import nnx
 from moejax import data as data_lib
 from moejax import evaluate as evaluate_lib
 from moejax import parallel
+from moejax import quantize as quantize_lib
 from moejax.train import checkpoints
 from moejax.train import trainer
 
@@ -222,8 +226,13 @@ def parse_mesh(text: str) -> dict[str, int]:
   return dict(zip(("data", "expert", "model"), values))
 
 
-def load(workdir: str, *, dropless: bool = False, mesh: str = "1,1,-1") -> Generator:
-  """The newest checkpoint of `workdir` as a Generator (see the module docstring)."""
+def load(workdir: str, *, dropless: bool = False, mesh: str = "1,1,-1",
+         quantize: Optional[str] = None) -> Generator:
+  """The newest checkpoint of `workdir` as a Generator (see the module
+  docstring); `quantize` (a `moejax.quantize.SETTINGS` name, e.g. "int8")
+  quantizes the routed experts' kernels, per expert."""
+  if quantize is not None:
+    quantize_lib.check_setting(quantize)
   step, trained = evaluate_lib.load_config(workdir)
   config = evaluate_lib.eval_config(trained, dropless=dropless, group_by="batch")
   config.mesh.update(parse_mesh(mesh))
@@ -238,6 +247,7 @@ def load(workdir: str, *, dropless: bool = False, mesh: str = "1,1,-1") -> Gener
   device_mesh = trainer.make_mesh(mesh_only)
   with parallel.activate(device_mesh):
     graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, device_mesh)
+    params, _ = quantize_lib.quantize_params(params, quantize)
   return Generator(model=nnx.merge(graphdef, params), config=config, step=step,
                    tokenizer=getattr(dataset, "tokenizer", None), vocab_size=vocab_size,
                    mesh=device_mesh)
@@ -258,6 +268,8 @@ def _define_flags() -> dict[str, Any]:
       "seed": flags.DEFINE_integer("seed", defaults.seed, "Sampling seed."),
       "dropless": flags.DEFINE_bool("dropless", False, "Route without a capacity "
                                     "(token-choice routers)."),
+      "quantize": flags.DEFINE_enum("quantize", None, list(quantize_lib.SETTINGS),
+                                    "Quantize the routed experts' weights (per expert)."),
       "mesh": flags.DEFINE_string("mesh", "1,1,-1", "Device mesh data,expert,model "
                                   "(-1 = the devices left over)."),
       "out": flags.DEFINE_string("out", None, "Write a JSON object here (default: print "
@@ -274,7 +286,7 @@ def main(argv, cli: dict[str, Any]):
   try:
     options.check()
     generator = load(cli["workdir"].value, dropless=cli["dropless"].value,
-                     mesh=cli["mesh"].value)
+                     mesh=cli["mesh"].value, quantize=cli["quantize"].value)
     samples = generator.generate(prompts, options)
   except (ValueError, checkpoints.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -282,6 +294,7 @@ def main(argv, cli: dict[str, Any]):
   if cli["out"].value:
     record = {"workdir": cli["workdir"].value, "step": generator.step,
               **dataclasses.asdict(options), "dropless": cli["dropless"].value,
+              "quantize": cli["quantize"].value,
               "samples": [{"prompt": p, "continuation": s} for p, s in zip(prompts, samples)]}
     with open(cli["out"].value, "w") as f:
       json.dump(record, f, indent=2)
