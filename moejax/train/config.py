@@ -8,6 +8,8 @@ offending key.
 
 import dataclasses
 import difflib
+import math
+import os
 
 import ml_collections
 
@@ -87,6 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1                   # -1 = all remaining devices
   config.mesh.expert = 1
   config.mesh.model = 1
+
+  # Sparse upcycling (moejax/train/upcycle.py): a new run's MoE parameters from
+  # the newest checkpoint of a dense run; routers fresh, optimizer from step 0.
+  config.init = ml_collections.ConfigDict()
+  config.init.upcycle_from = ml_collections.config_dict.placeholder(str)  # a run directory
+  config.init.upcycle_noise = 0.0   # relative std of noise on the copied experts
   return config
 
 
@@ -150,6 +158,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # (moejax.train.optim.learning_rate_schedule).
   _require(_is_int(train.warmup_steps) and train.warmup_steps >= 0,
            f"config.train.warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
+  init = config.init
+  if init.upcycle_from is not None:
+    _require(isinstance(init.upcycle_from, str) and os.path.isdir(init.upcycle_from),
+             f"config.init.upcycle_from={init.upcycle_from!r} is not a directory (a dense "
+             f"run's workdir)")
+  _require(isinstance(init.upcycle_noise, (int, float)) and not isinstance(
+      init.upcycle_noise, bool) and math.isfinite(init.upcycle_noise)
+           and init.upcycle_noise >= 0,
+           f"config.init.upcycle_noise must be a finite number >= 0, got "
+           f"{init.upcycle_noise!r}")
   _require(isinstance(train.resume_with_changes, bool),
            f"config.train.resume_with_changes must be true or false, got "
            f"{train.resume_with_changes!r}")

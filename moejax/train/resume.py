@@ -28,6 +28,8 @@ RESUMABLE_KEYS = (
     # Recomputing activations changes no number; the grouped-matmul kernels
     # compute the same products (to float rounding) on another backend.
     "config.model.remat", "config.model.moe.grouped_matmul",
+    # Read only when a run starts without checkpoints (sparse upcycling).
+    "config.init.*",
 )
 # Keys that change the layout of the checkpointed arrays: refused even with
 # resume_with_changes (the restore could not read the checkpoint).

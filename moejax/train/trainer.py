@@ -48,6 +48,7 @@ from moejax.train import resume
 from moejax.train import routing_report
 from moejax.train import signals as signals_lib
 from moejax.train import steps as steps_lib
+from moejax.train import upcycle
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Exit status of the CLI after SIGINT (the shell's 128 + SIGINT).
@@ -300,6 +301,11 @@ def _run(config, workdir: str, console: console_lib.Console,
 
   checkpointer = checkpoints.Checkpointer(workdir, keep=train.keep_checkpoints)
   try:
+    if config.init.upcycle_from and not checkpointer.steps():
+      with parallel.activate(mesh):
+        params, source_step = upcycle.upcycle(params, config, vocab_size, mesh)
+      console.print(f"Upcycled from {config.init.upcycle_from} (dense, step {source_step}): "
+                    f"experts copied from its FFNs, routers and optimizer fresh")
     start, params, opt_state, iterator = _restore(
         checkpointer, config, dataset, params, opt_state, changes, console)
     return _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule,

@@ -1,0 +1,180 @@
+"""Sparse upcycling (Komatsuzaki et al. 2023): an MoE run initialized from a dense one.
+
+`config.init.upcycle_from=DIR` starts a new run (a workdir without
+checkpoints) from the newest checkpoint of the dense run in DIR:
+
+  dense parameter                         MoE parameter
+  embed, output_kernel, final_norm        the same (copied)
+  layer i: attention, both norms          the same (copied)
+  layer i dense FFN (ffn/ffn/wi, wo, ...) MoE layer i: every expert
+                                          (ffn/experts/wi, wo, ...) a copy, plus
+                                          noise if config.init.upcycle_noise > 0;
+                                          dense layer i (moe_every, first
+                                          dense layers): the same (copied;
+                                          its width top_k * expert_hidden
+                                          must equal the dense run's, so
+                                          top_k=1 there)
+  —                                       routers: the MoE model's own fresh
+                                          initialization (config.seed)
+
+With `granularity` G > 1 the dense hidden units are cut into G slices and
+fine-grained expert e * G + g copies slice g (its hidden width is the slice's).
+The source must be dense everywhere (`model.moe.router="dense"`) with a hidden
+width of `top_k * expert_hidden` equal to the target's `expert_hidden` (a
+dense run with `top_k=1` and the MoE run's `expert_hidden`); every other
+shape must match (vocabulary, width, heads, layers). Shared experts are not
+mapped (the paper has none): a target with `num_shared_experts > 0` is refused.
+Either layer layout (`model.scan_layers`) works on either side.
+
+Noise: each copied expert kernel gets `upcycle_noise * std(kernel) * N(0, 1)`,
+independently per expert (keys from config.seed), so that experts can differ
+from step 0; 0 (the default, and the paper's choice) copies exactly.
+
+The optimizer state and the data iterator start fresh (step 0), as for any new
+run; the learning-rate schedule is the new run's. A resumed upcycled run
+resumes from its own checkpoints and never reads DIR again.
+"""
+
+import re
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from moejax.nn import transformer as transformer_lib
+from moejax.train import checkpoints
+
+_EXPERTS = re.compile(r"^(layers/\d+/ffn)/experts/(\w+)$")
+
+
+def source_config(workdir: str) -> tuple[int, ml_collections.ConfigDict]:
+  """(newest step, its config) of the dense run to upcycle; ValueError names
+  what is missing."""
+  steps = checkpoints.list_steps(workdir)
+  if not steps:
+    raise ValueError(f"config.init.upcycle_from={workdir!r} holds no checkpoint "
+                     f"(checkpoints/<step>/)")
+  recorded = checkpoints.read_config(workdir, steps[-1])
+  if recorded is None:
+    raise ValueError(f"config.init.upcycle_from={workdir!r}: checkpoint {steps[-1]} "
+                     f"records no config")
+  return steps[-1], ml_collections.ConfigDict(recorded)
+
+
+def check_source(source: ml_collections.ConfigDict, target: ml_collections.ConfigDict,
+                 workdir: str) -> None:
+  """ValueError unless `source` is a dense model whose FFN an expert of
+  `target` can copy."""
+  where = f"config.init.upcycle_from={workdir!r}"
+  moe = source.model.moe
+  if moe.router != "dense":
+    raise ValueError(f"{where} is not a dense run (its model.moe.router={moe.router!r}); "
+                     f"upcycling copies a dense FFN into every expert")
+  dense_hidden = moe.top_k * moe.expert_hidden
+  if dense_hidden != target.model.moe.expert_hidden:
+    raise ValueError(f"{where}: its dense FFN hidden width top_k * expert_hidden = "
+                     f"{moe.top_k} * {moe.expert_hidden} = {dense_hidden} differs from "
+                     f"config.model.moe.expert_hidden={target.model.moe.expert_hidden}; "
+                     f"an expert copies the dense FFN, so they must be equal")
+  if target.model.moe.num_shared_experts:
+    raise ValueError("config.init.upcycle_from: upcycling maps the dense FFN to the routed "
+                     "experts only; set config.model.moe.num_shared_experts=0")
+
+
+def _flat(tree) -> dict[str, Any]:
+  return {"/".join(map(str, k)): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _layout_args(config) -> dict[str, Any]:
+  model = config.model
+  return dict(num_layers=model.num_layers, moe_every=model.moe_every,
+              first_dense_layers=model.first_dense_layers, router=model.moe.router)
+
+
+def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: float = 0.0,
+                   key: jax.Array | None = None) -> dict:
+  """The MoE parameters (a pure nested dict, unscanned layout) from a dense
+  model's (same layout) and the MoE model's fresh ones (for the routers);
+  see the module docstring. ValueError names a parameter that does not fit."""
+  dense_flat, fresh_flat = _flat(dense), _flat(fresh)
+  out = {}
+  for index, (name, value) in enumerate(sorted(fresh_flat.items())):
+    match = _EXPERTS.match(name)
+    if "/ffn/router/" in name:
+      out[name] = value
+      continue
+    if match is None:
+      if name not in dense_flat:
+        raise ValueError(f"upcycling: the dense checkpoint has no parameter {name} "
+                         f"(shape {tuple(value.shape)})")
+      source = dense_flat[name]
+      if source.shape != value.shape:
+        hint = ("; a dense layer of an MoE model has top_k * expert_hidden hidden units "
+                "(moe_every > 1 or first_dense_layers upcycle with top_k=1)"
+                if "/ffn/ffn/" in name else "")
+        raise ValueError(f"upcycling: parameter {name} has shape {tuple(source.shape)} in "
+                         f"the dense checkpoint and {tuple(value.shape)} in this model{hint}")
+      out[name] = jnp.asarray(source, value.dtype)
+      continue
+    layer, kernel = match.groups()
+    dense_name = f"{layer}/ffn/{kernel}"
+    if dense_name not in dense_flat:
+      raise ValueError(f"upcycling: the dense checkpoint has no {dense_name} to copy into "
+                       f"{name}")
+    source = jnp.asarray(dense_flat[dense_name], jnp.float32)  # [in, out]
+    experts = value.shape[0]
+    hidden_axis = 0 if kernel == "wo" else 1  # the FFN hidden units
+    slices = jnp.split(source, granularity, axis=hidden_axis)
+    copies = jnp.stack([slices[e % granularity] for e in range(experts)])
+    if copies.shape != value.shape:
+      raise ValueError(f"upcycling: {name} has shape {tuple(value.shape)}, but copies of "
+                       f"{dense_name} {tuple(source.shape)} cut into {granularity} slices "
+                       f"make {tuple(copies.shape)}")
+    if noise:
+      draw = jax.random.normal(jax.random.fold_in(key, index), copies.shape)
+      copies = copies + noise * jnp.std(source) * draw
+    out[name] = copies.astype(value.dtype)
+  return flax.traverse_util.unflatten_dict({tuple(_key(p) for p in k.split("/")): v
+                                            for k, v in out.items()})
+
+
+def _key(part: str):
+  return int(part) if part.isdigit() else part
+
+
+def upcycle(params: nnx.State, config: ml_collections.ConfigDict, vocab_size: int,
+            mesh) -> tuple[nnx.State, int]:
+  """`params` (the fresh MoE parameters of `config`, in their shardings) with
+  everything but the routers taken from the dense run `config.init.upcycle_from`;
+  returns them and the dense step they came from. Call under
+  `parallel.activate(mesh)`."""
+  from moejax.train import trainer  # pylint: disable=import-outside-toplevel
+  workdir = config.init.upcycle_from
+  step, source = source_config(workdir)
+  check_source(source, config, workdir)
+  source.mesh.update(config.mesh.to_dict())
+  try:
+    _, dense = trainer.restore_params(workdir, step, source, vocab_size, mesh)
+  except checkpoints.IncompatibleCheckpointError as e:
+    raise ValueError(f"config.init.upcycle_from={workdir!r}: {e}") from None
+  dense = dense.to_pure_dict()
+  if source.model.scan_layers:
+    dense = transformer_lib.convert_layout(dense, scanned=False, **_layout_args(source))
+  fresh = params.to_pure_dict()
+  if config.model.scan_layers:
+    fresh = transformer_lib.convert_layout(fresh, scanned=False, **_layout_args(config))
+  moe = config.model.moe
+  mapped = upcycle_params(dense, fresh, granularity=moe.granularity,
+                          noise=config.init.upcycle_noise,
+                          key=jax.random.fold_in(jax.random.key(config.seed), 0x0C1C1E))
+  if config.model.scan_layers:
+    mapped = transformer_lib.convert_layout(mapped, scanned=True, **_layout_args(config))
+  shardings = jax.tree.map(lambda x: x.sharding, params.to_pure_dict())
+  mapped = jax.tree.map(lambda x, s: jax.device_put(x, s), mapped, shardings)
+  state = jax.tree.map(lambda x: x, params)
+  nnx.replace_by_pure_dict(state, mapped)
+  return state, step
