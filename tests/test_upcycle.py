@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -151,11 +152,73 @@ def test_bad_sources_are_one_message(dense_run, tmp_path, moe, message):
 
 
 def test_config_checks_the_init_keys(tmp_path):
-  config = _config()
+  # The directory is checked when a run starts without checkpoints (a resumed
+  # upcycled run never reads it), before any data or compilation.
+  config = _config(**DROPLESS)
   config.init.upcycle_from = str(tmp_path / "missing")
-  with pytest.raises(ValueError, match="config.init.upcycle_from"):
-    config_lib.validate_config(config)
-  config = _config()
-  config.init.upcycle_noise = -1.0
-  with pytest.raises(ValueError, match="config.init.upcycle_noise"):
-    config_lib.validate_config(config)
+  config_lib.validate_config(config)
+  with pytest.raises(ValueError, match="upcycle_from=.*missing.* is not a directory"):
+    trainer.train_and_evaluate(config, str(tmp_path / "target"))
+  assert not (tmp_path / "target" / "checkpoints").exists()
+  (tmp_path / "empty").mkdir()
+  config.init.upcycle_from = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    trainer.train_and_evaluate(config, str(tmp_path / "target"))
+  for key, value, message in (("upcycle_from", "", "config.init.upcycle_from"),
+                              ("upcycle_noise", -1.0, "config.init.upcycle_noise"),
+                              ("upcycle_noise", 0.1, "needs config.init.upcycle_from")):
+    config = _config()
+    config.init[key] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate_config(config)
+
+
+@pytest.mark.parametrize("dense_kwargs, target_kwargs, message", [
+    # A deeper dense model would lose its top layers.
+    ({"num_layers": 4}, {}, r"config.model.num_layers=3, but the dense checkpoint has 4"),
+    # An untied output kernel has no place in a tied model.
+    ({"tie_embeddings": False}, {}, r"output_kernel \(32, 50\) has no counterpart"),
+    ({}, {"num_layers": 2}, r"config.model.num_layers=2, but the dense checkpoint has 3"),
+])
+def test_dense_parameters_without_a_place_are_refused(dense_kwargs, target_kwargs, message):
+  dense = TransformerLM(vocab_size=50, d_model=32, num_heads=2, rngs=nnx.Rngs(0),
+                        moe={"num_experts": 4, "expert_hidden": 32, **DENSE},
+                        **{"num_layers": 3, **dense_kwargs})
+  target = TransformerLM(vocab_size=50, d_model=32, num_heads=2, rngs=nnx.Rngs(0),
+                         moe={"num_experts": 4, "expert_hidden": 32, **DROPLESS},
+                         **{"num_layers": 3, **target_kwargs})
+  with pytest.raises(ValueError, match=message):
+    upcycle.upcycle_params(_pure(dense), _pure(target))
+
+
+def test_resumed_upcycled_run_does_not_read_the_dense_run_again(dense_run, tmp_path):
+  source, target = tmp_path / "dense_copy", str(tmp_path / "moe")
+  shutil.copytree(dense_run, source)
+  config = _config(**DROPLESS)
+  config.init.upcycle_from = str(source)
+  config.train.steps = 2
+  trainer.train_and_evaluate(config, target)
+  shutil.rmtree(source)  # the dense run is gone; the upcycled run has its own checkpoint
+  config.train.steps = 4
+  trainer.train_and_evaluate(config, target)
+  with open(os.path.join(target, "metrics.jsonl")) as f:
+    assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("scale", ["quick", "full"])
+def test_upcycling_study_arms_get_equal_extra_compute(scale):
+  from experiments.studies import upcycling as study
+  runs = study.plan("/study", scale)
+  for seed in {s for _, _, s, _ in runs}:
+    arms = {arm: config for _, arm, s, config in runs if s == seed}
+    assert list(arms) == ["dense", *study.ARMS]
+    cost = {arm: study._flops_per_token(c) * c.train.steps for arm, c in arms.items()}
+    for arm in study.ARMS:
+      per_step = study._flops_per_token(arms[arm])
+      assert abs(cost[arm] - cost["dense_continued"]) <= per_step / 2, (arm, cost)
+    source = f"/study/points/dense_s{seed}"
+    assert arms["upcycled"].init.upcycle_from == source
+    assert arms["dense_continued"].init.upcycle_from == source
+    assert arms["scratch"].init.upcycle_from is None
+    assert arms["upcycled"].model.moe.router == "topk"
+    assert arms["dense_continued"].model.moe.router == "dense"

@@ -9,7 +9,6 @@ offending key.
 import dataclasses
 import difflib
 import math
-import os
 
 import ml_collections
 
@@ -159,15 +158,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(_is_int(train.warmup_steps) and train.warmup_steps >= 0,
            f"config.train.warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
   init = config.init
+  # Whether the directory exists is checked when a run starts without
+  # checkpoints (moejax.train.upcycle): a resumed upcycled run never reads it.
   if init.upcycle_from is not None:
-    _require(isinstance(init.upcycle_from, str) and os.path.isdir(init.upcycle_from),
-             f"config.init.upcycle_from={init.upcycle_from!r} is not a directory (a dense "
-             f"run's workdir)")
+    _require(isinstance(init.upcycle_from, str) and init.upcycle_from.strip() != "",
+             f"config.init.upcycle_from must be a dense run's workdir or None, got "
+             f"{init.upcycle_from!r}")
   _require(isinstance(init.upcycle_noise, (int, float)) and not isinstance(
       init.upcycle_noise, bool) and math.isfinite(init.upcycle_noise)
            and init.upcycle_noise >= 0,
            f"config.init.upcycle_noise must be a finite number >= 0, got "
            f"{init.upcycle_noise!r}")
+  _require(not init.upcycle_noise or init.upcycle_from is not None,
+           f"config.init.upcycle_noise={init.upcycle_noise!r} needs "
+           f"config.init.upcycle_from (it is noise on experts copied from a dense run)")
   _require(isinstance(train.resume_with_changes, bool),
            f"config.train.resume_with_changes must be true or false, got "
            f"{train.resume_with_changes!r}")

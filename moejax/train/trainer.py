@@ -286,6 +286,10 @@ def _run(config, workdir: str, console: console_lib.Console,
     console.print(f"{workdir} is complete at step {saved_steps[-1]} (config.train.steps="
                   f"{train.steps}); nothing to do. Raise config.train.steps to train on.")
     return metrics_lib.last_values(os.path.join(workdir, "metrics.jsonl"))
+  if config.init.upcycle_from and not saved_steps:
+    # A missing, empty or non-dense source fails before data and compilation.
+    upcycle.check_source(upcycle.source_config(config.init.upcycle_from)[1], config,
+                         config.init.upcycle_from)
 
   dataset = data_lib.make_dataset(
       config.data, seq_len=train.seq_len, global_batch_size=train.batch_size,

@@ -22,7 +22,9 @@ fine-grained expert e * G + g copies slice g (its hidden width is the slice's).
 The source must be dense everywhere (`model.moe.router="dense"`) with a hidden
 width of `top_k * expert_hidden` equal to the target's `expert_hidden` (a
 dense run with `top_k=1` and the MoE run's `expert_hidden`); every other
-shape must match (vocabulary, width, heads, layers). Shared experts are not
+shape must match (vocabulary, width, heads, layers), and every dense weight
+must have a place (an untied output kernel is not dropped into a tied model,
+nor a dense run's shared FFN into a model without one). Shared experts are not
 mapped (the paper has none): a target with `num_shared_experts > 0` is refused.
 Either layer layout (`model.scan_layers`) works on either side.
 
@@ -35,6 +37,7 @@ run; the learning-rate schedule is the new run's. A resumed upcycled run
 resumes from its own checkpoints and never reads DIR again.
 """
 
+import os
 import re
 from typing import Any
 
@@ -54,6 +57,10 @@ _EXPERTS = re.compile(r"^(layers/\d+/ffn)/experts/(\w+)$")
 def source_config(workdir: str) -> tuple[int, ml_collections.ConfigDict]:
   """(newest step, its config) of the dense run to upcycle; ValueError names
   what is missing."""
+  # Checked here, not in validate_config: a resumed upcycled run never reads it.
+  if not os.path.isdir(workdir):
+    raise ValueError(f"config.init.upcycle_from={workdir!r} is not a directory (a dense "
+                     f"run's workdir)")
   steps = checkpoints.list_steps(workdir)
   if not steps:
     raise ValueError(f"config.init.upcycle_from={workdir!r} holds no checkpoint "
@@ -101,6 +108,14 @@ def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: flo
   model's (same layout) and the MoE model's fresh ones (for the routers);
   see the module docstring. ValueError names a parameter that does not fit."""
   dense_flat, fresh_flat = _flat(dense), _flat(fresh)
+  if noise and key is None:
+    raise ValueError("upcycling: noise > 0 needs a key")
+  dense_layers, fresh_layers = _num_layers(dense_flat), _num_layers(fresh_flat)
+  if dense_layers != fresh_layers:
+    raise ValueError(f"upcycling: config.model.num_layers={fresh_layers}, but the dense "
+                     f"checkpoint has {dense_layers} layers (layer i is upcycled from dense "
+                     f"layer i)")
+  used = set()  # dense parameters that went somewhere
   out = {}
   for index, (name, value) in enumerate(sorted(fresh_flat.items())):
     match = _EXPERTS.match(name)
@@ -119,6 +134,7 @@ def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: flo
         raise ValueError(f"upcycling: parameter {name} has shape {tuple(source.shape)} in "
                          f"the dense checkpoint and {tuple(value.shape)} in this model{hint}")
       out[name] = jnp.asarray(source, value.dtype)
+      used.add(name)
       continue
     layer, kernel = match.groups()
     dense_name = f"{layer}/ffn/{kernel}"
@@ -138,8 +154,22 @@ def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: flo
       draw = jax.random.normal(jax.random.fold_in(key, index), copies.shape)
       copies = copies + noise * jnp.std(source) * draw
     out[name] = copies.astype(value.dtype)
+    used.add(dense_name)
+  # A dense weight left out would change the function the model computes
+  # (an untied output kernel into a tied model, a shared FFN into none).
+  unused = sorted(set(dense_flat) - used)
+  if unused:
+    shown = ", ".join(f"{name} {tuple(dense_flat[name].shape)}" for name in unused[:3])
+    more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+    raise ValueError(f"upcycling: the dense checkpoint's {shown}{more} has no counterpart "
+                     f"in this model (config.model.tie_embeddings, "
+                     f"config.model.moe.num_shared_experts or activation differ?)")
   return flax.traverse_util.unflatten_dict({tuple(_key(p) for p in k.split("/")): v
                                             for k, v in out.items()})
+
+
+def _num_layers(flat: dict[str, Any]) -> int:
+  return len({name.split("/")[1] for name in flat if name.startswith("layers/")})
 
 
 def _key(part: str):
