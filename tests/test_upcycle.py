@@ -127,6 +127,9 @@ def test_upcycled_run_starts_from_the_dense_run(dense_run, tmp_path):
   # eval loss: test above); from scratch the MoE starts at the initial loss.
   # (Measured: 5.87 against 6.76 from scratch; the dense run started at 6.62.)
   assert upcycled[0] < fresh[0] - 0.5 and upcycled[0] < dense[0] - 0.5
+  with open(os.path.join(tmp_path / "moe", upcycle.RECORD_FILE)) as f:
+    assert json.load(f) == {"upcycle_from": os.path.abspath(dense_run), "step": 40,
+                            "upcycle_noise": 0.0}
   # The optimizer starts fresh: the learning rate schedule restarts at warmup.
   with open(os.path.join(tmp_path / "moe", "metrics.jsonl")) as f:
     first = json.loads(f.readline())

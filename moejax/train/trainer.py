@@ -310,6 +310,10 @@ def _run(config, workdir: str, console: console_lib.Console,
         params, source_step = upcycle.upcycle(params, config, vocab_size, mesh)
       console.print(f"Upcycled from {config.init.upcycle_from} (dense, step {source_step}): "
                     f"experts copied from its FFNs, routers and optimizer fresh")
+      if jax.process_index() == 0:
+        with open(os.path.join(workdir, upcycle.RECORD_FILE), "w") as f:
+          json.dump({"upcycle_from": os.path.abspath(config.init.upcycle_from),
+                     "step": source_step, "upcycle_noise": config.init.upcycle_noise}, f)
     start, params, opt_state, iterator = _restore(
         checkpointer, config, dataset, params, opt_state, changes, console)
     return _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule,

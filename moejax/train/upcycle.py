@@ -51,6 +51,8 @@ from flax import nnx
 from moejax.nn import transformer as transformer_lib
 from moejax.train import checkpoints
 
+# Written into the new run's workdir when it is upcycled: the dense run and step.
+RECORD_FILE = "upcycled_from.json"
 _EXPERTS = re.compile(r"^(layers/\d+/ffn)/experts/(\w+)$")
 
 
