@@ -45,6 +45,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from experiments import sweep
 from experiments.studies import common
 from moejax import evaluate as evaluate_lib
 from moejax.scaling import accounting
@@ -64,14 +65,8 @@ _DENSE = {"model.moe.router": "dense", "model.moe.top_k": 1}
 
 
 def _config(overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  config = config_lib.default_config()
-  for key, value in overrides.items():
-    section = config
-    *path, last = key.split(".")
-    for part in path:
-      section = section[part]
-    section[last] = value
-  return config  # validated when it trains (its upcycle_from may not exist yet)
+  # Validated when it trains (its upcycle_from may not exist yet).
+  return sweep.apply_overrides(config_lib.default_config(), overrides)
 
 
 def _flops_per_token(config) -> float:
