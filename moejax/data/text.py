@@ -118,7 +118,7 @@ def prepare_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str
 
 def _check_split(builder, key: str, split: str) -> None:
   """Every split named in `split` ("train", "train[:90%]+validation") must exist."""
-  available = sorted(builder.info.splits.keys())
+  available = sorted(str(name) for name in builder.info.splits.keys())
   names = [part.split("[")[0].strip() for part in split.split("+")]
   if not all(name in available for name in names):
     raise ValueError(f"config.data.{key}={split!r} is not a split of "
