@@ -49,6 +49,7 @@ from moejax import parallel
 from moejax import quantize as quantize_lib
 from moejax.train import checkpoints
 from moejax.train import config as config_lib
+from moejax.train import lora as lora_lib
 from moejax.train import routing_report
 from moejax.train import steps as steps_lib
 from moejax.train import trainer
@@ -184,6 +185,9 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
     first_line = str(e).splitlines()[0]
     raise ValueError(f"these evaluation settings do not apply to this run: {first_line}"
                      ) from None
+  if quantize is not None and lora_lib.enabled(config):
+    raise ValueError(f"{workdir} is a LoRA run: --quantize applies to fully trained runs "
+                     f"(config.finetune.lora.quantize_base quantizes a LoRA run's base)")
   mesh = trainer.make_mesh(config)
   with parallel.activate(mesh):
     graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, mesh)

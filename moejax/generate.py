@@ -65,6 +65,7 @@ from moejax import evaluate as evaluate_lib
 from moejax import parallel
 from moejax import quantize as quantize_lib
 from moejax.train import checkpoints
+from moejax.train import lora as lora_lib
 from moejax.train import trainer
 
 
@@ -234,6 +235,11 @@ def load(workdir: str, *, dropless: bool = False, mesh: str = "1,1,-1",
   if quantize is not None:
     quantize_lib.check_setting(quantize)
   step, trained = evaluate_lib.load_config(workdir)
+  if lora_lib.enabled(trained):
+    raise ValueError(f"{workdir} is a LoRA fine-tuning run: its adapters act through "
+                     f"qwix's interception of the model's __call__, which KV-cache "
+                     f"decoding does not go through; evaluate it with python -m "
+                     f"moejax.evaluate --workdir={workdir}")
   config = evaluate_lib.eval_config(trained, dropless=dropless, group_by="batch")
   config.mesh.update(parse_mesh(mesh))
   dataset = data_lib.make_dataset(

@@ -10,7 +10,7 @@ import pytest
 from nbclient import NotebookClient
 
 COLABS = sorted((pathlib.Path(__file__).resolve().parents[1] / "colabs").glob("*.ipynb"))
-STUDIES = {"experts", "capacity", "expert_choice", "z_loss", "granularity", "upcycling",
+STUDIES = {"experts", "capacity", "expert_choice", "z_loss", "granularity", "upcycling", "lora",
            "bias_balancing"}
 
 

@@ -217,6 +217,30 @@ def test_synthetic_domain_ids_identify_the_chain():
     np.testing.assert_array_equal(valid, batch["domain"] == d)
 
 
+def test_synthetic_domains_select_the_rows_and_keep_the_sources():
+  def make(domains):
+    return data.make_dataset({"name": "synthetic_mixture", "vocab_size": 64,
+                              "domains": domains}, seq_len=32, global_batch_size=64, seed=3)
+  every, listed, held_out = make(""), make("0,1,2,3"), make("3")
+  # "" and every domain listed draw the same rows.
+  for key in ("inputs", "domain"):
+    np.testing.assert_array_equal(every.train_batch(5)[key], listed.train_batch(5)[key])
+  batch = held_out.train_batch(0)
+  assert set(batch["domain"].tolist()) == {3}
+  assert set(make("0,2").eval_batches(1)[0]["domain"].tolist()) == {0, 2}
+  # The same sources whatever the subset: the held-out rows are paths of
+  # the full mixture's chain 3, and the floor is that chain's rate.
+  tokens = np.concatenate([batch["inputs"][:, :1], batch["targets"]], axis=1)
+  assert np.all(np.isfinite(every.source.log_prob_transitions(tokens, batch["domain"])))
+  assert held_out.entropy_floor == pytest.approx(every.source.domain_entropy_rates[3])
+  assert every.entropy_floor == pytest.approx(np.mean(every.source.domain_entropy_rates))
+  for bad, message in (("4", "is not a domain"), ("0,0", "twice"), ("a", "comma-separated")):
+    with pytest.raises(ValueError, match=message):
+      make(bad)
+  with pytest.raises(ValueError, match="has none"):
+    data.validate_data_config({"name": "tiny_shakespeare", "domains": "1"})
+
+
 def test_synthetic_batches_are_fast():
   ds = _synthetic(batch=32, seq_len=256)
   ds.train_batch(0)

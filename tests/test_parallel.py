@@ -196,6 +196,8 @@ def test_param_logical_axes_rejects_unknown_and_wrong_rank():
 
 @pytest.fixture(scope="module")
 def worker_results():
+  # One subprocess for the module (pytest.ini's --dist=loadfile keeps the
+  # module on one xdist worker, so it runs once per session).
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -415,3 +415,24 @@ def main(module: ModuleType, parsed: dict, argv: Sequence[str]) -> None:
     sys.exit(1)
   if summary is not None:
     print(json.dumps(summary, indent=2, default=_json_default))
+
+
+def standalone_main(argv: Sequence[str], name: str,
+                    run_study: Callable[[str, str, str], dict[str, Any]],
+                    show: Callable[[dict[str, Any]], Any]) -> None:
+  """main() of a study that trains its own runs (not through the sweep
+  runner): --workdir, --scale, --out; the full scale writes
+  experiments/results/<name>, a quick one WORKDIR/results. Prints
+  `show(summary)` as JSON; a bad config or a diverged run is one message."""
+  parsed = define_flags()  # --workdir, --scale, --out (shard/extra unused)
+  evaluate_lib.check_workdir_cli(argv, parsed["workdir"].value, logging.WARNING)
+  scale = parsed["scale"].value
+  out = parsed["out"].value or (os.path.join(RESULTS_ROOT, name) if scale == "full"
+                                else os.path.join(parsed["workdir"].value, "results"))
+  os.makedirs(out, exist_ok=True)
+  try:
+    summary = run_study(parsed["workdir"].value, scale, out)
+  except (ValueError, trainer.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(show(summary), indent=1))

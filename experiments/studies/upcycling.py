@@ -37,17 +37,13 @@ import datetime
 import json
 import os
 import shutil
-import sys
 from typing import Any
 
 from absl import app
-from absl import logging
 import ml_collections
-import numpy as np
 
 from experiments import sweep
 from experiments.studies import common
-from moejax import evaluate as evaluate_lib
 from moejax.scaling import accounting
 from moejax.train import config as config_lib
 from moejax.train import metrics as metrics_lib
@@ -138,19 +134,7 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
 
 
 def main(argv):
-  parsed = common.define_flags()  # --workdir, --scale, --out (shard/extra unused)
-  evaluate_lib.check_workdir_cli(argv, parsed["workdir"].value, logging.WARNING)
-  scale = parsed["scale"].value
-  out = parsed["out"].value or (os.path.join(common.RESULTS_ROOT, "upcycling")
-                                if scale == "full"
-                                else os.path.join(parsed["workdir"].value, "results"))
-  os.makedirs(out, exist_ok=True)
-  try:
-    summary = run_study(parsed["workdir"].value, scale, out)
-  except (ValueError, trainer.NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(json.dumps(summary["configs"], indent=1))
+  common.standalone_main(argv, "upcycling", run_study, lambda summary: summary["configs"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ Keys of `config.data` (defaults in `DEFAULTS`):
   vocab_size    synthetic_mixture vocabulary / SentencePiece size (byte: ignored)
   num_domains   synthetic_mixture: number of Markov sources
   branching     synthetic_mixture: successors per state of each source
+  domains       synthetic_mixture: the domains rows are drawn from, as
+                comma-separated indices ("0,1,2"); "" = all num_domains. The
+                sources are the same whatever the subset (they depend on seed
+                and num_domains only), so a run on "0,1,2" and one on "3" see
+                held-out domains of one mixture (the LoRA study, moejax/train/lora.py).
   loader        TFDS datasets: "memory" (one .npy token stream per split, an
                 in-memory permutation of all windows per epoch) or "grain"
                 (tokens in ArrayRecord chunks read at random by a Grain
@@ -45,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "vocab_size": 512,
     "num_domains": 4,
     "branching": 4,
+    "domains": "",
     "loader": "memory",
 }
 
@@ -90,6 +96,27 @@ def _check_optional_str(config: dict[str, Any], key: str) -> None:
   if config[key] is not None and not (isinstance(config[key], str) and config[key]):
     raise ValueError(f"config.data.{key} must be a non-empty string or None, "
                      f"got {config[key]!r}")
+
+
+def parse_domains(domains: Any, num_domains: int) -> Optional[tuple[int, ...]]:
+  """`config.data.domains` -> the selected domain indices (None: all)."""
+  if not isinstance(domains, str):
+    raise ValueError(f"config.data.domains must be a string of comma-separated domain "
+                     f"indices ('0,1,2') or '' for all, got {domains!r}")
+  if not domains.strip():
+    return None
+  try:
+    indices = tuple(int(part) for part in domains.split(","))
+  except ValueError:
+    raise ValueError(f"config.data.domains={domains!r} is not a comma-separated list of "
+                     f"domain indices such as '0,1,2'") from None
+  bad = [i for i in indices if not 0 <= i < num_domains]
+  if bad:
+    raise ValueError(f"config.data.domains={domains!r}: {bad[0]} is not a domain of "
+                     f"config.data.num_domains={num_domains} (indices 0..{num_domains - 1})")
+  if len(set(indices)) != len(indices):
+    raise ValueError(f"config.data.domains={domains!r} names a domain twice")
+  return indices
 
 
 def _validate_tfds(config: dict[str, Any]) -> None:
@@ -149,7 +176,11 @@ def validate_data_config(data_config: DataConfig) -> None:
       raise ValueError(f"config.data.loader='grain' needs the {' and '.join(missing)} "
                        f"package(s): pip install grain")
 
+  if name != SYNTHETIC and config["domains"] != "":
+    raise ValueError(f"config.data.domains={config['domains']!r} selects synthetic_mixture "
+                     f"domains; {name!r} has none: leave it ''")
   if name == SYNTHETIC:
+    parse_domains(config["domains"], config["num_domains"])
     _check_positive_int(config, "vocab_size", minimum=2)
     if config["branching"] > config["vocab_size"]:
       raise ValueError(f"config.data.branching={config['branching']} exceeds "
@@ -188,7 +219,8 @@ def make_dataset(data_config: DataConfig, *, seq_len: int, global_batch_size: in
   if config["name"] == SYNTHETIC:
     return synthetic.SyntheticMixtureDataset(
         vocab_size=config["vocab_size"], num_domains=config["num_domains"],
-        branching=config["branching"], **batch_args)
+        branching=config["branching"],
+        domains=parse_domains(config["domains"], config["num_domains"]), **batch_args)
   dataset_class = text.TextDataset
   if config["loader"] == "grain":
     from moejax.data import streaming  # pylint: disable=g-import-not-at-top

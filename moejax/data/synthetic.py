@@ -25,7 +25,7 @@ draws from counter (r, s) only. Any process can therefore produce any row of
 any batch without producing the others.
 """
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -137,11 +137,13 @@ class MarkovMixture:
     raise RuntimeError("power iteration for the stationary distributions did not converge "
                        f"in {_STATIONARY_MAX_ITERATIONS} iterations (change {change:.3g})")
 
-  def sample(self, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  def sample(self, uniforms: np.ndarray, domains: Optional[Sequence[int]] = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """Sequences from uniforms <float64>[B, N + 1] in [0, 1).
 
-    Column 0 picks the domain, column 1 the start state (from pi_d), column
-    t + 1 the transition into token t.
+    Column 0 picks the domain (uniformly among `domains`, default all),
+    column 1 the start state (from pi_d), column t + 1 the transition into
+    token t.
 
     Returns:
       tokens <int32>[B, N] and domain <int32>[B].
@@ -149,8 +151,9 @@ class MarkovMixture:
     batch, num_columns = uniforms.shape
     length = num_columns - 1
     vocab_size = self.vocab_size
-    domain = np.minimum((uniforms[:, 0] * self.num_domains).astype(np.int64),
-                        self.num_domains - 1)
+    choices = np.arange(self.num_domains) if domains is None else np.asarray(domains)
+    domain = choices[np.minimum((uniforms[:, 0] * len(choices)).astype(np.int64),
+                                len(choices) - 1)]
     state = np.searchsorted(self._start_cdf_flat, domain + uniforms[:, 1], side="right")
     state = np.minimum(state, (domain + 1) * vocab_size - 1)  # guards float rounding
     flat_states = np.empty((batch, length), np.int64)
@@ -183,18 +186,23 @@ class SyntheticMixtureDataset(base.Dataset):
 
   def __init__(self, *, vocab_size: int, num_domains: int, branching: int,
                seq_len: int, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1,
+               domains: Optional[Sequence[int]] = None):
     super().__init__(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count)
     self.source = MarkovMixture.random(
         vocab_size=vocab_size, num_domains=num_domains, branching=branching,
         rng=base.philox(self.seed, _CHAIN_STREAM))
     self.vocab_size = vocab_size
-    self.entropy_floor = self.source.entropy_rate
-    self.unigram_entropy = self.source.unigram_entropy
+    # Rows come from `domains` only (None: all); the floor is theirs.
+    self.domains = None if domains is None else tuple(int(d) for d in domains)
+    selected = list(range(num_domains)) if self.domains is None else list(self.domains)
+    self.entropy_floor = float(np.mean(self.source.domain_entropy_rates[selected]))
+    self.unigram_entropy = float(_entropy(self.source.stationary[selected].mean(axis=0)))
     self.info: dict[str, Any] = {
         "name": "synthetic_mixture", "tokenizer": None, "vocab_size": vocab_size,
         "num_domains": num_domains, "branching": branching,
+        "domains": None if self.domains is None else list(self.domains),
         "entropy_floor": self.entropy_floor, "unigram_entropy": self.unigram_entropy,
         "domain_entropy_rates": [float(h) for h in self.source.domain_entropy_rates],
         "num_train_tokens": None,  # an infinite stream
@@ -205,7 +213,7 @@ class SyntheticMixtureDataset(base.Dataset):
   def _batch(self, stream: int, step: int) -> base.Batch:
     uniforms = np.stack([base.philox(self.seed, stream, row, step).random(self.seq_len + 2)
                          for row in self.local_rows])
-    tokens, domain = self.source.sample(uniforms)
+    tokens, domain = self.source.sample(uniforms, self.domains)
     batch = base.lm_batch(tokens)
     batch["domain"] = domain
     return batch

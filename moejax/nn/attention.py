@@ -27,6 +27,19 @@ def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:
   return PartitionSpec(*spec, *[None] * (x.ndim - len(spec)))
 
 
+def weight(param, dtype) -> jax.Array:
+  """A kernel parameter's value in the compute `dtype`, cast only when its
+  storage differs. Kernels enter their matmul as this value, unsliced and
+  unreshaped, so that qwix's interception (LoRA, PTQ: `moejax.train.lora`)
+  recognises the parameter; a weight qwix has quantized (a `WithAux` in
+  place of the variable) passes through as is, for qwix to find.
+  """
+  if not isinstance(param, nnx.Variable):
+    return param
+  value = param[...]
+  return value if getattr(value, "dtype", dtype) == dtype else value.astype(dtype)
+
+
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
   """<float32>[P/2] rotation frequencies theta_i = base^(-2i/P).
 
@@ -120,7 +133,8 @@ class CausalSelfAttention(nnx.Module):
     Under a mesh that splits the heads (N over "model") every step keeps them
     split. On an Explicit mesh (sharding in types) a reshape may split or merge
     one axis only, and only if a merged axis's sharding sits on its leading
-    part, hence [D, N, P] -> [D, N*P] per projection and the two-step reshapes.
+    part: the projections are einsums over the parameters' own shapes, and
+    only the token axis T = B*L is split or merged.
     """
     length = x.shape[1]
     q, k, v, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
@@ -161,33 +175,28 @@ class CausalSelfAttention(nnx.Module):
     """q, k (rotated to `positions`), v as [B, N, L, P], and x as [T, D]."""
     batch, length, d_model = x.shape
     num_heads, head_dim = self.num_heads, self.head_dim
-    width = num_heads * head_dim
     tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [T, D]
-    kernel = self.qkv[...].astype(self.dtype)  # [D, 3, N, P]
+    # One einsum on the parameter itself (no slicing or reshaping of it), so
+    # that a weight interceptor (qwix LoRA / PTQ, moejax.train.lora) sees the
+    # `qkv` parameter as the operand: q, k and v then get their own LoRA B.
+    qkv = checkpoint_name(jnp.einsum("td,dcnp->tcnp", tokens, weight(self.qkv, self.dtype)),
+                          "qkv")  # [T, 3, N, P], kept by remat="save_matmuls"
 
-    def project(index):  # [T, D] x [D, N*P] -> [B, L, N, P]
-      y = checkpoint_name(jnp.dot(tokens, kernel[:, index].reshape(d_model, width)),
-                          "qkv")  # kept by remat="save_matmuls"
-      return y.reshape(batch, length, width).reshape(batch, length, num_heads, head_dim)
+    def heads(index):  # -> [B, L, N, P]
+      return qkv[:, index].reshape(batch, length, num_heads, head_dim)
 
-    # Three 2-D dots: a 3-D operand ran ~2.2x slower forward+backward on
-    # XLA:CPU, and one [D, 3*N*P] dot would merge the unsplit "3" axis with
-    # the heads. Three ran as fast as one: forward+backward 59-60 ms vs 62 ms
-    # (best of 40; B=32, L=128, D=128, N=4, float32, 2 cores).
-    q = apply_rope(project(0), positions, self.rope_base)  # [B, L, N, P]
-    k = apply_rope(project(1), positions, self.rope_base)
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, project(2)))  # [B, N, L, P]
+    q = apply_rope(heads(0), positions, self.rope_base)  # [B, L, N, P]
+    k = apply_rope(heads(1), positions, self.rope_base)
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, heads(2)))  # [B, N, L, P]
     return q, k, v, tokens
 
   def _output(self, context: jax.Array, tokens: jax.Array, shape) -> jax.Array:
     """[B, N, L, P] attention context -> [B, L, D] through the out projection."""
     batch, length, d_model = shape
-    width = self.num_heads * self.head_dim
     context = jnp.swapaxes(context, 1, 2)  # [B, L, N, P]
-    context = context.reshape(batch * length, self.num_heads, self.head_dim).reshape(
-        batch * length, width)
-    # With split heads the dot sums partial products over the "model" devices;
-    # an Explicit mesh needs its output typed (laid out like the tokens).
-    y = jnp.dot(context, self.out[...].astype(self.dtype).reshape(width, d_model),
-                out_sharding=explicit_spec(tokens))
+    context = context.reshape(batch * length, self.num_heads, self.head_dim)
+    # With split heads the einsum sums partial products over the "model"
+    # devices; an Explicit mesh needs its output typed (laid out like the tokens).
+    y = jnp.einsum("tnp,npd->td", context, weight(self.out, self.dtype),
+                   out_sharding=explicit_spec(tokens))
     return y.reshape(batch, length, d_model)

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moejax.dispatch import grouped_matmul
-from moejax.nn.attention import explicit_spec
+from moejax.nn.attention import explicit_spec, weight
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -50,8 +50,8 @@ class _FeedForwardParams(nnx.Module):
 
   def _input_kernels(self) -> list[jax.Array]:
     if self.activation == "swiglu":
-      return [self.wi_gate[...].astype(self.dtype), self.wi_up[...].astype(self.dtype)]
-    return [self.wi[...].astype(self.dtype)]
+      return [weight(self.wi_gate, self.dtype), weight(self.wi_up, self.dtype)]
+    return [weight(self.wi, self.dtype)]
 
   def _mlp(self, x: jax.Array, matmul: Callable[[jax.Array, jax.Array], jax.Array],
            out_matmul: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
@@ -62,7 +62,14 @@ class _FeedForwardParams(nnx.Module):
     hidden = self.act(pre[0]) if len(pre) == 1 else self.act(pre[0]) * pre[1]
     if hidden_fn is not None:
       hidden = hidden_fn(hidden)
-    return (out_matmul or matmul)(hidden.astype(self.dtype), self.wo[...].astype(self.dtype))
+    return (out_matmul or matmul)(hidden.astype(self.dtype), weight(self.wo, self.dtype))
+
+
+def _per_expert_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[E, N, K] x [E, K, H] -> [E, N, H] with the expert axis as a batch axis
+  of the dot (an interceptor such as qwix LoRA then gives every expert its
+  own low-rank A and B; an einsum "enk,ekh->enh" would share B)."""
+  return jax.lax.dot_general(x, kernel, (((2,), (1,)), ((0,), (0,))))
 
 
 class Experts(_FeedForwardParams):
@@ -75,8 +82,7 @@ class Experts(_FeedForwardParams):
   def __call__(self, buffer: jax.Array, hidden_fn=None) -> jax.Array:
     """[E, N, D] -> [E, N, D]: expert e on its N rows. `hidden_fn` (e.g.
     dropout) is applied to the hidden activations."""
-    return self._mlp(buffer.astype(self.dtype),
-                     lambda x, w: jnp.einsum("end,edh->enh", x, w), hidden_fn=hidden_fn)
+    return self._mlp(buffer.astype(self.dtype), _per_expert_matmul, hidden_fn=hidden_fn)
 
   def grouped(self, rows: jax.Array, group_sizes: jax.Array, block_size: int,
               implementation: Optional[str] = None, hidden_fn=None) -> jax.Array:

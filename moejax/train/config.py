@@ -15,6 +15,7 @@ import ml_collections
 from moejax import data
 from moejax.nn.transformer import REMAT_POLICIES
 from moejax.routing import MoEConfig
+from moejax.train import lora
 
 
 def moe_config() -> ml_collections.ConfigDict:
@@ -94,6 +95,16 @@ def default_config() -> ml_collections.ConfigDict:
   config.init = ml_collections.ConfigDict()
   config.init.upcycle_from = ml_collections.config_dict.placeholder(str)  # a run directory
   config.init.upcycle_noise = 0.0   # relative std of noise on the copied experts
+
+  # LoRA / QLoRA fine-tuning of a trained run (moejax/train/lora.py): the base
+  # frozen, only the adapters trained; rank 0 = an ordinary run.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.base = ml_collections.config_dict.placeholder(str)  # the trained run's workdir
+  config.finetune.lora = ml_collections.ConfigDict()
+  config.finetune.lora.rank = 0
+  config.finetune.lora.alpha = 16.0       # scale alpha / rank on A B
+  config.finetune.lora.targets = "experts"  # router,experts,shared_experts,attention
+  config.finetune.lora.quantize_base = "none"  # none | int8 | int4 (QLoRA)
   return config
 
 
@@ -215,6 +226,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_int(value) and (value == -1 or value > 0),
              f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
 
+  lora.validate(config)
   data.validate_data_config(config.data)
 
 

@@ -4,7 +4,6 @@ Every function of the step number only (router noise, learning rate), so a
 resumed run computes exactly what an uninterrupted one does.
 """
 
-import functools
 from typing import Any
 
 import jax
@@ -70,11 +69,12 @@ def layer_loads(aux: dict[str, jax.Array]) -> jax.Array:
   return jnp.stack(loads).astype(jnp.float32)
 
 
-def _loss_and_grads(graphdef, params, batch, rng):
+def _loss_and_grads(graphdef, params, batch, rng, frozen=None):
   weights, fixed = nnx.split_state(params, nnx.Param, ...)
+  rest = (fixed,) if frozen is None else (fixed, frozen)
 
   def loss_fn(weights):
-    model = nnx.merge(graphdef, weights, fixed)
+    model = nnx.merge(graphdef, weights, *rest)
     # Training batches hold no padding (both datasets train on full windows),
     # so routing runs unmasked (the exact, cheaper path); eval batches are
     # padded and pass their mask (`make_eval_step`).
@@ -96,26 +96,45 @@ def _all_finite(tree) -> jax.Array:
 LOADS_KEY = "routing/expert_load"
 
 
+def _jit_with_frozen(step_fn, frozen, donate: tuple[int, ...] = ()):
+  """`step_fn(params, frozen, *args)` jitted as `f(params, *args)`. The frozen
+  state is an argument of the compiled function, not a constant baked into
+  it; `donate` indexes f's arguments. Without `frozen`, f is the jitted
+  function itself (`f.lower` works)."""
+  if frozen is None:
+    return jax.jit(lambda params, *args: step_fn(params, None, *args),
+                   donate_argnums=donate)
+  jitted = jax.jit(step_fn, donate_argnums=tuple(i + (i > 0) for i in donate))
+  return lambda params, *args: jitted(params, frozen, *args)
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int):
+                    schedule: optax.Schedule, seed: int, frozen: Any = None):
   """A jitted (params, opt_state, batch, step) -> (params, opt_state, metrics, finite).
 
   `params` is the model's whole state (what checkpoints hold); the optimizer
   sees only its `nnx.Param`s (`trainable`). metrics[LOADS_KEY] is the
-  per-layer expert load, the rest are scalars."""
+  per-layer expert load, the rest are scalars.
+
+  With `frozen` (a LoRA run, `moejax.train.lora`): `params` are the adapters
+  only and `frozen` the rest of the model's state, which no step changes
+  (router state included: `after_step` does not run)."""
   base_key = jax.random.key(seed)
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def train_step(params, opt_state, batch, step):
+  def train_step(params, frozen, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(graphdef, params, batch, rng)
+    (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(graphdef, params, batch, rng,
+                                                                frozen)
     updates, opt_state = tx.update(grads, opt_state, weights)
     weights = optax.apply_updates(weights, updates)
-    # Router state outside the optimizer (e.g. the balancing bias) moves
-    # after the step, from this step's routing.
-    model = nnx.merge(graphdef, weights, fixed)
-    model.after_step(aux)
-    params = nnx.state(model)
+    if frozen is None:
+      # Router state outside the optimizer (e.g. the balancing bias) moves
+      # after the step, from this step's routing.
+      model = nnx.merge(graphdef, weights, fixed)
+      model.after_step(aux)
+      params = nnx.state(model)
+    else:
+      params = nnx.merge_state(weights, fixed)
     grad_norm = optax.tree.norm(grads)
     metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": grad_norm,
                "train/learning_rate": schedule(step), **_scalar_aux(aux),
@@ -123,10 +142,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     return params, opt_state, metrics, finite
 
-  return train_step
+  return _jit_with_frozen(train_step, frozen, donate=(0, 1))
 
 
-def make_health_check(graphdef, seed: int):
+def make_health_check(graphdef, seed: int, frozen: Any = None):
   """A jitted (params, opt_state, batch, step) -> bool: the state is fit to be
   saved as a checkpoint to resume from.
 
@@ -140,14 +159,13 @@ def make_health_check(graphdef, seed: int):
   """
   base_key = jax.random.key(seed)
 
-  @jax.jit
-  def health_check(params, opt_state, batch, step):
+  def health_check(params, frozen, opt_state, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    (total, _), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng)
+    (total, _), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng, frozen)
     return (_all_finite(params) & _all_finite(opt_state) & jnp.isfinite(total)
             & jnp.isfinite(optax.tree.norm(grads)))
 
-  return health_check
+  return _jit_with_frozen(health_check, frozen)
 
 
 def _replicated(x: jax.Array) -> jax.Array:
@@ -161,16 +179,17 @@ def _replicated(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
 
 
-def make_eval_step(graphdef, num_domains: int = 0):
-  """A jitted (params, batch) -> (loss sum, target count, loads, joint).
+def make_eval_step(graphdef, num_domains: int = 0, frozen: Any = None):
+  """A jitted (params, batch) -> (loss sum, target count, loads, joint)
+  (`frozen`: as in `make_train_step`).
 
   loads: <float32>[MoE layers, E] expert load; joint: <float32>[MoE layers,
   num_domains, E] counts of (domain, first expert) over real tokens when the
   batch has a "domain" field and num_domains > 0, else [MoE layers, 0, E]."""
-  @jax.jit
-  def eval_step(params, batch):
+  def eval_step(params, frozen, batch):
     mask = padding_mask(batch)
-    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], mask=mask)
+    states = (params,) if frozen is None else (params, frozen)
+    logits, aux = nnx.merge(graphdef, *states)(batch["inputs"], mask=mask)
     total, count = cross_entropy(logits, batch["targets"], batch["weights"])
     loads = _replicated(layer_loads(aux))
     joints = []
@@ -183,7 +202,7 @@ def make_eval_step(graphdef, num_domains: int = 0):
         joints.append(jnp.zeros((0, loads.shape[-1]), jnp.float32))
     joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)
     return total, count, loads, joint
-  return eval_step
+  return _jit_with_frozen(eval_step, frozen)
 
 
 def evaluate(eval_step, params, batches) -> dict[str, Any]:

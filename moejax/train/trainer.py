@@ -42,6 +42,7 @@ from moejax.train import checkpoints
 from moejax.train import config as config_lib
 from moejax.train import console as console_lib
 from moejax.train import lock as lock_lib
+from moejax.train import lora as lora_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optim
 from moejax.train import resume
@@ -145,7 +146,11 @@ def restore_params(workdir: str, step: int, config: ml_collections.ConfigDict,
   """(graphdef, parameters) of checkpoint `step` of `workdir`, placed in the
   shardings of `mesh` (any mesh; orbax reshards). No optimizer state is read.
   Call under `parallel.activate(mesh)`. A checkpoint whose shapes do not fit
-  `config` raises `checkpoints.IncompatibleCheckpointError` naming them."""
+  `config` raises `checkpoints.IncompatibleCheckpointError` naming them.
+  A LoRA run (`config.finetune.lora.rank` > 0) gives its base with the
+  checkpoint's adapters (`lora.restore`)."""
+  if lora_lib.enabled(config):
+    return lora_lib.restore(workdir, step, config, vocab_size, mesh)
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: build_model(config, vocab_size, nnx.Rngs(config.seed))))
   shardings = parallel.param_shardings(abstract, mesh)
@@ -290,6 +295,9 @@ def _run(config, workdir: str, console: console_lib.Console,
     # A missing, empty or non-dense source fails before data and compilation.
     upcycle.check_source(upcycle.source_config(config.init.upcycle_from)[1], config,
                          config.init.upcycle_from)
+  finetune = lora_lib.enabled(config)
+  if finetune:  # a missing or mismatched base fails before data and compilation
+    lora_lib.check_base(lora_lib.base_run(config, workdir)[2], config)
 
   dataset = data_lib.make_dataset(
       config.data, seq_len=train.seq_len, global_batch_size=train.batch_size,
@@ -300,8 +308,14 @@ def _run(config, workdir: str, console: console_lib.Console,
   mesh = make_mesh(config)
   tx = optim.make_optimizer(train)
   schedule = optim.learning_rate_schedule(train)
+  frozen = record = None
   with parallel.activate(mesh):
-    graphdef, params, opt_state = init_state(config, vocab_size, mesh, tx)
+    if finetune:
+      # params: the adapters (what is trained and checkpointed); frozen: the base.
+      graphdef, params, frozen, record = lora_lib.build(config, vocab_size, mesh, workdir)
+      opt_state = jax.jit(lambda p: tx.init(steps_lib.trainable(p)))(params)
+    else:
+      graphdef, params, opt_state = init_state(config, vocab_size, mesh, tx)
 
   checkpointer = checkpoints.Checkpointer(workdir, keep=train.keep_checkpoints)
   try:
@@ -314,10 +328,21 @@ def _run(config, workdir: str, console: console_lib.Console,
         with open(os.path.join(workdir, upcycle.RECORD_FILE), "w") as f:
           json.dump({"upcycle_from": os.path.abspath(config.init.upcycle_from),
                      "step": source_step, "upcycle_noise": config.init.upcycle_noise}, f)
+    if finetune:
+      if not checkpointer.steps() and jax.process_index() == 0:
+        with open(os.path.join(workdir, lora_lib.RECORD_FILE), "w") as f:
+          json.dump(record, f, indent=2)
+      counts = record["adapter_params"]
+      console.print(f"LoRA on {record['base']} (step {record['step']}): rank "
+                    f"{record['rank']}, {sum(counts.values()):,} adapter parameters "
+                    f"({', '.join(f'{k} {v:,}' for k, v in counts.items())}); base frozen"
+                    + ("" if record["quantize_base"] == "none"
+                       else f", quantized to {record['quantize_base']}"))
     start, params, opt_state, iterator = _restore(
         checkpointer, config, dataset, params, opt_state, changes, console)
     return _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule,
-                       params, opt_state, iterator, start, checkpointer, console, stop)
+                       params, opt_state, iterator, start, checkpointer, console, stop,
+                       frozen, record)
   finally:
     checkpointer.close()  # a pending save finishes before any exit
 
@@ -367,10 +392,13 @@ def _non_finite(what: str, last_saved: Optional[int]) -> NonFiniteLossError:
 
 
 def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedule, params,
-                opt_state, iterator, start, checkpointer, console, stop) -> dict[str, float]:
+                opt_state, iterator, start, checkpointer, console, stop, frozen=None,
+                finetune_record=None) -> dict[str, float]:
   train = config.train
   is_main = jax.process_index() == 0
   summary = _summary(config, dataset, vocab_size)
+  if finetune_record is not None:
+    summary["finetune"] = finetune_record
   config_json = resume.to_json(config)
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -384,10 +412,10 @@ def _train_loop(config, workdir, dataset, vocab_size, mesh, graphdef, tx, schedu
                   f"{train.steps}")
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, resume_step=start)
-  train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
-  health_check = steps_lib.make_health_check(graphdef, config.seed)
+  train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed, frozen)
+  health_check = steps_lib.make_health_check(graphdef, config.seed, frozen)
   num_domains = dataset.info.get("num_domains", 0)  # synthetic_mixture only
-  eval_step = steps_lib.make_eval_step(graphdef, num_domains)
+  eval_step = steps_lib.make_eval_step(graphdef, num_domains, frozen)
   moe_layers = [i for i, is_moe in enumerate(
       nn_layer_flags(config)) if is_moe]
   window_loads = None  # per-layer expert load summed over the logging window

@@ -1,0 +1,325 @@
+"""LoRA and QLoRA fine-tuning of a trained run, with qwix.
+
+A fine-tuning run is a new workdir whose config sets
+
+  config.finetune.base            the trained run's workdir (its newest checkpoint)
+  config.finetune.lora.rank       r > 0 (0 = off: an ordinary run)
+  config.finetune.lora.alpha      the LoRA scale: a layer computes
+                                  x W + (alpha / r) x A B
+  config.finetune.lora.targets    comma-separated, among
+                                    router          the router kernel [D, E]
+                                    experts         the routed experts' kernels,
+                                                    one A and one B per expert
+                                    shared_experts  the shared experts' MLP
+                                    attention       qkv [D, 3, N, P] (one A, a B
+                                                    per q/k/v head) and out
+  config.finetune.lora.quantize_base   "none", or "int8" / "int4": QLoRA
+                                  (Dettmers et al. 2023), the frozen base
+                                  weights of the targets stored quantized
+                                  (qwix PTQ, per-channel scales, per expert)
+
+Everything else of the base is frozen: the other weights, embeddings, norms,
+and router state such as the balancing bias (`after_step` does not run). The
+optimizer sees only the adapters (`nnx.LoRAParam`), so its state is theirs;
+a checkpoint holds the adapters and their optimizer state, and the run's
+`finetuned_from.json` names the base (absolute workdir and step), so the run
+resumes from the same base even after the base trains on. B starts at zero
+(Hu et al. 2021): at step 0 the model computes the base's function.
+
+How qwix adapts a layer: `qwix.apply_lora_to_model` runs the model once and,
+for every `dot_general`/`einsum` in a target module whose right operand is one
+of the module's parameters, adds `<name>_lora_a` / `<name>_lora_b` and then
+adds (alpha / r) x A B to that product on every call of `__call__`. The model
+feeds its kernels to their matmuls unsliced (`moejax.nn.attention.weight`)
+for this, and the experts use a `dot_general` with the expert axis as a batch
+axis, which gives every expert its own A [E, D, r] and B [E, r, H].
+
+Limits: the dropless dispatcher's grouped matmul is not intercepted by qwix,
+so `experts` needs a capacity dispatcher (`gather` or `einsum`); a target
+without adapters after applying (for example `router` on a dense model) is an
+error naming it. LoRA runs use the unscanned layout (a scanned base is
+converted on load). Only `__call__` is intercepted: the KV-cache decoding of
+`moejax.generate` does not see the adapters, so generation is refused.
+"""
+
+import json
+import math
+import os
+import re
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import qwix
+from flax import nnx
+
+from moejax import parallel
+from moejax.nn import transformer as transformer_lib
+from moejax.train import checkpoints
+
+# Target name -> the module path (under a layer) whose matmuls it adapts.
+TARGETS = {"router": "ffn/router", "experts": "ffn/experts",
+           "shared_experts": "ffn/shared", "attention": "attention"}
+QUANTIZE_BASE = ("none", "int8", "int4")
+# Written into the fine-tuning run's workdir: the base run and step.
+RECORD_FILE = "finetuned_from.json"
+# model keys a fine-tuning run may set differently from its base (they change
+# how the same function is computed, not the function or the shapes).
+_FREE_MODEL_KEYS = ("config.model.remat", "config.model.scan_layers",
+                    "config.model.moe.grouped_matmul", "config.model.moe.dispatch")
+
+
+def enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` is a LoRA fine-tuning run."""
+  return bool(config.finetune.lora.rank)
+
+
+def parse_targets(targets: Any) -> tuple[str, ...]:
+  """`config.finetune.lora.targets` -> the target names; ValueError names a bad one."""
+  if not isinstance(targets, str) or not targets.strip():
+    raise ValueError(f"config.finetune.lora.targets must be a comma-separated list of "
+                     f"{', '.join(TARGETS)}, got {targets!r}")
+  names = tuple(part.strip() for part in targets.split(","))
+  for name in names:
+    if name not in TARGETS:
+      raise ValueError(f"config.finetune.lora.targets={targets!r}: {name!r} is not a "
+                       f"target; valid: {', '.join(TARGETS)}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.finetune.lora.targets={targets!r} names a target twice")
+  return names
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The `config.finetune` keys (no files are read)."""
+  finetune, lora = config.finetune, config.finetune.lora
+  rank = lora.rank
+  if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
+    raise ValueError(f"config.finetune.lora.rank must be an integer >= 0 (0 = off), "
+                     f"got {rank!r}")
+  alpha = lora.alpha
+  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+          and math.isfinite(alpha) and alpha > 0):
+    raise ValueError(f"config.finetune.lora.alpha must be a finite number > 0, got {alpha!r}")
+  parse_targets(lora.targets)
+  if lora.quantize_base not in QUANTIZE_BASE:
+    raise ValueError(f"config.finetune.lora.quantize_base must be one of "
+                     f"{list(QUANTIZE_BASE)}, got {lora.quantize_base!r}")
+  base = finetune.base
+  if base is not None and not (isinstance(base, str) and base.strip()):
+    raise ValueError(f"config.finetune.base must be a trained run's workdir or None, "
+                     f"got {base!r}")
+  if rank and base is None:
+    raise ValueError(f"config.finetune.lora.rank={rank} fine-tunes a trained run: set "
+                     f"config.finetune.base to its workdir")
+  if base is not None and not rank:
+    raise ValueError(f"config.finetune.base={base!r} needs config.finetune.lora.rank > 0 "
+                     f"(LoRA is the fine-tuning moejax offers)")
+  if rank and config.init.upcycle_from is not None:
+    raise ValueError("config.finetune.base and config.init.upcycle_from both initialize "
+                     "the model: set one")
+  if rank and config.model.scan_layers:
+    raise ValueError("config.model.scan_layers=True: LoRA fine-tuning runs the unscanned "
+                     "layout (a scanned base checkpoint is converted on load); set "
+                     "config.model.scan_layers=False")
+
+
+def base_run(config: ml_collections.ConfigDict, workdir: str
+             ) -> tuple[str, int, ml_collections.ConfigDict]:
+  """(base workdir, step, its config): the step recorded in `workdir` (a
+  resumed run), else the base's newest checkpoint. ValueError names what is
+  missing."""
+  base = config.finetune.base
+  where = f"config.finetune.base={base!r}"
+  if not os.path.isdir(base):
+    raise ValueError(f"{where} is not a directory (a trained run's workdir)")
+  recorded = read_record(workdir)
+  if recorded is not None:
+    step = recorded["step"]
+    if step not in checkpoints.list_steps(base):
+      raise ValueError(f"{where}: this run was fine-tuned from its checkpoint {step} "
+                       f"({os.path.join(workdir, RECORD_FILE)}), which is gone; the "
+                       f"adapters only make sense on that base")
+  else:
+    steps = checkpoints.list_steps(base)
+    if not steps:
+      raise ValueError(f"{where} holds no checkpoint (checkpoints/<step>/)")
+    step = steps[-1]
+  saved = checkpoints.read_config(base, step)
+  if saved is None:
+    raise ValueError(f"{where}: checkpoint {step} records no config")
+  base_config = ml_collections.ConfigDict(saved)
+  if enabled(base_config):
+    raise ValueError(f"{where} is itself a LoRA run; fine-tune a fully trained run")
+  return base, step, base_config
+
+
+def read_record(workdir: str) -> Optional[dict[str, Any]]:
+  path = os.path.join(workdir, RECORD_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_base(base_config: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the first model key where `config` differs from the
+  base run's (the adapters sit on the base's weights and function)."""
+  from moejax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  given = config_lib.key_paths(config.model, "config.model")
+  saved = config_lib.key_paths(base_config.model, "config.model")
+  for key in sorted(set(given) | set(saved)):
+    if key in _FREE_MODEL_KEYS:
+      continue
+    if given.get(key) != saved.get(key):
+      raise ValueError(f"{key}={given.get(key)!r}, but the base run "
+                       f"config.finetune.base={config.finetune.base!r} has "
+                       f"{saved.get(key)!r}: a fine-tuning run keeps the base's model")
+
+
+def module_pattern(targets: tuple[str, ...]) -> str:
+  """The qwix module-path regex of `targets` (any layer, either layout)."""
+  return r"(.*/)?(" + "|".join(re.escape(TARGETS[t]) for t in targets) + ")"
+
+
+def apply(model: transformer_lib.TransformerLM, config: ml_collections.ConfigDict,
+          tokens: jax.Array) -> transformer_lib.TransformerLM:
+  """`model` with LoRA adapters on the targets (QLoRA: targets' base weights
+  quantized first), from a sample batch of `tokens` <int32>[B, L]. Adapters
+  are initialized from `config.seed` (A: He-uniform, B: zeros). ValueError if
+  a target gets no adapter."""
+  lora = config.finetune.lora
+  targets = parse_targets(lora.targets)
+  pattern = module_pattern(targets)
+  qtype = None if lora.quantize_base == "none" else lora.quantize_base
+  remat, model.remat = model.remat, "none"  # the first call creates the adapters
+
+  @nnx.jit
+  def adapted(model):
+    # Traced, so that qwix follows a parameter through a dtype cast.
+    if qtype is not None:
+      model = qwix.quantize_model(
+          model, qwix.PtqProvider([qwix.QtRule(module_path=pattern, weight_qtype=qtype)]),
+          tokens)
+      for _, module in nnx.iter_modules(model):
+        if "qwix_rngs" in vars(module):  # set (static) by the PTQ pass
+          delattr(module, "qwix_rngs")
+    return qwix.apply_lora_to_model(
+        model, qwix.LoraProvider(module_path=pattern, rank=lora.rank, alpha=float(lora.alpha),
+                                 weight_qtype=qtype),
+        tokens, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0x10A)))
+
+  try:
+    model = adapted(model)
+  finally:
+    model.remat = remat
+  found = adapter_counts(model)
+  for target in targets:
+    if not found.get(target):
+      raise ValueError(_no_adapter_message(target, config))
+  return model
+
+
+def _no_adapter_message(target: str, config) -> str:
+  moe = config.model.moe
+  why = {
+      "router": f"the model has no learned router (router={moe.router!r})",
+      "shared_experts": "the model has no shared experts "
+                        "(config.model.moe.num_shared_experts=0)",
+      "experts": "the experts' matmuls were not intercepted: the dropless dispatcher's "
+                 "grouped matmul is not one qwix adapts; set config.model.moe.dispatch to "
+                 "'gather' or 'einsum' with a capacity_factor > 0, or the model has no "
+                 "routed experts",
+  }.get(target, "no matmul of that module was intercepted")
+  return f"config.finetune.lora.targets names {target!r}, but no adapter was created: {why}"
+
+
+def adapter_counts(model_or_state) -> dict[str, int]:
+  """Adapter parameters per target: {target: number of scalars}."""
+  state = (nnx.state(model_or_state, nnx.LoRAParam)
+           if isinstance(model_or_state, nnx.Module) else model_or_state)
+  counts: dict[str, int] = {}
+  for path, variable in nnx.to_flat_state(state):
+    module = "/".join(str(p) for p in path[:-1])
+    for target, suffix in TARGETS.items():
+      if module == suffix or module.endswith("/" + suffix):
+        counts[target] = counts.get(target, 0) + int(np.prod(variable.get_value().shape))
+  return counts
+
+
+def split(state: nnx.State) -> tuple[nnx.State, nnx.State]:
+  """(adapters, frozen base) of a LoRA model's state."""
+  adapters, frozen = nnx.split_state(state, nnx.LoRAParam, ...)
+  return adapters, frozen
+
+
+def placed(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Arrays not yet laid out on `mesh` (adapters qwix created, quantized
+  weights) replicated over it; the rest as they are."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def place(x):
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, replicated)
+  return jax.tree.map(place, tree)
+
+
+def build(config: ml_collections.ConfigDict, vocab_size: int, mesh, workdir: str):
+  """(graphdef, adapters, frozen base, record) of a fine-tuning run: the base
+  run's parameters restored (any layout, any mesh), quantized where
+  QLoRA asks, fresh adapters added. Call under `parallel.activate(mesh)`."""
+  from moejax.train import trainer  # pylint: disable=import-outside-toplevel
+  train = config.train
+  # qwix creates the adapters by running the model once on a batch this shape.
+  sample_tokens = trainer.global_batch(
+      {"inputs": np.zeros((train.batch_size // jax.process_count(), train.seq_len),
+                          np.int32)}, parallel.batch_sharding(mesh))["inputs"]
+  base, step, base_config = base_run(config, workdir)
+  check_base(base_config, config)
+  # The base's weights in this run's model (same function; the free keys may
+  # differ), read in the base's layout.
+  restore_config = config.copy_and_resolve_references()
+  restore_config.model.scan_layers = bool(base_config.model.scan_layers)
+  restore_config.finetune.lora.rank = 0  # the base itself
+  try:
+    graphdef, params = trainer.restore_params(base, step, restore_config, vocab_size, mesh)
+  except checkpoints.IncompatibleCheckpointError as e:
+    raise ValueError(f"config.finetune.base={base!r}: {e} (was it trained on another "
+                     f"vocabulary? config.data must give the base's)") from None
+  if restore_config.model.scan_layers:  # to this run's unscanned layout
+    pure = transformer_lib.convert_layout(
+        params.to_pure_dict(), scanned=False, num_layers=config.model.num_layers,
+        moe_every=config.model.moe_every,
+        first_dense_layers=config.model.first_dense_layers, router=config.model.moe.router)
+    graphdef, params = nnx.split(nnx.eval_shape(
+        lambda: trainer.build_model(config, vocab_size, nnx.Rngs(config.seed))))
+    nnx.replace_by_pure_dict(params, pure)
+  model = nnx.merge(graphdef, params)
+  model = apply(model, config, sample_tokens)
+  graphdef, state = nnx.split(model)
+  adapters, frozen = split(placed(state, mesh))
+  record = {"base": os.path.abspath(base), "step": step,
+            "targets": list(parse_targets(config.finetune.lora.targets)),
+            "rank": config.finetune.lora.rank, "alpha": config.finetune.lora.alpha,
+            "quantize_base": config.finetune.lora.quantize_base,
+            "adapter_params": adapter_counts(adapters)}
+  return graphdef, adapters, frozen, record
+
+
+def restore(workdir: str, step: int, config: ml_collections.ConfigDict, vocab_size: int,
+            mesh):
+  """(graphdef, model state) of checkpoint `step` of the LoRA run `workdir`:
+  its base (as recorded) with the checkpoint's adapters. Call under
+  `parallel.activate(mesh)`."""
+  graphdef, adapters, frozen, _ = build(config, vocab_size, mesh, workdir)
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), adapters)
+  reader = checkpoints.Checkpointer(workdir, keep=1, read_only=True)
+  try:
+    adapters = reader.restore_params(step, target)
+  finally:
+    reader.close()
+  return graphdef, nnx.merge_state(adapters, frozen)
