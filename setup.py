@@ -40,6 +40,9 @@ setuptools.setup(
         # through a Grain pipeline (moejax/data/streaming.py).
         "grain",
         "array-record",
+        # moejax.quantize (per-expert int8/int4) and moejax.train.lora (LoRA/QLoRA):
+        # qwix's API moves between releases; 0.1.8 is the one tested.
+        "qwix>=0.1.8",
     ],
     extras_require={
         # config.model.moe.grouped_matmul="tokamax" (and "auto" on GPU/TPU): the

@@ -185,9 +185,18 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
     first_line = str(e).splitlines()[0]
     raise ValueError(f"these evaluation settings do not apply to this run: {first_line}"
                      ) from None
-  if quantize is not None and lora_lib.enabled(config):
-    raise ValueError(f"{workdir} is a LoRA run: --quantize applies to fully trained runs "
-                     f"(config.finetune.lora.quantize_base quantizes a LoRA run's base)")
+  if lora_lib.enabled(config):
+    if quantize is not None:
+      raise ValueError(f"{workdir} is a LoRA run: --quantize applies to fully trained runs "
+                       f"(config.finetune.lora.quantize_base quantizes a LoRA run's base)")
+    if dropless and "experts" in lora_lib.parse_targets(config.finetune.lora.targets):
+      raise ValueError(f"{workdir} is a LoRA run with adapters on the experts: --dropless "
+                       f"runs them through the grouped matmul, which does not carry the "
+                       f"adapters; use --eval_capacity_factor")
+    try:  # the mesh chosen above (for example split heads) against the targets
+      lora_lib.validate(config)
+    except ValueError as e:
+      raise ValueError(f"these evaluation settings do not apply to this run: {e}") from None
   mesh = trainer.make_mesh(config)
   with parallel.activate(mesh):
     graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, mesh)

@@ -170,6 +170,11 @@ def test_qlora_stores_the_targets_quantized_and_trains_only_adapters():
     ({"finetune.lora.quantize_base": "nf4"}, "quantize_base must be one of"),
     ({"init.upcycle_from": "/x"}, "set one"),
     ({"model.scan_layers": True}, "set config.model.scan_layers=False"),
+    ({"mesh.model": 2, "finetune.lora.targets": "experts,shared_experts"},
+     "config.mesh.model=2 with LoRA on shared_experts"),
+    ({"mesh.model": 2, "finetune.lora.targets": "attention",
+      "finetune.lora.quantize_base": "int8"},
+     r"config.mesh.model=2 with LoRA on attention \(quantize_base='int8'\)"),
 ])
 def test_config_errors_name_the_key(change, message):
   config = _config()
@@ -188,25 +193,78 @@ def test_a_target_without_adapters_is_an_error(targets, moe, message):
     _lora_model(config)
 
 
+def _fake_base(directory, config, step=4, drop=()):
+  """A base run's checkpoint folder as base_run reads it (no arrays)."""
+  saved = config.to_dict()
+  for key in drop:  # keys an older moejax did not write
+    *parents, leaf = key.split(".")
+    node = saved
+    for parent in parents:
+      node = node[parent]
+    del node[leaf]
+  for item in ("state", "data", "config"):
+    (directory / "checkpoints" / str(step) / item).mkdir(parents=True, exist_ok=True)
+  (directory / "checkpoints" / str(step) / "config" / "metadata").write_text(json.dumps(saved))
+
+
 def test_base_model_mismatch_names_the_key(tmp_path):
   base = _config(rank=0)
   base.finetune.base = None
-  saved = tmp_path / "base" / "checkpoints" / "4" / "config"
-  saved.mkdir(parents=True)
-  (saved / "metadata").write_text(json.dumps(base.to_dict()))
+  # Saved by an older moejax: no finetune keys, no model.moe.top_groups.
+  _fake_base(tmp_path / "base", base, drop=("finetune", "model.moe.top_groups"))
   config = _config()
   config.finetune.base = str(tmp_path / "base")
   _, step, base_config = lora.base_run(config, str(tmp_path / "ft"))
-  assert step == 4
-  lora.check_base(base_config, config)  # same model: fine
+  assert step == 4 and not lora.enabled(base_config)
+  lora.check_base(base_config, config)  # same model (missing keys at their defaults)
   config.model.remat = "full"  # how, not what, is computed
+  config.model.moe.capacity_factor = 2.0  # how tokens are batched to the experts
+  config.model.moe.group_by = "sequence"
   lora.check_base(base_config, config)
+  config.model.moe.top_groups = 2  # the base ran with the default
+  with pytest.raises(ValueError, match=r"config.model.moe.top_groups=2, but the base run"):
+    lora.check_base(base_config, config)
+  config.model.moe.top_groups = base.model.moe.top_groups
   config.model.d_model = 64
   with pytest.raises(ValueError, match=r"config.model.d_model=64, but the base run"):
     lora.check_base(base_config, config)
   config.finetune.base = str(tmp_path / "missing")
   with pytest.raises(ValueError, match="is not a directory"):
     lora.base_run(config, str(tmp_path / "ft"))
+
+
+def test_the_record_names_the_base_and_damage_is_named(tmp_path):
+  base = _config(rank=0)
+  base.finetune.base = None
+  _fake_base(tmp_path / "base", base, step=4)
+  _fake_base(tmp_path / "base", base, step=6)
+  ft = tmp_path / "ft"
+  ft.mkdir()
+  config = _config()
+  config.finetune.base = "relative/from/another/cwd"
+  # The record's absolute base and step win over config.finetune.base and
+  # the newest checkpoint.
+  (ft / lora.RECORD_FILE).write_text(json.dumps({"base": str(tmp_path / "base"),
+                                                 "step": 4}))
+  assert lora.base_run(config, str(ft))[:2] == (str(tmp_path / "base"), 4)
+  (ft / lora.RECORD_FILE).write_text('{"base": "/x", "st')
+  with pytest.raises(ValueError, match="finetuned_from.json cannot be read"):
+    lora.base_run(config, str(ft))
+  (ft / lora.RECORD_FILE).write_text('{"base": "/x"}')
+  with pytest.raises(ValueError, match="does not name a base workdir and step"):
+    lora.base_run(config, str(ft))
+  (ft / lora.RECORD_FILE).unlink()
+  config.finetune.base = str(tmp_path / "base")
+  (tmp_path / "base" / "checkpoints" / "6" / "data").rmdir()
+  with pytest.raises(ValueError, match=r"checkpoint 6 cannot be read \(data/ is missing\)"):
+    lora.base_run(config, str(ft))
+
+
+def test_configs_saved_before_finetune_existed_are_not_lora_runs():
+  config = _config(rank=0).to_dict()
+  del config["finetune"]
+  assert not lora.enabled(ml_collections.ConfigDict(config))
+  assert lora.enabled(_config(rank=2))
 
 
 @pytest.mark.slow
@@ -250,3 +308,60 @@ def test_lora_run_checkpoints_adapters_names_its_base_and_resumes(tmp_path):
                                                                      abs=1e-6)
   with pytest.raises(ValueError, match="LoRA fine-tuning run"):
     generate_lib.load(ft_dir)
+
+
+def _finetune_config(base_dir, targets, quantize, data=-1, expert=1, model=1):
+  config = _config(targets)
+  config.finetune.base = base_dir
+  config.finetune.lora.quantize_base = quantize
+  config.data.domains = "3"
+  config.train.update(steps=2, eval_every=2)
+  config.mesh.update(data=data, expert=expert, model=model)
+  return config
+
+
+# (name, targets, quantize_base, mesh data x expert x model on 8 devices)
+MESH_CASES = [("lora", "router,experts,attention", "none", (2, 2, 2)),
+              ("qlora", "router,experts,attention", "int8", (4, 2, 1))]
+
+_MESH_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import test_lora
+from moejax.train import trainer
+results = {}
+for name, targets, quantize, mesh in test_lora.MESH_CASES:
+  config = test_lora._finetune_config(sys.argv[2], targets, quantize, *mesh)
+  results[name] = trainer.train_and_evaluate(config, sys.argv[3] + "/" + name)
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_lora_on_a_mesh_trains_what_one_device_trains(tmp_path):
+  """Adapters created as on one device, laid out by PARAM_AXES, and applied
+  inside the experts' shard_map (expert and model parallel): the same losses."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  base_dir = str(tmp_path / "base")
+  base = _config(rank=0)
+  base.finetune.base = None
+  base.data.domains = "0,1,2"
+  trainer.train_and_evaluate(base, base_dir)
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(tests_dir),
+                                                    env.get("PYTHONPATH")]))
+  proc = subprocess.run([sys.executable, "-c", _MESH_WORKER, tests_dir, base_dir,
+                         str(tmp_path / "mesh")], capture_output=True, text=True, env=env,
+                        timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  on_mesh = json.loads(proc.stdout.strip().splitlines()[-1])
+  for name, targets, quantize, _ in MESH_CASES:
+    one = trainer.train_and_evaluate(_finetune_config(base_dir, targets, quantize),
+                                     str(tmp_path / "one" / name))
+    for key in ("train/loss", "eval/loss", "train/grad_norm"):
+      assert on_mesh[name][key] == pytest.approx(one[key], rel=1e-5, abs=1e-5), (name, key)
+    # Only adapters have gradients: on the mesh too, they are in the forward pass.
+    assert one["train/grad_norm"] > 1e-3

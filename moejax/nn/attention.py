@@ -17,8 +17,12 @@ from jax.sharding import AxisType, PartitionSpec
 def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:
   """The PartitionSpec in the type of `x` on a mesh with Explicit axes
   (sharding in types), one entry per dimension; None otherwise (no mesh, or
-  an Auto mesh, where GSPMD propagates shardings and ops take no annotation).
+  an Auto mesh, where GSPMD propagates shardings and ops take no annotation;
+  or no ambient mesh to name axes in, as when `moejax.train.lora` traces a
+  replicated model as on one device).
   """
+  if jax.sharding.get_abstract_mesh().empty:
+    return None
   sharding = jax.typeof(x).sharding
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or AxisType.Explicit not in mesh.axis_types:

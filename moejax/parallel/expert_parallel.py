@@ -334,7 +334,10 @@ def _reshard_if_explicit(x: Any, spec: Any, mesh) -> Any:
 
 def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
   """`x` resharded like `like` (same shape) on an Explicit mesh, where shape
-  ops on sharded dimensions need it; unchanged otherwise (GSPMD decides)."""
+  ops on sharded dimensions need it; unchanged otherwise (GSPMD decides, or
+  no ambient mesh: traced as on one device)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
   sharding = jax.typeof(like).sharding
   spec = getattr(sharding, "spec", None)
   mesh = getattr(sharding, "mesh", None)
@@ -404,6 +407,8 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
   state_axes = rules.param_logical_axes({"experts": state})["experts"]
   for leaf, axes in zip(jax.tree.leaves(state), jax.tree.leaves(
       state_axes, is_leaf=lambda a: isinstance(a, tuple))):
+    if "mlp" not in axes:  # a LoRA adapter's A of wi, [E, D, r]
+      continue
     _check_divisible("the expert hidden width (expert_hidden / granularity)",
                      leaf.shape[axes.index("mlp")], model_axes, mesh,
                      "change config.mesh.model")

@@ -57,7 +57,27 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]
     (r"(^|/)output_kernel$", ("embed", "vocab")),                # [D, V]
     (r"(^|/)[a-z_]*norm/scale$", ("embed",)),                    # RMSNorm [D]
+    # LoRA adapters (qwix, moejax.train.lora) of a weight W: x W + x A B, with A
+    # taking W's input axes to the rank r and B the rank to W's output axes;
+    # the expert axis is a batch axis of both. The rank is replicated.
+    (r"(^|/)experts/(wi|wi_gate|wi_up)_lora_a$", ("expert", "embed", None)),  # [E, D, r]
+    (r"(^|/)experts/(wi|wi_gate|wi_up)_lora_b$", ("expert", None, "mlp")),    # [E, r, H]
+    (r"(^|/)experts/wo_lora_a$", ("expert", "mlp", None)),       # [E, H, r]
+    (r"(^|/)experts/wo_lora_b$", ("expert", None, "embed")),     # [E, r, D]
+    (r"(^|/)(ffn|shared)/(wi|wi_gate|wi_up)_lora_a$", ("embed", None)),  # [D, r]
+    (r"(^|/)(ffn|shared)/(wi|wi_gate|wi_up)_lora_b$", (None, "mlp")),    # [r, H]
+    (r"(^|/)(ffn|shared)/wo_lora_a$", ("mlp", None)),            # [H, r]
+    (r"(^|/)(ffn|shared)/wo_lora_b$", (None, "embed")),          # [r, D]
+    (r"(^|/)attention/qkv_lora_a$", ("embed", None)),            # [D, r]
+    (r"(^|/)attention/qkv_lora_b$", (None, "qkv", "heads", "head_dim")),  # [r, 3, N, P]
+    (r"(^|/)attention/out_lora_a$", ("heads", "head_dim", None)),  # [N, P, r]
+    (r"(^|/)attention/out_lora_b$", (None, "embed")),            # [r, D]
 )
+
+# A weight quantized by qwix (QLoRA's base, moejax.train.lora) is stored as
+# `<weight>/array/qvalue` (the weight's shape) and `<weight>/array/scale` (the
+# same rank, size 1 along the axes a scale is shared over).
+QUANTIZED_PATTERN = r"/array/(qvalue|scale)$"
 
 
 def mesh_axes(logical: Optional[str]) -> tuple[str, ...]:
@@ -120,6 +140,9 @@ def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
   shape = tuple(getattr(leaf, "shape", ()))
   if re.search(STACKED_PATTERN, names) and shape:
     return ("layers",) + _leaf_axes(path[1:], jax.ShapeDtypeStruct(shape[1:], "float32"))
+  if re.search(QUANTIZED_PATTERN, names):
+    axes = _leaf_axes(path[:-2], leaf)  # the weight's axes; a size-1 scale axis is replicated
+    return tuple(None if size == 1 else axis for axis, size in zip(axes, shape))
   for pattern, axes in PARAM_AXES:
     if re.search(pattern, names):
       if len(axes) != len(shape):

@@ -38,7 +38,12 @@ Limits: the dropless dispatcher's grouped matmul is not intercepted by qwix,
 so `experts` needs a capacity dispatcher (`gather` or `einsum`); a target
 without adapters after applying (for example `router` on a dense model) is an
 error naming it. LoRA runs use the unscanned layout (a scanned base is
-converted on load). Only `__call__` is intercepted: the KV-cache decoding of
+converted on load). On a mesh, `build` creates the adapters by tracing the
+model as on one device over a replicated copy of the base, then lays the
+state out by `parallel.PARAM_AXES` (rules for adapters and quantized
+weights); `validate` refuses `shared_experts`, and `attention` under QLoRA,
+with `config.mesh.model > 1` (qwix's matmuls there give no output layout for
+a sum over model-split axes). Only `__call__` is intercepted: the KV-cache decoding of
 `moejax.generate` does not see the adapters, so generation is refused.
 """
 
@@ -64,15 +69,25 @@ TARGETS = {"router": "ffn/router", "experts": "ffn/experts",
 QUANTIZE_BASE = ("none", "int8", "int4")
 # Written into the fine-tuning run's workdir: the base run and step.
 RECORD_FILE = "finetuned_from.json"
-# model keys a fine-tuning run may set differently from its base (they change
-# how the same function is computed, not the function or the shapes).
-_FREE_MODEL_KEYS = ("config.model.remat", "config.model.scan_layers",
-                    "config.model.moe.grouped_matmul", "config.model.moe.dispatch")
+# Model keys a fine-tuning run may set differently from its base: they change
+# how the base's function is computed, batched or regularized in training
+# (capacity, routing groups, dispatch, losses, noise), not its parameters or
+# what they mean.
+_FREE_MODEL_KEYS = frozenset(
+    ["config.model.remat", "config.model.scan_layers"]
+    + [f"config.model.moe.{key}" for key in (
+        "capacity_factor", "eval_capacity_factor", "capacity_rounding", "min_capacity",
+        "group_by", "group_size", "batch_prioritized", "dispatch", "dropless_exchange",
+        "grouped_matmul", "aux_loss_type", "aux_loss_weight", "z_loss_weight", "jitter",
+        "noise_std", "expert_dropout", "bias_update_rate")])
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether `config` is a LoRA fine-tuning run."""
-  return bool(config.finetune.lora.rank)
+  """Whether `config` is a LoRA fine-tuning run (False for configs saved
+  before `config.finetune` existed)."""
+  finetune = config.get("finetune")
+  lora = finetune.get("lora") if finetune is not None else None
+  return bool(lora.get("rank", 0)) if lora is not None else False
 
 
 def parse_targets(targets: Any) -> tuple[str, ...]:
@@ -101,7 +116,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
           and math.isfinite(alpha) and alpha > 0):
     raise ValueError(f"config.finetune.lora.alpha must be a finite number > 0, got {alpha!r}")
-  parse_targets(lora.targets)
   if lora.quantize_base not in QUANTIZE_BASE:
     raise ValueError(f"config.finetune.lora.quantize_base must be one of "
                      f"{list(QUANTIZE_BASE)}, got {lora.quantize_base!r}")
@@ -118,6 +132,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if rank and config.init.upcycle_from is not None:
     raise ValueError("config.finetune.base and config.init.upcycle_from both initialize "
                      "the model: set one")
+  targets = parse_targets(lora.targets)
+  model_split = config.mesh.model if isinstance(config.mesh.model, int) else 1
+  unsplittable = [t for t in targets
+                  if t == "shared_experts" or (t == "attention" and lora.quantize_base != "none")]
+  if rank and model_split > 1 and unsplittable:
+    raise ValueError(
+        f"config.mesh.model={model_split} with LoRA on {', '.join(unsplittable)}"
+        + (f" (quantize_base={lora.quantize_base!r})" if lora.quantize_base != "none" else "")
+        + ": these matmuls sum over an axis split across the model devices, and qwix's "
+        "adapter and quantized matmuls give no output layout for that sum on an Explicit "
+        "mesh; use config.mesh.model=1 (data and expert parallelism take every target)")
   if rank and config.model.scan_layers:
     raise ValueError("config.model.scan_layers=True: LoRA fine-tuning runs the unscanned "
                      "layout (a scanned base checkpoint is converted on load); set "
@@ -126,25 +151,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def base_run(config: ml_collections.ConfigDict, workdir: str
              ) -> tuple[str, int, ml_collections.ConfigDict]:
-  """(base workdir, step, its config): the step recorded in `workdir` (a
-  resumed run), else the base's newest checkpoint. ValueError names what is
-  missing."""
+  """(base workdir, step, its config): the base and step recorded in
+  `workdir` (a resumed or evaluated run; the recorded absolute path, else
+  config.finetune.base), else config.finetune.base's newest checkpoint.
+  ValueError names what is missing."""
+  recorded = read_record(workdir)
   base = config.finetune.base
+  if recorded is not None and os.path.isdir(recorded["base"]):
+    base = recorded["base"]
   where = f"config.finetune.base={base!r}"
   if not os.path.isdir(base):
     raise ValueError(f"{where} is not a directory (a trained run's workdir)")
-  recorded = read_record(workdir)
+  steps = checkpoints.list_steps(base)
   if recorded is not None:
     step = recorded["step"]
-    if step not in checkpoints.list_steps(base):
+    if step not in steps:
       raise ValueError(f"{where}: this run was fine-tuned from its checkpoint {step} "
                        f"({os.path.join(workdir, RECORD_FILE)}), which is gone; the "
                        f"adapters only make sense on that base")
   else:
-    steps = checkpoints.list_steps(base)
     if not steps:
       raise ValueError(f"{where} holds no checkpoint (checkpoints/<step>/)")
     step = steps[-1]
+  damage = checkpoints.check_files(os.path.join(base, "checkpoints", str(step)))
+  if damage is not None:
+    raise ValueError(f"{where}: its checkpoint {step} cannot be read ({damage})")
   saved = checkpoints.read_config(base, step)
   if saved is None:
     raise ValueError(f"{where}: checkpoint {step} records no config")
@@ -155,20 +186,33 @@ def base_run(config: ml_collections.ConfigDict, workdir: str
 
 
 def read_record(workdir: str) -> Optional[dict[str, Any]]:
+  """`workdir`'s finetuned_from.json, or None before the run's first start.
+  ValueError if it is damaged."""
   path = os.path.join(workdir, RECORD_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} cannot be read ({e}); it names the base checkpoint this "
+                     f"run's adapters belong to") from None
+  if not (isinstance(record, dict) and isinstance(record.get("base"), str)
+          and isinstance(record.get("step"), int)):
+    raise ValueError(f"{path} does not name a base workdir and step (\"base\", \"step\"); "
+                     f"it names the base checkpoint this run's adapters belong to")
+  return record
 
 
 def check_base(base_config: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first model key where `config` differs from the
-  base run's (the adapters sit on the base's weights and function)."""
+  base run's (the adapters sit on the base's weights and function); keys
+  the base's config predates count as their defaults."""
   from moejax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   given = config_lib.key_paths(config.model, "config.model")
-  saved = config_lib.key_paths(base_config.model, "config.model")
+  saved = {**config_lib.key_paths(config_lib.default_config().model, "config.model"),
+           **config_lib.key_paths(base_config.model, "config.model")}
   for key in sorted(set(given) | set(saved)):
     if key in _FREE_MODEL_KEYS:
       continue
@@ -211,7 +255,12 @@ def apply(model: transformer_lib.TransformerLM, config: ml_collections.ConfigDic
         tokens, rngs=nnx.Rngs(params=jax.random.fold_in(jax.random.key(config.seed), 0x10A)))
 
   try:
-    model = adapted(model)
+    # Traced as on one device (no ambient mesh): qwix creates each adapter on
+    # the layer's first call, which under a mesh would be inside the experts'
+    # shard_map, with one device's share of the experts. `build` then lays
+    # the adapters out by `parallel.PARAM_AXES`.
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+      model = adapted(model)
   finally:
     model.remat = remat
   found = adapter_counts(model)
@@ -254,17 +303,10 @@ def split(state: nnx.State) -> tuple[nnx.State, nnx.State]:
   return adapters, frozen
 
 
-def placed(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Arrays not yet laid out on `mesh` (adapters qwix created, quantized
-  weights) replicated over it; the rest as they are."""
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def place(x):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh:
-      return x
-    return jax.device_put(x, replicated)
-  return jax.tree.map(place, tree)
+def placed(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+  """A LoRA model's state laid out on `mesh` by `parallel.PARAM_AXES` (which
+  has rules for the adapters and for qwix's quantized weights)."""
+  return jax.device_put(state, parallel.param_shardings(state, mesh))
 
 
 def build(config: ml_collections.ConfigDict, vocab_size: int, mesh, workdir: str):
@@ -297,8 +339,11 @@ def build(config: ml_collections.ConfigDict, vocab_size: int, mesh, workdir: str
     graphdef, params = nnx.split(nnx.eval_shape(
         lambda: trainer.build_model(config, vocab_size, nnx.Rngs(config.seed))))
     nnx.replace_by_pure_dict(params, pure)
-  model = nnx.merge(graphdef, params)
-  model = apply(model, config, sample_tokens)
+  # `apply` traces as on one device, so its inputs are replicated for it (a
+  # passing copy of the base on every device); `placed` shards the result.
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model = nnx.merge(graphdef, jax.device_put(params, replicated))
+  model = apply(model, config, jax.device_put(sample_tokens, replicated))
   graphdef, state = nnx.split(model)
   adapters, frozen = split(placed(state, mesh))
   record = {"base": os.path.abspath(base), "step": step,

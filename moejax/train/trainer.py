@@ -330,8 +330,10 @@ def _run(config, workdir: str, console: console_lib.Console,
                      "step": source_step, "upcycle_noise": config.init.upcycle_noise}, f)
     if finetune:
       if not checkpointer.steps() and jax.process_index() == 0:
-        with open(os.path.join(workdir, lora_lib.RECORD_FILE), "w") as f:
+        path = os.path.join(workdir, lora_lib.RECORD_FILE)
+        with open(path + ".tmp", "w") as f:  # whole or absent, never half written
           json.dump(record, f, indent=2)
+        os.replace(path + ".tmp", path)
       counts = record["adapter_params"]
       console.print(f"LoRA on {record['base']} (step {record['step']}): rank "
                     f"{record['rank']}, {sum(counts.values()):,} adapter parameters "
