@@ -2,6 +2,9 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -267,13 +270,26 @@ def test_configs_saved_before_finetune_existed_are_not_lora_runs():
   assert lora.enabled(_config(rank=2))
 
 
-@pytest.mark.slow
-def test_lora_run_checkpoints_adapters_names_its_base_and_resumes(tmp_path):
-  base_dir, ft_dir = str(tmp_path / "base"), str(tmp_path / "ft")
+def _base_config():
   base = _config(rank=0)
   base.finetune.base = None
   base.data.domains = "0,1,2"
-  trainer.train_and_evaluate(base, base_dir)
+  return base
+
+
+@pytest.fixture(scope="module")
+def trained_base(tmp_path_factory):
+  """A base run trained 4 steps on domains 0-2 (copy it before training on)."""
+  base_dir = str(tmp_path_factory.mktemp("lora") / "base")
+  trainer.train_and_evaluate(_base_config(), base_dir)
+  return base_dir
+
+
+@pytest.mark.slow
+def test_lora_run_checkpoints_adapters_names_its_base_and_resumes(trained_base, tmp_path):
+  base_dir, ft_dir = str(tmp_path / "base"), str(tmp_path / "ft")
+  shutil.copytree(trained_base, base_dir)
+  base = _base_config()
   config = _config("router,experts")
   config.finetune.base = base_dir
   config.data.domains = "3"
@@ -338,16 +354,10 @@ print(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_lora_on_a_mesh_trains_what_one_device_trains(tmp_path):
+def test_lora_on_a_mesh_trains_what_one_device_trains(trained_base, tmp_path):
   """Adapters created as on one device, laid out by PARAM_AXES, and applied
   inside the experts' shard_map (expert and model parallel): the same losses."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  base_dir = str(tmp_path / "base")
-  base = _config(rank=0)
-  base.finetune.base = None
-  base.data.domains = "0,1,2"
-  trainer.train_and_evaluate(base, base_dir)
+  base_dir = trained_base
   tests_dir = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
