@@ -79,7 +79,7 @@ _FREE_MODEL_KEYS = frozenset(
         "capacity_factor", "eval_capacity_factor", "capacity_rounding", "min_capacity",
         "group_by", "group_size", "batch_prioritized", "dispatch", "dropless_exchange",
         "grouped_matmul", "aux_loss_type", "aux_loss_weight", "z_loss_weight", "jitter",
-        "noise_std", "expert_dropout", "bias_update_rate")])
+        "noise_std", "expert_dropout")])
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
