@@ -49,7 +49,7 @@ from moejax.train import config as config_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import optim
 from moejax.train import steps as steps_lib
-from moejax.train import trainer
+from moejax import model as model_lib
 
 
 def peak_memory_bytes(compiled) -> int:
@@ -87,19 +87,20 @@ def benchmark(config, *, steps: int, warmup: int, profile_dir: str = "") -> dict
         config.data, seq_len=train.seq_len, global_batch_size=train.batch_size,
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(), cache_dir=cache)
-    trainer.check_model_config(config, dataset.vocab_size)
-    mesh = trainer.make_mesh(config)
+    model_lib.check(config, dataset.vocab_size)
+    mesh = model_lib.make_mesh(config)
     tx = optim.make_optimizer(train)
     schedule = optim.learning_rate_schedule(train)
     sharding = parallel.batch_sharding(mesh)
-    batches = [trainer.global_batch(dataset.train_batch(s), sharding)
+    batches = [model_lib.global_batch(dataset.train_batch(s), sharding)
                for s in range(min(warmup + steps, 4))]
-  kwargs = trainer.model_kwargs(config, dataset.vocab_size)
+  kwargs = model_lib.architecture(config, dataset.vocab_size)
   flops_per_token = accounting.train_flops_per_token(**kwargs, seq_len=train.seq_len)
   counts = accounting.param_counts(**kwargs)
 
   with parallel.activate(mesh):
-    graphdef, params, opt_state = trainer.init_state(config, dataset.vocab_size, mesh, tx)
+    graphdef, params = model_lib.init_params(config, dataset.vocab_size, mesh)
+    opt_state = jax.jit(lambda p: tx.init(steps_lib.trainable(p)))(params)
     train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
     step_index = jnp.asarray(0, jnp.int32)
     start = time.perf_counter()

@@ -27,25 +27,22 @@ from typing import Any, Sequence
 
 from absl import app
 from absl import flags
-import jax
 
-from moejax import data as data_lib
 from moejax import evaluate as evaluate_lib
 from moejax import parallel
 from moejax import quantize as quantize_lib
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import run as run_lib
 
 
 def weight_stats(workdir: str) -> dict[str, Any]:
   """`quantize.expert_weight_stats` of the newest checkpoint of `workdir`."""
-  step, config = evaluate_lib.load_config(workdir)
-  dataset = data_lib.make_dataset(
-      config.data, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
-      seed=config.seed, cache_dir=f"{workdir}/data_cache")
-  config.mesh.data, config.mesh.expert, config.mesh.model = 1, 1, 1
-  mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:1])
+  run = run_lib.Run(workdir)
+  _, config = run.newest()
+  dataset = run.dataset(config)
+  mesh = model_lib.reader_mesh(config, config.train.batch_size)
   with parallel.activate(mesh):
-    _, params = trainer.restore_params(workdir, step, config, dataset.vocab_size, mesh)
+    _, _, params = run.restore_params(config, dataset.vocab_size, mesh)
   return quantize_lib.expert_weight_stats(params)
 
 

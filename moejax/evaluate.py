@@ -31,7 +31,6 @@ Routing settings (parameters are unchanged by all of them):
 """
 
 import json
-import os
 import sys
 from typing import Any, Optional
 
@@ -39,122 +38,59 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
-from flax import nnx
 
-from moejax import data as data_lib
+from moejax import model as model_lib
 from moejax import parallel
 from moejax import quantize as quantize_lib
+from moejax import run as run_lib
 from moejax.train import checkpoints
-from moejax.train import config as config_lib
+from moejax.train import evaluator as evaluator_lib
 from moejax.train import lora as lora_lib
-from moejax.train import routing_report
-from moejax.train import steps as steps_lib
-from moejax.train import trainer
 
-_LAYER_METRICS = ("dropped_fraction", "router_entropy", "unrouted_fraction")
+# The evaluation's routing settings as config overrides (one definition).
+eval_config = evaluator_lib.eval_config
 
 
-def load_config(workdir: str) -> tuple[int, ml_collections.ConfigDict]:
-  """(newest step, the config it was trained with) of a run directory."""
-  if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir} is not a directory")
-  steps = checkpoints.list_steps(workdir)
-  if not steps:
-    raise ValueError(f"{workdir} holds no checkpoint (checkpoints/<step>/)")
-  recorded = checkpoints.read_config(workdir, steps[-1])
-  if recorded is None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-      raise ValueError(f"{workdir}: checkpoint {steps[-1]} records no config and there is "
-                       f"no config.json")
-    with open(path) as f:
-      recorded = json.load(f)
-  return steps[-1], ml_collections.ConfigDict(recorded)
+def _check_settings(workdir, config, *, dropless, quantize, num_batches, scramble_after):
+  """ValueError naming the first setting that does not apply to this run."""
+  if num_batches < 1:
+    raise ValueError(f"--num_batches={num_batches} must be >= 1")
+  seq_len = config.train.seq_len
+  if scramble_after is not None and not 0 < scramble_after < seq_len:
+    raise ValueError(f"--scramble_after={scramble_after} must be in (0, seq_len={seq_len})")
+  if not lora_lib.enabled(config):
+    return
+  if quantize is not None:
+    raise ValueError(f"{workdir} is a LoRA run: --quantize applies to fully trained runs "
+                     f"(config.finetune.lora.quantize_base quantizes a LoRA run's base)")
+  if dropless and "experts" in lora_lib.parse_targets(config.finetune.lora.targets):
+    raise ValueError(f"{workdir} is a LoRA run with adapters on the experts: --dropless "
+                     f"runs them through the grouped matmul, which does not carry the "
+                     f"adapters; use --eval_capacity_factor")
 
 
-def eval_config(config: ml_collections.ConfigDict, *, eval_capacity_factor=None,
-                dropless: bool = False, group_by: Optional[str] = None
-                ) -> ml_collections.ConfigDict:
-  """The config with the evaluation's routing settings; ValueError names a bad one."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  moe = config.model.moe
-  if dropless and eval_capacity_factor is not None:
-    raise ValueError("give either --eval_capacity_factor or --dropless, not both")
-  if dropless:
-    moe.capacity_factor = 0.0
-    moe.eval_capacity_factor = None
-    moe.dispatch = "dropless"
-  elif eval_capacity_factor is not None:
-    if not np.isfinite(eval_capacity_factor) or eval_capacity_factor <= 0:
-      raise ValueError(f"--eval_capacity_factor={eval_capacity_factor} must be > 0 "
-                       f"(use --dropless for no capacity)")
-    moe.eval_capacity_factor = float(eval_capacity_factor)
-    if moe.dispatch == "dropless":  # a capacity needs a capacity dispatcher
-      moe.dispatch = "auto"
-  if group_by is not None:
-    moe.group_by = group_by
-    moe.group_size = None
+def _reader_mesh(config, vocab_size: int) -> jax.sharding.Mesh:
+  """The reader mesh for the run's eval batches; settings that do not apply
+  to the run's model are one message."""
   try:
-    config_lib.validate_config(config)
+    model_lib.check(config, vocab_size)
+    mesh = model_lib.reader_mesh(config, config.train.batch_size)
+    if lora_lib.enabled(config):  # the mesh chosen against the targets
+      config.mesh.update({axis: mesh.shape[axis] for axis in parallel.AXES})
+      lora_lib.validate(config)
   except ValueError as e:
-    raise ValueError(f"these evaluation settings do not apply to this run: {e}") from None
-  return config
-
-
-def _make_eval_step(graphdef, num_domains: int, loss_before: Optional[int] = None,
-                    scramble: bool = False):
-  """The jitted eval step; with `loss_before` = P only positions < P count in the
-  loss, and with `scramble` positions >= P hold another row's tokens. Routing
-  always sees the batch's own padding mask."""
-  @jax.jit
-  def eval_step(params, batch):
-    mask = steps_lib.padding_mask(batch)
-    inputs, weights = batch["inputs"], batch["weights"]
-    positions = jnp.arange(inputs.shape[1])[None, :]
-    if loss_before is not None:
-      weights = jnp.where(positions < loss_before, weights, 0.0)
-      if scramble:  # another row's future: rows are independent windows of the corpus
-        inputs = jnp.where(positions >= loss_before, jnp.roll(inputs, 1, axis=0), inputs)
-    logits, aux = nnx.merge(graphdef, params)(inputs, mask=mask)
-    total, count = steps_lib.cross_entropy(logits, batch["targets"], weights)
-    layers = aux.get("layers", {})
-    scalars = {name: jnp.stack([jnp.asarray(layer.get(name, jnp.nan), jnp.float32)
-                                for layer in layers.values()]) if layers else jnp.zeros(0)
-               for name in _LAYER_METRICS}
-    loads = steps_lib.layer_loads(aux)
-    joints = [routing_report.joint_counts(batch["domain"], layer["first_expert"],
-                                          num_domains, loads.shape[-1], mask)
-              for layer in layers.values() if num_domains and "domain" in batch]
-    joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)
-    return total, count, loads, joint, scalars
-  return eval_step
-
-
-def _run_batches(eval_step, params, batches) -> dict[str, Any]:
-  total = count = 0.0
-  loads = joint = 0.0
-  scalars = {}
-  for batch in batches:
-    b_total, b_count, b_loads, b_joint, b_scalars = eval_step(params, batch)
-    total += float(b_total)
-    count += float(b_count)
-    loads = loads + np.asarray(b_loads, np.float64)
-    joint = joint + np.asarray(b_joint, np.float64)
-    for name, value in b_scalars.items():
-      scalars[name] = scalars.get(name, 0.0) + np.asarray(value, np.float64)
-  n = max(len(batches), 1)
-  return {"loss": total / max(count, 1.0), "loads": np.asarray(loads) / n,
-          "joint": np.asarray(joint), "scalars": {k: v / n for k, v in scalars.items()}}
+    first_line = str(e).splitlines()[0]
+    raise ValueError(f"these evaluation settings do not apply to this run: {first_line}"
+                     ) from None
+  return mesh
 
 
 def evaluate(workdir: str, *, num_batches: Optional[int] = None,
              eval_capacity_factor: Optional[float] = None, dropless: bool = False,
              group_by: Optional[str] = None, scramble_after: Optional[int] = None,
              quantize: Optional[str] = None) -> dict[str, Any]:
-  """Evaluates the newest checkpoint of `workdir`; see the module docstring.
+  """Evaluates the newest readable checkpoint of `workdir`; see the module
+  docstring.
 
   `quantize`: a `moejax.quantize.SETTINGS` name; the routed experts' kernels
   are quantized (weight-only) before evaluating, and the result adds
@@ -162,97 +98,47 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
   """
   if quantize is not None:
     quantize_lib.check_setting(quantize)
-  step, trained = load_config(workdir)
+  run = run_lib.Run(workdir)
+  _, trained = run.newest()
   config = eval_config(trained, eval_capacity_factor=eval_capacity_factor,
                        dropless=dropless, group_by=group_by)
   num_batches = num_batches or config.train.eval_batches
-  if num_batches < 1:
-    raise ValueError(f"--num_batches={num_batches} must be >= 1")
-  seq_len = config.train.seq_len
-  if scramble_after is not None and not 0 < scramble_after < seq_len:
-    raise ValueError(f"--scramble_after={scramble_after} must be in (0, seq_len={seq_len})")
-  dataset = data_lib.make_dataset(
-      config.data, seq_len=seq_len, global_batch_size=config.train.batch_size,
-      seed=config.seed, cache_dir=os.path.join(workdir, "data_cache"))
-  vocab_size = dataset.vocab_size
-  config.mesh.data, config.mesh.expert, config.mesh.model = -1, 1, 1
-  if config.train.batch_size % jax.device_count():
-    config.mesh.data = 1
-    config.mesh.model = jax.device_count()
-  try:
-    trainer.check_model_config(config, vocab_size)
-  except ValueError as e:
-    first_line = str(e).splitlines()[0]
-    raise ValueError(f"these evaluation settings do not apply to this run: {first_line}"
-                     ) from None
-  if lora_lib.enabled(config):
-    if quantize is not None:
-      raise ValueError(f"{workdir} is a LoRA run: --quantize applies to fully trained runs "
-                       f"(config.finetune.lora.quantize_base quantizes a LoRA run's base)")
-    if dropless and "experts" in lora_lib.parse_targets(config.finetune.lora.targets):
-      raise ValueError(f"{workdir} is a LoRA run with adapters on the experts: --dropless "
-                       f"runs them through the grouped matmul, which does not carry the "
-                       f"adapters; use --eval_capacity_factor")
-    try:  # the mesh chosen above (for example split heads) against the targets
-      lora_lib.validate(config)
-    except ValueError as e:
-      raise ValueError(f"these evaluation settings do not apply to this run: {e}") from None
-  mesh = trainer.make_mesh(config)
+  _check_settings(workdir, config, dropless=dropless, quantize=quantize,
+                  num_batches=num_batches, scramble_after=scramble_after)
+  dataset = run.dataset(config)
+  mesh = _reader_mesh(config, dataset.vocab_size)
   with parallel.activate(mesh):
-    graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, mesh)
+    step, graphdef, params = run.restore_params(config, dataset.vocab_size, mesh)
     params, expert_bytes = quantize_lib.quantize_params(params, quantize)
-    batch_sharding = parallel.batch_sharding(mesh)
-    batches = [trainer.global_batch(b, batch_sharding)
-               for b in dataset.eval_batches(num_batches)]
+    sharding = parallel.batch_sharding(mesh)
+    batches = [model_lib.global_batch(b, sharding) for b in dataset.eval_batches(num_batches)]
     num_domains = dataset.info.get("num_domains", 0)
-    result = _run_batches(_make_eval_step(graphdef, num_domains), params, batches)
+    result = evaluator_lib.Evaluator(graphdef, num_domains=num_domains).run(params, batches)
     if scramble_after is not None:
-      before = _run_batches(_make_eval_step(graphdef, num_domains, scramble_after),
-                            params, batches)
-      scrambled = _run_batches(_make_eval_step(graphdef, num_domains, scramble_after,
-                                               scramble=True), params, batches)
+      before, scrambled = (
+          evaluator_lib.Evaluator(graphdef, num_domains=num_domains,
+                                  loss_before=scramble_after, scramble=scramble
+                                  ).run(params, batches)["loss"]
+          for scramble in (False, True))
   moe = config.model.moe
   out: dict[str, Any] = {
-      "workdir": os.path.abspath(workdir), "step": step, "num_batches": num_batches,
-      "tokens": int(num_batches * config.train.batch_size * seq_len),
+      "workdir": run.path, "step": step, "num_batches": num_batches,
+      "tokens": int(num_batches * config.train.batch_size * config.train.seq_len),
       "router": moe.router, "capacity_factor": trained.model.moe.capacity_factor,
       "eval_capacity_factor": (None if dropless else (
           moe.eval_capacity_factor if moe.eval_capacity_factor is not None
           else moe.capacity_factor)),
       "dropless": bool(dropless or moe.capacity_factor == 0), "group_by": moe.group_by,
-      "quantize": quantize, "expert_param_bytes": expert_bytes,
-      "eval/loss": result["loss"]}
+      "quantize": quantize, "expert_param_bytes": expert_bytes}
   if scramble_after is not None:
-    out.update({"scramble_after": scramble_after, "eval/loss_before": before["loss"],
-                "eval/loss_before_scrambled": scrambled["loss"],
-                "eval/future_leak": scrambled["loss"] - before["loss"]})
-  out.update(_layer_report(config, result))
-  return out
-
-
-def _layer_report(config, result) -> dict[str, Any]:
-  moe_layers = [i for i, is_moe in enumerate(trainer.nn_layer_flags(config)) if is_moe]
-  out: dict[str, Any] = {}
-  if not moe_layers:
-    return out
-  loads = result["loads"]
-  per_layer: dict[str, list[float]] = {}
-  for index, layer in enumerate(moe_layers):
-    values = {"max_violation": float(routing_report.max_violation(loads[index])),
-              "dead_experts": float(routing_report.dead_experts(loads[index]))}
-    for name in _LAYER_METRICS:
-      value = float(result["scalars"][name][index])
-      if np.isfinite(value):
-        values[name] = value
-    if np.ndim(result["joint"]) == 3 and result["joint"].shape[1] > 0:
-      values["expert_domain_mi"] = routing_report.mutual_information_bits(
-          result["joint"][index])
-    for name, value in values.items():
-      out[f"eval/layer{layer}/{name}"] = value
-      per_layer.setdefault(name, []).append(value)
-  out.update({f"eval/{name}": float(np.mean(v)) for name, v in per_layer.items()})
-  out["expert_load"] = np.asarray(loads).tolist()
-  out["moe_layers"] = moe_layers
+    out.update({"scramble_after": scramble_after, "eval/loss_before": before,
+                "eval/loss_before_scrambled": scrambled,
+                "eval/future_leak": scrambled - before})
+  moe_layers = model_lib.model_config(config).moe_layers
+  out.update(evaluator_lib.layer_report(result, moe_layers))
+  if moe_layers and len(result["expert_load"]):
+    out["expert_load"] = result["expert_load"].tolist()
+    out["moe_layers"] = moe_layers
   return out
 
 
@@ -298,16 +184,15 @@ def json_cli(argv, cli: dict[str, Any], compute) -> None:
   JSON to --out if given, else to stdout."""
   check_workdir_cli(argv, cli["workdir"].value)
   try:
+    run_lib.check_output_path(cli["out"].value)  # before the work, not after
     result = compute()
   except (ValueError, checkpoints.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  text = json.dumps(result, indent=2)
   if cli["out"].value:
-    with open(cli["out"].value, "w") as f:
-      f.write(text + "\n")
+    run_lib.write_json(cli["out"].value, result)
   else:
-    print(text)
+    print(json.dumps(result, indent=2))
 
 
 def main(argv, cli: dict[str, Any]):

@@ -2,12 +2,14 @@ r"""Samples text from a run's newest checkpoint, with a key/value cache.
 
     python -m moejax.generate --workdir=DIR --prompt="ROMEO:" [--prompt=...]
         [--max_new_tokens=200] [--temperature=0.8] [--top_k=0] [--top_p=1.0]
-        [--seed=0] [--dropless] [--quantize=int8|int4] [--mesh=1,1,-1] [--out=FILE]
+        [--seed=0] [--dropless] [--quantize=int8|int4] [--mesh=auto] [--out=FILE]
 
 Loads only the parameters of the newest checkpoint of DIR (no optimizer
 state) with the config they were trained with, on a mesh of your choice
-(`--mesh=data,expert,model`, default all devices on "model": heads and
-expert hidden units split across them), and samples `--max_new_tokens`
+(`--mesh=data,expert,model`; default `auto`, the readers' policy
+`moejax.model.reader_mesh`: the prompts split over "data" as far as they
+divide the devices, the rest on "model" (heads and expert hidden units), or
+on "expert" where the heads do not divide), and samples `--max_new_tokens`
 tokens after every prompt. Prints each prompt's continuation (or writes a
 JSON object with the settings and the samples to --out).
 
@@ -48,7 +50,6 @@ last sample.
 """
 
 import dataclasses
-import json
 import sys
 from typing import Any, Optional, Sequence
 
@@ -60,13 +61,19 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from moejax import data as data_lib
 from moejax import evaluate as evaluate_lib
+from moejax import model as model_lib
 from moejax import parallel
 from moejax import quantize as quantize_lib
+from moejax import run as run_lib
 from moejax.train import checkpoints
+from moejax.train import evaluator as evaluator_lib
 from moejax.train import lora as lora_lib
-from moejax.train import trainer
+
+
+# The most tokens sampled after a prompt: the key/value cache is allocated for
+# the whole length up front (1e9 would ask for hundreds of GB).
+MAX_NEW_TOKENS = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +87,9 @@ class SamplingOptions:
 
   def check(self) -> None:
     if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-        or self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+      raise ValueError(f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}] (the "
+                       f"key/value cache holds every position), got {self.max_new_tokens!r}")
     if not np.isfinite(self.temperature) or self.temperature < 0:
       raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
                        f"{self.temperature!r}")
@@ -214,45 +222,57 @@ class Generator:
     return [self.decode(i) for i in ids]
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-  """"data,expert,model" -> config.mesh values (-1 = the devices left over)."""
+def parse_mesh(text: str) -> Optional[dict[str, int]]:
+  """"data,expert,model" -> config.mesh values (-1 = the devices left over);
+  "auto" -> None (the readers' mesh policy, `moejax.model.reader_mesh`)."""
+  if text == "auto":
+    return None
   parts = text.split(",")
   try:
     values = [int(p) for p in parts]
   except ValueError:
     values = []
   if len(values) != 3:
-    raise ValueError(f"--mesh must be three integers data,expert,model (-1 = the rest), "
-                     f"got {text!r}")
+    raise ValueError(f"--mesh must be auto or three integers data,expert,model (-1 = the "
+                     f"rest), got {text!r}")
   return dict(zip(("data", "expert", "model"), values))
 
 
-def load(workdir: str, *, dropless: bool = False, mesh: str = "1,1,-1",
-         quantize: Optional[str] = None) -> Generator:
-  """The newest checkpoint of `workdir` as a Generator (see the module
-  docstring); `quantize` (a `moejax.quantize.SETTINGS` name, e.g. "int8")
-  quantizes the routed experts' kernels, per expert."""
+def _device_mesh(config, mesh: str, batch_size: int) -> jax.sharding.Mesh:
+  """The mesh the model is sampled on: --mesh, checked against the devices and
+  the model (not the training batch), or the readers' policy for `batch_size`
+  prompts."""
+  sizes = parse_mesh(mesh)
+  if sizes is None:
+    return model_lib.reader_mesh(config, batch_size)
+  mesh_only = ml_collections.ConfigDict(config.to_dict())
+  mesh_only.mesh.update(sizes)
+  resolved = parallel.validate_mesh_config(sizes, num_devices=jax.device_count())
+  mesh_only.train.batch_size = resolved["data"] * resolved["expert"]
+  return model_lib.make_mesh(mesh_only)
+
+
+def load(workdir: str, *, dropless: bool = False, mesh: str = "auto",
+         quantize: Optional[str] = None, batch_size: int = 1) -> Generator:
+  """The newest readable checkpoint of `workdir` as a Generator (see the
+  module docstring), on `mesh` ("data,expert,model", or "auto": the readers'
+  policy for `batch_size` prompts); `quantize` (a `moejax.quantize.SETTINGS`
+  name, e.g. "int8") quantizes the routed experts' kernels, per expert."""
   if quantize is not None:
     quantize_lib.check_setting(quantize)
-  step, trained = evaluate_lib.load_config(workdir)
+  run = run_lib.Run(workdir)
+  _, trained = run.newest()
   if lora_lib.enabled(trained):
     raise ValueError(f"{workdir} is a LoRA fine-tuning run: its adapters act through "
                      f"qwix's interception of the model's __call__, which KV-cache "
                      f"decoding does not go through; evaluate it with python -m "
                      f"moejax.evaluate --workdir={workdir}")
-  config = evaluate_lib.eval_config(trained, dropless=dropless, group_by="batch")
-  config.mesh.update(parse_mesh(mesh))
-  dataset = data_lib.make_dataset(
-      config.data, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
-      seed=config.seed, cache_dir=f"{workdir}/data_cache")
+  config = evaluator_lib.eval_config(trained, dropless=dropless, group_by="batch")
+  dataset = run.dataset(config)
   vocab_size = dataset.vocab_size
-  # The mesh holds the model, not the training batch (whose size still sets
-  # per-slot parameter shapes): check it against the devices only.
-  mesh_only = ml_collections.ConfigDict(config.to_dict())
-  mesh_only.train.batch_size = jax.device_count()
-  device_mesh = trainer.make_mesh(mesh_only)
+  device_mesh = _device_mesh(config, mesh, batch_size)
   with parallel.activate(device_mesh):
-    graphdef, params = trainer.restore_params(workdir, step, config, vocab_size, device_mesh)
+    step, graphdef, params = run.restore_params(config, vocab_size, device_mesh)
     params, _ = quantize_lib.quantize_params(params, quantize)
   return Generator(model=nnx.merge(graphdef, params), config=config, step=step,
                    tokenizer=getattr(dataset, "tokenizer", None), vocab_size=vocab_size,
@@ -276,8 +296,9 @@ def _define_flags() -> dict[str, Any]:
                                     "(token-choice routers)."),
       "quantize": flags.DEFINE_enum("quantize", None, list(quantize_lib.SETTINGS),
                                     "Quantize the routed experts' weights (per expert)."),
-      "mesh": flags.DEFINE_string("mesh", "1,1,-1", "Device mesh data,expert,model "
-                                  "(-1 = the devices left over)."),
+      "mesh": flags.DEFINE_string("mesh", "auto", "Device mesh data,expert,model (-1 = "
+                                  "the devices left over), or auto: the prompts over "
+                                  "data, the rest on model (or expert)."),
       "out": flags.DEFINE_string("out", None, "Write a JSON object here (default: print "
                                  "the samples)."),
   }
@@ -291,8 +312,10 @@ def main(argv, cli: dict[str, Any]):
   prompts = cli["prompt"].value
   try:
     options.check()
+    run_lib.check_output_path(cli["out"].value)  # before the work, not after
     generator = load(cli["workdir"].value, dropless=cli["dropless"].value,
-                     mesh=cli["mesh"].value, quantize=cli["quantize"].value)
+                     mesh=cli["mesh"].value, quantize=cli["quantize"].value,
+                     batch_size=len(prompts))
     samples = generator.generate(prompts, options)
   except (ValueError, checkpoints.IncompatibleCheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -302,9 +325,7 @@ def main(argv, cli: dict[str, Any]):
               **dataclasses.asdict(options), "dropless": cli["dropless"].value,
               "quantize": cli["quantize"].value,
               "samples": [{"prompt": p, "continuation": s} for p, s in zip(prompts, samples)]}
-    with open(cli["out"].value, "w") as f:
-      json.dump(record, f, indent=2)
-      f.write("\n")
+    run_lib.write_json(cli["out"].value, record)
     return
   for prompt, sample in zip(prompts, samples):
     print(prompt + sample)

@@ -10,7 +10,8 @@ from moejax.nn import NonCausalRoutingWarning, TransformerLM
 from moejax.scaling import breakdown, counts_from_config, param_counts, train_flops_per_token
 from moejax.scaling.accounting import COMPONENTS
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import train as trainer
 
 
 def _moe(**overrides):
@@ -167,7 +168,7 @@ def test_counts_from_config_matches_the_trainer():
   config = config_lib.default_config()
   config.model.moe.granularity = 2
   counts = counts_from_config(config)
-  kwargs = trainer.model_kwargs(config, 512)  # the synthetic corpus's vocabulary
+  kwargs = model_lib.architecture(config, 512)  # the synthetic corpus's vocabulary
   assert counts["params_total"] == param_counts(**kwargs)["total"]
   assert counts["flops_per_token"] == train_flops_per_token(
       **kwargs, seq_len=config.train.seq_len)

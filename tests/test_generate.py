@@ -17,7 +17,7 @@ from moejax import generate
 from moejax import routing
 from moejax.nn import TransformerLM
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax import train as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE_DIR = pathlib.Path(REPO).parent / "shared" / "data" / "tiny_shakespeare"

@@ -15,7 +15,7 @@ from flax import nnx
 from moejax import quantize
 from moejax.nn import TransformerLM
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax import train as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

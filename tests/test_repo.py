@@ -20,3 +20,70 @@ def test_ci_runs_the_readme_commands():
   for marker in ("install", "test"):
     command = _commands_after(marker, ci)
     assert command in readme_lines, f"README has no bash line {command!r}"
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  if parts[-1] == "__init__":
+    parts = parts[:-1]
+  return ".".join(parts)
+
+
+def _imports(path: pathlib.Path, known: set[str]) -> set[str]:
+  """The moejax modules `path` imports, at module or function level (`from
+  package import name` counts as the submodule when `name` is one)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      found.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        name = f"{node.module}.{alias.name}"
+        found.add(name if name in known else node.module)
+  return {name for name in found if name in known}
+
+
+def _graph() -> dict[str, set[str]]:
+  paths = {_module_name(p): p for p in (ROOT / "moejax").rglob("*.py")}
+  return {name: _imports(path, set(paths)) - {name} for name, path in paths.items()}
+
+
+def test_no_import_cycle_in_moejax():
+  graph = _graph()
+  state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+  def visit(name: str, path: list[str]) -> None:
+    state[name] = 1
+    for other in sorted(graph[name]):
+      assert state.get(other) != 1, "import cycle: " + " -> ".join(
+          path[path.index(other):] + [other] if other in path else path + [other])
+      if other not in state:
+        visit(other, path + [other])
+    state[name] = 2
+
+  for name in sorted(graph):
+    if name not in state:
+      visit(name, [name])
+
+
+def test_only_the_training_package_imports_the_trainer():
+  users = [p for p in ROOT.rglob("*.py")
+           if ".venv" not in p.parts and "moejax/train" not in p.as_posix()
+           and p.name != "test_repo.py"
+           and re.search(r"moejax\.train\.trainer|from moejax\.train import[^\n]*\btrainer\b",
+                         p.read_text())]
+  assert not users, f"import moejax.train.trainer outside moejax/train/: {users}"
+  assert (ROOT / "moejax" / "run.py").exists()
+
+
+def test_no_function_in_moejax_over_60_lines():
+  import ast  # pylint: disable=import-outside-toplevel
+  long = []
+  for path in (ROOT / "moejax").rglob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        lines = node.end_lineno - node.lineno + 1
+        if lines > 60:
+          long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+  assert not long, "functions over 60 lines:\n" + "\n".join(sorted(long))

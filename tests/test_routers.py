@@ -352,7 +352,7 @@ def _small_config(**overrides):
 
 
 def test_router_registered_outside_the_package_trains(tmp_path):
-  from moejax.train import trainer  # pylint: disable=g-import-not-at-top
+  from moejax import train as trainer  # pylint: disable=g-import-not-at-top
   routing.register_router("first_expert_test", _FirstExpertRouter)
   try:
     record = trainer.train_and_evaluate(_small_config(**{
@@ -366,7 +366,7 @@ def test_router_registered_outside_the_package_trains(tmp_path):
 
 def test_bias_balancing_resumes_exactly(tmp_path):
   from test_train import train_losses  # pylint: disable=g-import-not-at-top
-  from moejax.train import trainer  # pylint: disable=g-import-not-at-top
+  from moejax import train as trainer  # pylint: disable=g-import-not-at-top
   overrides = {"model.moe.bias_update_rate": 1e-2, "model.moe.aux_loss_type": "none",
                "model.moe.score_fn": "sigmoid", "train.steps": 8, "train.log_every": 2,
                "train.checkpoint_every": 4, "train.eval_every": 8}

@@ -11,7 +11,7 @@ import pytest
 
 from moejax.train import config as config_lib
 from moejax.train import optim
-from moejax.train import trainer
+from moejax import train as trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from moejax.nn import TransformerLM
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax import train as trainer
 from moejax.train import upcycle
 
 

@@ -39,13 +39,14 @@ from experiments import sweep
 from experiments.studies import common
 from moejax import data as data_lib
 from moejax import parallel
-from moejax.train import checkpoints
 from moejax.train import config as config_lib
 from moejax.train import lora as lora_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import routing_report
-from moejax.train import steps as steps_lib
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import run as run_lib
+from moejax import train as train_lib
+from moejax.train import evaluator as evaluator_lib
 
 ARMS = {"router": "router", "experts": "experts", "router_experts": "router,experts"}
 OLD_DOMAINS, NEW_DOMAIN = "0,1,2", "3"
@@ -96,18 +97,17 @@ def measure(path: str, config: ml_collections.ConfigDict, num_batches: int) -> d
     dataset = data_lib.make_dataset(
         data_config, seq_len=config.train.seq_len, global_batch_size=config.train.batch_size,
         seed=config.seed)
-    return [trainer.global_batch(b, parallel.batch_sharding(mesh))
+    return [model_lib.global_batch(b, parallel.batch_sharding(mesh))
             for b in dataset.eval_batches(num_batches)]
 
   out: dict[str, Any] = {}
   with parallel.activate(mesh):
-    graphdef, params = trainer.restore_params(path, checkpoints.list_steps(path)[-1], config,
-                                              config.data.vocab_size, mesh)
-    eval_step = steps_lib.make_eval_step(graphdef, num_domains)
+    _, graphdef, params = run_lib.Run(path).restore_params(config, config.data.vocab_size,
+                                                           mesh)
+    evaluator = evaluator_lib.Evaluator(graphdef, num_domains=num_domains)
     for domain in range(num_domains):
-      out[f"loss_domain{domain}"] = steps_lib.evaluate(eval_step, params,
-                                                       batches(str(domain)))["loss"]
-    joint = steps_lib.evaluate(eval_step, params, batches(""))["joint"]  # [layers, domains, E]
+      out[f"loss_domain{domain}"] = evaluator.run(params, batches(str(domain)))["loss"]
+    joint = evaluator.run(params, batches(""))["joint"]  # [layers, domains, E]
   new = int(NEW_DOMAIN)
   out["new_domain_load"] = [(j[new] / max(j[new].sum(), 1.0)).tolist() for j in joint]
   out["expert_domain_mi"] = [routing_report.mutual_information_bits(j) for j in joint]
@@ -121,7 +121,7 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
   for name, arm, seed, config in plan(workdir, scale):
     path = common.point_dir(workdir, name)
     print(f"== {name}: {config.train.steps} steps", flush=True)
-    trainer.train_and_evaluate(config, path)
+    train_lib.train_and_evaluate(config, path)
     numbers = measure(path, config, setup["eval_batches"])
     loads[name] = numbers.pop("new_domain_load")
     mi = numbers.pop("expert_domain_mi")

@@ -47,7 +47,8 @@ from experiments.studies import common
 from moejax.scaling import accounting
 from moejax.train import config as config_lib
 from moejax.train import metrics as metrics_lib
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import train as train_lib
 
 ARMS = ("dense_continued", "upcycled", "scratch")
 _SCALES = {
@@ -66,7 +67,7 @@ def _config(overrides: dict[str, Any]) -> ml_collections.ConfigDict:
 
 
 def _flops_per_token(config) -> float:
-  kwargs = trainer.model_kwargs(config, config.data.vocab_size)
+  kwargs = model_lib.architecture(config, config.data.vocab_size)
   return accounting.train_flops_per_token(**kwargs, seq_len=config.train.seq_len)
 
 
@@ -100,7 +101,7 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
   for name, arm, seed, config in runs:
     path = common.point_dir(workdir, name)
     print(f"== {name}: {config.train.steps} steps", flush=True)
-    trainer.train_and_evaluate(config, path)
+    train_lib.train_and_evaluate(config, path)
     records = metrics_lib.read_records(os.path.join(path, "metrics.jsonl"))
     flops = _flops_per_token(config) * config.train.batch_size * config.train.seq_len
     rows.append({"name": name, "config": arm, "seed": seed, "status": "finished",

@@ -51,9 +51,9 @@ def sinkhorn_scores(logits: jax.Array, num_iterations: int,
   # target with the same total as the rows). What balances the experts is
   # that the targets are equal: a common factor cancels in the row step, so
   # n_real / E changes no output; it keeps the iterates the textbook ones.
-  num_real = jnp.sum(mask.astype(jnp.float32), axis=1)[:, None, None]  # [G,1,1]
   # max(., 1): a padding-only group has no target; its output is zeroed below.
-  log_column_target = jnp.log(jnp.maximum(num_real, 1.0) / num_experts)
+  num_real = jnp.maximum(jnp.sum(mask.astype(jnp.float32), axis=1)[:, None, None], 1.0)
+  log_column_target = jnp.log(num_real / num_experts)
 
   # Iterate in the log domain: the same updates as scaling exp(logits - max)
   # by row and column factors, but skewed logits (spread >~ 100) cannot

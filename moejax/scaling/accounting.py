@@ -188,6 +188,28 @@ def _capacity_overhead(moe: MoEConfig, num_tokens: int) -> float:
   return capacity * moe.experts / (num_tokens * cls.experts_per_token(moe))
 
 
+def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
+                   seq_len: int, num_heads: int, head_dim: int, d_model: int,
+                   vocab_size: int, causal: bool) -> dict[str, float]:
+  """Training FLOPs per token by part (see `breakdown`) from the active
+  parameters per component."""
+  flops = {name: 6 * active[name] for name in ("router", "experts", "shared_experts",
+                                               "dense_ffn", "norms")}
+  flops["attention_projections"] = 6 * active["attention"]
+  # Kaplan's 2 n_layer n_ctx d_attn forward (causal), x3 for training; see
+  # `train_flops_per_token` for the convention.
+  flops["attention_scores"] = 3 * ((2 if causal else 4) * num_layers * seq_len
+                                   * num_heads * head_dim)
+  flops["attention"] = flops["attention_projections"] + flops["attention_scores"]
+  flops["embedding_output"] = 6 * d_model * vocab_size
+  flops["total"] = sum(flops[name] for name in (
+      "router", "attention", "experts", "shared_experts", "dense_ffn", "norms",
+      "embedding_output"))
+  flops["capacity_padding"] = padding
+  flops["total_with_padding"] = flops["total"] + padding
+  return flops
+
+
 def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
               moe: Mapping[str, Any], seq_len: int, batch_size: Optional[int] = None,
               head_dim: Optional[int] = None, moe_every: int = 1,
@@ -250,20 +272,9 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   params["total_nonembed"] = sum(params[n] for n in COMPONENTS if n not in vocabulary)
   params["active_nonembed"] = sum(active[n] for n in COMPONENTS if n not in vocabulary)
 
-  flops = {name: 6 * active[name] for name in ("router", "experts", "shared_experts",
-                                               "dense_ffn", "norms")}
-  flops["attention_projections"] = 6 * active["attention"]
-  # Kaplan's 2 n_layer n_ctx d_attn forward (causal), x3 for training; see
-  # `train_flops_per_token` for the convention.
-  flops["attention_scores"] = 3 * ((2 if causal else 4) * num_layers * seq_len
-                                   * num_heads * head_dim)
-  flops["attention"] = flops["attention_projections"] + flops["attention_scores"]
-  flops["embedding_output"] = 6 * d_model * vocab_size
-  flops["total"] = sum(flops[name] for name in (
-      "router", "attention", "experts", "shared_experts", "dense_ffn", "norms",
-      "embedding_output"))
-  flops["capacity_padding"] = padding
-  flops["total_with_padding"] = flops["total"] + padding
+  flops = _flops_by_part(active, padding, num_layers=num_layers, seq_len=seq_len,
+                         num_heads=num_heads, head_dim=head_dim, d_model=d_model,
+                         vocab_size=vocab_size, causal=causal)
   return {"params": params, "active_params": active,
           "flops": {name: float(value) for name, value in flops.items()}}
 

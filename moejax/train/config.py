@@ -13,7 +13,9 @@ import math
 import ml_collections
 
 from moejax import data
-from moejax.nn.transformer import REMAT_POLICIES
+from moejax.nn.config import DTYPES as _DTYPES
+from moejax.nn.config import ModelConfig
+from moejax.nn.config import is_int as _is_int
 from moejax.routing import MoEConfig
 from moejax.train import lora
 
@@ -32,58 +34,66 @@ def moe_config() -> ml_collections.ConfigDict:
   return moe
 
 
+def model_config() -> ml_collections.ConfigDict:
+  """The keys of `config.model`: the fields of `nn.config.ModelConfig`, with
+  its defaults (documented there and in the README config table)."""
+  model = ml_collections.ConfigDict()
+  for field in dataclasses.fields(ModelConfig):
+    if field.name == "moe":
+      model.moe = moe_config()
+    elif field.name == "head_dim":  # None = d_model // num_heads; a flag may set it
+      model.head_dim = ml_collections.config_dict.placeholder(int)
+    else:
+      model[field.name] = field.default
+  return model
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The keys of `config.train` with their defaults."""
+  train = ml_collections.ConfigDict()
+  train.steps = 300
+  train.batch_size = 32           # global, over all processes
+  train.seq_len = 128
+  train.learning_rate = 3e-3
+  train.warmup_steps = 30
+  # Length of the warmup + cosine schedule; None = steps. Set it to run the
+  # first `steps` steps of a longer run (which then resumes on the same curve).
+  train.schedule_steps = ml_collections.config_dict.placeholder(int)
+  train.final_lr_fraction = 0.1  # cosine decays to learning_rate * this
+  train.weight_decay = 0.1
+  train.grad_clip = 1.0
+  train.b1 = 0.9
+  train.b2 = 0.95
+  # Storage dtype of the AdamW moments (computed in float32 either way).
+  train.moment_dtype = "float32"   # float32 | bfloat16
+  train.log_every = 10
+  train.eval_every = 100
+  train.eval_batches = 4
+  train.checkpoint_every = 100
+  train.keep_checkpoints = 3
+  train.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
+  # Resume even where the config differs from the checkpoint's in keys that
+  # change training (fine-tuning, a lower learning rate after a divergence);
+  # the differences are recorded in workdir/config_changes.jsonl.
+  train.resume_with_changes = False
+  return train
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key with its default (documented in the README config table)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.train = ml_collections.ConfigDict()
-  config.train.steps = 300
-  config.train.batch_size = 32           # global, over all processes
-  config.train.seq_len = 128
-  config.train.learning_rate = 3e-3
-  config.train.warmup_steps = 30
-  # Length of the warmup + cosine schedule; None = steps. Set it to run the
-  # first `steps` steps of a longer run (which then resumes on the same curve).
-  config.train.schedule_steps = ml_collections.config_dict.placeholder(int)
-  config.train.final_lr_fraction = 0.1  # cosine decays to learning_rate * this
-  config.train.weight_decay = 0.1
-  config.train.grad_clip = 1.0
-  config.train.b1 = 0.9
-  config.train.b2 = 0.95
-  # Storage dtype of the AdamW moments (computed in float32 either way).
-  config.train.moment_dtype = "float32"   # float32 | bfloat16
-  config.train.log_every = 10
-  config.train.eval_every = 100
-  config.train.eval_batches = 4
-  config.train.checkpoint_every = 100
-  config.train.keep_checkpoints = 3
-  config.train.peak_flops_per_device = ml_collections.config_dict.placeholder(float)
-  # Resume even where the config differs from the checkpoint's in keys that
-  # change training (fine-tuning, a lower learning rate after a divergence);
-  # the differences are recorded in workdir/config_changes.jsonl.
-  config.train.resume_with_changes = False
+  config.train = train_config()
 
   # config.data: name, data_dir, manual_dir, text_key, train_split, eval_split,
   # tokenizer, vocab_size, num_domains, branching, loader (see moejax/data/pipeline.py).
   config.data = data.default_config()
 
-  config.model = ml_collections.ConfigDict()
-  config.model.num_layers = 4
-  config.model.d_model = 128
-  config.model.num_heads = 4
-  config.model.head_dim = ml_collections.config_dict.placeholder(int)  # None = d_model / num_heads
-  config.model.moe_every = 1
-  config.model.first_dense_layers = 0
-  config.model.tie_embeddings = True
-  config.model.rope_base = 10000.0
-  config.model.dtype = "float32"          # compute dtype: float32 | bfloat16
-  # Storage dtype of the matmul weights (routers and norms stay float32).
-  config.model.param_dtype = "float32"    # float32 | bfloat16
-  # Stack the repeated layer unit and apply it with nnx.scan (flat compile time).
-  config.model.scan_layers = False
-  config.model.remat = "none"             # none | full | save_matmuls
-  config.model.moe = moe_config()
+  # config.model: the fields of moejax.nn.config.ModelConfig, with its defaults
+  # (num_layers, d_model, num_heads, head_dim, moe_every, first_dense_layers,
+  # tie_embeddings, rope_base, dtype, param_dtype, scan_layers, remat, moe).
+  config.model = model_config()
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                   # -1 = all remaining devices
@@ -106,9 +116,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.finetune.lora.targets = "experts"  # router,experts,shared_experts,attention
   config.finetune.lora.quantize_base = "none"  # none | int8 | int4 (QLoRA)
   return config
-
-
-_DTYPES = ("float32", "bfloat16")
 
 
 def key_paths(config: ml_collections.ConfigDict, prefix: str = "config") -> dict[str, object]:
@@ -134,18 +141,15 @@ def _require(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def _is_int(value) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad key; builds and compiles nothing.
 
   Checks that the keys are exactly those of `default_config()` (a typo in a
   config file is an error, as it is on the command line), the values of the
   train, model and mesh sections, and the data section through
-  `moejax.data.validate_data_config`. The MoE options are checked by the model
-  itself (`moejax.train.trainer.build_model` under `nnx.eval_shape`).
+  `moejax.data.validate_data_config`. The model keys are checked by
+  `nn.config.ModelConfig`; the MoE options by the routers when the model is
+  built (`moejax.model.check`, under `nnx.eval_shape`).
   """
   expected = key_paths(default_config())
   given = key_paths(config)
@@ -153,8 +157,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   missing = sorted(set(expected) - set(given))
   _require(not unknown, unknown_key_message(unknown[0], expected) if unknown else "")
   _require(not missing, f"config is missing key(s) {missing}")
+  _check_train(config.train)
+  _check_init(config.init)
+  ModelConfig.from_mapping(config.model)  # every config.model check, in one place
+  _check_group_size(config)
+  for key in ("data", "expert", "model"):
+    value = config.mesh[key]
+    _require(_is_int(value) and (value == -1 or value > 0),
+             f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
+  lora.validate(config)
+  data.validate_data_config(config.data)
 
-  train = config.train
+
+def _check_train(train: ml_collections.ConfigDict) -> None:
   for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches",
               "checkpoint_every", "keep_checkpoints"):
     value = train[key]
@@ -168,7 +183,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   # (moejax.train.optim.learning_rate_schedule).
   _require(_is_int(train.warmup_steps) and train.warmup_steps >= 0,
            f"config.train.warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
-  init = config.init
+  _require(isinstance(train.resume_with_changes, bool),
+           f"config.train.resume_with_changes must be true or false, got "
+           f"{train.resume_with_changes!r}")
+  _check_optimizer(train)
+
+
+def _check_init(init: ml_collections.ConfigDict) -> None:
   # Whether the directory exists is checked when a run starts without
   # checkpoints (moejax.train.upcycle): a resumed upcycled run never reads it.
   if init.upcycle_from is not None:
@@ -183,9 +204,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(not init.upcycle_noise or init.upcycle_from is not None,
            f"config.init.upcycle_noise={init.upcycle_noise!r} needs "
            f"config.init.upcycle_from (it is noise on experts copied from a dense run)")
-  _require(isinstance(train.resume_with_changes, bool),
-           f"config.train.resume_with_changes must be true or false, got "
-           f"{train.resume_with_changes!r}")
+
+
+def _check_optimizer(train: ml_collections.ConfigDict) -> None:
   _require(train.learning_rate > 0,
            f"config.train.learning_rate must be > 0, got {train.learning_rate!r}")
   _require(0 <= train.final_lr_fraction <= 1,
@@ -199,35 +220,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(train.peak_flops_per_device is None or train.peak_flops_per_device > 0,
            f"config.train.peak_flops_per_device must be > 0 or None, "
            f"got {train.peak_flops_per_device!r}")
-
-  model = config.model
-  for key in ("num_layers", "d_model", "num_heads", "moe_every"):
-    _require(_is_int(model[key]) and model[key] > 0,
-             f"config.model.{key} must be a positive integer, got {model[key]!r}")
-  if model.head_dim is None:
-    _require(model.d_model % model.num_heads == 0,
-             f"config.model.num_heads={model.num_heads} does not divide config.model.d_model="
-             f"{model.d_model}; change one, or set config.model.head_dim for another "
-             f"attention width")
-  else:
-    _require(_is_int(model.head_dim) and model.head_dim > 0,
-             f"config.model.head_dim must be a positive integer or None, got {model.head_dim!r}")
-  _check_group_size(config)
-  for section, key in ((model, "dtype"), (model, "param_dtype"), (train, "moment_dtype")):
-    name = "model" if section is model else "train"
-    _require(section[key] in _DTYPES,
-             f"config.{name}.{key} must be one of {list(_DTYPES)}, got {section[key]!r}")
-  _require(isinstance(model.scan_layers, bool),
-           f"config.model.scan_layers must be true or false, got {model.scan_layers!r}")
-  _require(model.remat in REMAT_POLICIES,
-           f"config.model.remat must be one of {list(REMAT_POLICIES)}, got {model.remat!r}")
-  for key in ("data", "expert", "model"):
-    value = config.mesh[key]
-    _require(_is_int(value) and (value == -1 or value > 0),
-             f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
-
-  lora.validate(config)
-  data.validate_data_config(config.data)
+  _require(train.moment_dtype in _DTYPES,
+           f"config.train.moment_dtype must be one of {list(_DTYPES)}, got "
+           f"{train.moment_dtype!r}")
 
 
 def _check_group_size(config: ml_collections.ConfigDict) -> None:

@@ -1,4 +1,5 @@
-"""The compiled steps: train, eval, and the health check run before a save.
+"""The compiled steps: train and the health check run before a save (the eval
+step is `moejax.train.evaluator`'s).
 
 Every function of the step number only (router noise, learning rate), so a
 resumed run computes exactly what an uninterrupted one does.
@@ -8,7 +9,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -16,7 +16,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from moejax.nn.attention import explicit_spec
 from moejax.parallel.mesh import current_mesh
-from moejax.train import routing_report
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array,
@@ -96,7 +95,7 @@ def _all_finite(tree) -> jax.Array:
 LOADS_KEY = "routing/expert_load"
 
 
-def _jit_with_frozen(step_fn, frozen, donate: tuple[int, ...] = ()):
+def jit_with_frozen(step_fn, frozen, donate: tuple[int, ...] = ()):
   """`step_fn(params, frozen, *args)` jitted as `f(params, *args)`. The frozen
   state is an argument of the compiled function, not a constant baked into
   it; `donate` indexes f's arguments. Without `frozen`, f is the jitted
@@ -138,37 +137,44 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     grad_norm = optax.tree.norm(grads)
     metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": grad_norm,
                "train/learning_rate": schedule(step), **_scalar_aux(aux),
-               LOADS_KEY: _replicated(layer_loads(aux))}
+               LOADS_KEY: replicated(layer_loads(aux))}
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     return params, opt_state, metrics, finite
 
-  return _jit_with_frozen(train_step, frozen, donate=(0, 1))
+  return jit_with_frozen(train_step, frozen, donate=(0, 1))
 
 
 def make_health_check(graphdef, seed: int, frozen: Any = None):
-  """A jitted (params, opt_state, batch, step) -> bool: the state is fit to be
-  saved as a checkpoint to resume from.
+  """A jitted (params, opt_state, batch, step, unigram_entropy) -> (finite,
+  alive): whether the state is fit to be saved as a checkpoint to resume from.
 
-  True when every parameter and optimizer moment is finite and the loss and
+  finite: every parameter and optimizer moment is finite and the loss and
   gradient that the next step (`step`, on its batch) computes from these
   parameters are finite. A finite loss at step s does not make the state after
   step s safe: measured with learning_rate=1000, the loss at step 6 was finite
   but its gradient was not, so a checkpoint of step 5 diverged on every resume,
-  whatever the learning rate. The check costs one forward and backward pass
-  per save (and one compilation).
+  whatever the learning rate.
+  alive: that loss is below `unigram_entropy` (nats; what predicting the
+  token frequencies alone scores), or the gradient is not exactly zero. A
+  collapsed state after a divergence (every logit equal, loss ln V, gradient
+  exactly 0) is finite but can learn nothing: resuming from it "finishes"
+  without training. Pass -inf when the entropy is unknown (alive = a gradient).
+  The check costs one forward and backward pass per save (and one compilation).
   """
   base_key = jax.random.key(seed)
 
-  def health_check(params, frozen, opt_state, batch, step):
+  def health_check(params, frozen, opt_state, batch, step, unigram_entropy):
     rng = jax.random.fold_in(base_key, step)
-    (total, _), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng, frozen)
-    return (_all_finite(params) & _all_finite(opt_state) & jnp.isfinite(total)
-            & jnp.isfinite(optax.tree.norm(grads)))
+    (total, (ce, _)), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng, frozen)
+    grad_norm = optax.tree.norm(grads)
+    finite = (_all_finite(params) & _all_finite(opt_state) & jnp.isfinite(total)
+              & jnp.isfinite(grad_norm))
+    return finite, (ce < unigram_entropy) | (grad_norm > 0)
 
-  return _jit_with_frozen(health_check, frozen)
+  return jit_with_frozen(health_check, frozen)
 
 
-def _replicated(x: jax.Array) -> jax.Array:
+def replicated(x: jax.Array) -> jax.Array:
   """`x` on every device (small per-token arrays reduced on one device, and
   readable by every process)."""
   if explicit_spec(x) is not None:
@@ -177,49 +183,3 @@ def _replicated(x: jax.Array) -> jax.Array:
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
-
-
-def make_eval_step(graphdef, num_domains: int = 0, frozen: Any = None):
-  """A jitted (params, batch) -> (loss sum, target count, loads, joint)
-  (`frozen`: as in `make_train_step`).
-
-  loads: <float32>[MoE layers, E] expert load; joint: <float32>[MoE layers,
-  num_domains, E] counts of (domain, first expert) over real tokens when the
-  batch has a "domain" field and num_domains > 0, else [MoE layers, 0, E]."""
-  def eval_step(params, frozen, batch):
-    mask = padding_mask(batch)
-    states = (params,) if frozen is None else (params, frozen)
-    logits, aux = nnx.merge(graphdef, *states)(batch["inputs"], mask=mask)
-    total, count = cross_entropy(logits, batch["targets"], batch["weights"])
-    loads = _replicated(layer_loads(aux))
-    joints = []
-    for layer in aux.get("layers", {}).values():
-      if num_domains and "domain" in batch:
-        joints.append(routing_report.joint_counts(
-            _replicated(batch["domain"]), _replicated(layer["first_expert"]), num_domains,
-            loads.shape[-1], _replicated(mask)))
-      else:
-        joints.append(jnp.zeros((0, loads.shape[-1]), jnp.float32))
-    joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)
-    return total, count, loads, joint
-  return _jit_with_frozen(eval_step, frozen)
-
-
-def evaluate(eval_step, params, batches) -> dict[str, Any]:
-  """Held-out loss and routing over the eval batches.
-
-  Returns:
-    loss: mean cross-entropy (nats per target token).
-    expert_load: <float64>[MoE layers, E] mean load over the batches.
-    joint: <float64>[MoE layers, domains, E] summed (domain, expert) counts.
-  """
-  total, count, loads, joint = 0.0, 0.0, 0.0, 0.0
-  for batch in batches:
-    batch_total, batch_count, batch_loads, batch_joint = eval_step(params, batch)
-    total += float(batch_total)
-    count += float(batch_count)
-    loads = loads + np.asarray(batch_loads, np.float64)
-    joint = joint + np.asarray(batch_joint, np.float64)
-  return {"loss": total / max(count, 1.0),
-          "expert_load": np.asarray(loads) / max(len(batches), 1),
-          "joint": np.asarray(joint)}

@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from moejax import run as run_lib
 from moejax.nn import transformer as transformer_lib
 from moejax.train import checkpoints
 
@@ -63,15 +64,10 @@ def source_config(workdir: str) -> tuple[int, ml_collections.ConfigDict]:
   if not os.path.isdir(workdir):
     raise ValueError(f"config.init.upcycle_from={workdir!r} is not a directory (a dense "
                      f"run's workdir)")
-  steps = checkpoints.list_steps(workdir)
-  if not steps:
-    raise ValueError(f"config.init.upcycle_from={workdir!r} holds no checkpoint "
-                     f"(checkpoints/<step>/)")
-  recorded = checkpoints.read_config(workdir, steps[-1])
-  if recorded is None:
-    raise ValueError(f"config.init.upcycle_from={workdir!r}: checkpoint {steps[-1]} "
-                     f"records no config")
-  return steps[-1], ml_collections.ConfigDict(recorded)
+  try:
+    return run_lib.Run(workdir).newest()
+  except run_lib.RunError as e:
+    raise ValueError(f"config.init.upcycle_from={workdir!r}: {e}") from None
 
 
 def check_source(source: ml_collections.ConfigDict, target: ml_collections.ConfigDict,
@@ -102,6 +98,26 @@ def _layout_args(config) -> dict[str, Any]:
   model = config.model
   return dict(num_layers=model.num_layers, moe_every=model.moe_every,
               first_dense_layers=model.first_dense_layers, router=model.moe.router)
+
+
+def _expert_copies(name: str, value, dense_flat: dict, dense_name: str, granularity: int,
+                   noise: float, key) -> jax.Array:
+  """<float32>[E, ...] the experts of `name`: expert e is slice e % granularity
+  (of the hidden units) of the dense kernel `dense_name`, plus noise."""
+  if dense_name not in dense_flat:
+    raise ValueError(f"upcycling: the dense checkpoint has no {dense_name} to copy into "
+                     f"{name}")
+  source = jnp.asarray(dense_flat[dense_name], jnp.float32)  # [in, out]
+  hidden_axis = 0 if dense_name.endswith("/wo") else 1  # the FFN hidden units
+  slices = jnp.split(source, granularity, axis=hidden_axis)
+  copies = jnp.stack([slices[e % granularity] for e in range(value.shape[0])])
+  if copies.shape != value.shape:
+    raise ValueError(f"upcycling: {name} has shape {tuple(value.shape)}, but copies of "
+                     f"{dense_name} {tuple(source.shape)} cut into {granularity} slices "
+                     f"make {tuple(copies.shape)}")
+  if noise:
+    copies = copies + noise * jnp.std(source) * jax.random.normal(key, copies.shape)
+  return copies
 
 
 def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: float = 0.0,
@@ -138,23 +154,9 @@ def upcycle_params(dense: dict, fresh: dict, *, granularity: int = 1, noise: flo
       out[name] = jnp.asarray(source, value.dtype)
       used.add(name)
       continue
-    layer, kernel = match.groups()
-    dense_name = f"{layer}/ffn/{kernel}"
-    if dense_name not in dense_flat:
-      raise ValueError(f"upcycling: the dense checkpoint has no {dense_name} to copy into "
-                       f"{name}")
-    source = jnp.asarray(dense_flat[dense_name], jnp.float32)  # [in, out]
-    experts = value.shape[0]
-    hidden_axis = 0 if kernel == "wo" else 1  # the FFN hidden units
-    slices = jnp.split(source, granularity, axis=hidden_axis)
-    copies = jnp.stack([slices[e % granularity] for e in range(experts)])
-    if copies.shape != value.shape:
-      raise ValueError(f"upcycling: {name} has shape {tuple(value.shape)}, but copies of "
-                       f"{dense_name} {tuple(source.shape)} cut into {granularity} slices "
-                       f"make {tuple(copies.shape)}")
-    if noise:
-      draw = jax.random.normal(jax.random.fold_in(key, index), copies.shape)
-      copies = copies + noise * jnp.std(source) * draw
+    dense_name = f"{match.group(1)}/ffn/{match.group(2)}"
+    copies = _expert_copies(name, value, dense_flat, dense_name, granularity,
+                            noise, None if not noise else jax.random.fold_in(key, index))
     out[name] = copies.astype(value.dtype)
     used.add(dense_name)
   # A dense weight left out would change the function the model computes
@@ -184,13 +186,12 @@ def upcycle(params: nnx.State, config: ml_collections.ConfigDict, vocab_size: in
   everything but the routers taken from the dense run `config.init.upcycle_from`;
   returns them and the dense step they came from. Call under
   `parallel.activate(mesh)`."""
-  from moejax.train import trainer  # pylint: disable=import-outside-toplevel
   workdir = config.init.upcycle_from
   step, source = source_config(workdir)
   check_source(source, config, workdir)
   source.mesh.update(config.mesh.to_dict())
   try:
-    _, dense = trainer.restore_params(workdir, step, source, vocab_size, mesh)
+    step, _, dense = run_lib.Run(workdir).restore_params(source, vocab_size, mesh)
   except checkpoints.IncompatibleCheckpointError as e:
     raise ValueError(f"config.init.upcycle_from={workdir!r}: {e}") from None
   dense = dense.to_pure_dict()
