@@ -17,6 +17,13 @@ Writes:
   OUT/final_eval_loss.md   final eval loss, mean ± std per configuration, with
   OUT/final_eval_loss.csv  the number of seeds (and final train loss);
 and prints the Markdown table.
+
+A run whose metrics.jsonl holds a line that is not a JSON record with an
+integer step (garbage, or a line cut short by a kill) is named on stderr by
+file and line number and left out of the curves and averages; a run with an
+empty or missing metrics.jsonl is named too. Both stay in the table: the
+`seeds` column counts the runs averaged, and `note` names the runs left out
+and why. Garbage in a config.json or summary.json is one error naming the file.
 """
 
 import csv
@@ -35,13 +42,36 @@ matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from moejax.train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+from moejax import run as run_lib  # pylint: disable=g-import-not-at-top
 from moejax.train import resume  # pylint: disable=g-import-not-at-top
 
 # Keys that do not change what is trained (besides the seed).
 IGNORED_KEYS = tuple(key for key in resume.RESUMABLE_KEYS if key != "config.train.steps") + (
     "config.seed", "config.data.data_dir", "config.data.manual_dir")
 CURVES = (("train/loss", "train loss"), ("eval/loss", "eval loss"))
+METRICS = "metrics.jsonl"
+_SHOWN_BAD_LINES = 5  # per file on stderr; the rest are counted
+
+
+def read_metrics(path: str) -> tuple[list[dict], list[tuple[int, str]]]:
+  """(records, [(line number, why)] of the lines that are not records) of a
+  metrics.jsonl; blank lines hold nothing and are skipped."""
+  records, bad = [], []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        cut = "" if line.endswith("\n") else ", cut short (the last line, no newline)"
+        bad.append((number, f"not JSON ({e.msg}{cut})"))
+        continue
+      if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+        bad.append((number, "not a record with an integer \"step\""))
+        continue
+      records.append(record)
+  return records, bad
 
 
 class Run:
@@ -49,17 +79,47 @@ class Run:
 
   def __init__(self, path: str):
     self.path = path
-    with open(os.path.join(path, "config.json")) as f:
-      self.config = resume._flatten(json.load(f))  # pylint: disable=protected-access
-    self.flops_per_token = None
+    config = run_lib.read_json(os.path.join(path, "config.json"))
+    if not isinstance(config, dict):
+      raise ValueError(f"{os.path.join(path, 'config.json')} does not hold a config (a "
+                       f"JSON object)")
+    self.config = resume._flatten(config)  # pylint: disable=protected-access
     summary = os.path.join(path, "summary.json")
-    if os.path.exists(summary):
-      with open(summary) as f:
-        self.flops_per_token = json.load(f).get("train_flops_per_token")
-    self.records = metrics_lib.read_records(os.path.join(path, "metrics.jsonl"))
+    summary = run_lib.read_json(summary) if os.path.exists(summary) else {}
+    self.flops_per_token = summary.get("train_flops_per_token") if isinstance(
+        summary, dict) else None
+    self.records, self.bad_lines = [], []
+    self.excluded: Optional[str] = None  # why the run is not averaged
+    metrics = os.path.join(path, METRICS)
+    if not os.path.exists(metrics):
+      self.excluded = f"no {METRICS}"
+    else:
+      self.records, self.bad_lines = read_metrics(metrics)
+      if self.bad_lines:
+        self.excluded = f"{len(self.bad_lines)} unparsable line(s) in {METRICS}"
+      elif not self.records:
+        self.excluded = f"{METRICS} is empty"
     self.seed = self.config.get("config.seed")
     train = lambda key: self.config.get(f"config.train.{key}")  # noqa: E731
     self.tokens_per_step = (train("batch_size") or 0) * (train("seq_len") or 0)
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(self.path)
+
+  def warnings(self) -> list[str]:
+    """What stderr says about this run: each bad line (a few), then why it is
+    left out; nothing for a usable run."""
+    metrics = os.path.join(self.path, METRICS)
+    lines = [f"warning: {metrics} line {number}: {why}"
+             for number, why in self.bad_lines[:_SHOWN_BAD_LINES]]
+    if len(self.bad_lines) > _SHOWN_BAD_LINES:
+      lines.append(f"warning: {metrics}: {len(self.bad_lines) - _SHOWN_BAD_LINES} more "
+                   f"unparsable lines")
+    if self.excluded:
+      lines.append(f"warning: {self.path}: {self.excluded}; left out of the curves and "
+                   f"averages (listed in the table's note)")
+    return lines
 
   @property
   def key(self) -> tuple:
@@ -82,15 +142,15 @@ def find_runs(patterns: Sequence[str]) -> list[str]:
     if not matches:
       raise ValueError(f"{pattern}: no such directory")
     for path in matches:
-      if os.path.exists(os.path.join(path, "metrics.jsonl")):
+      if _is_run(path):
         found.append(path)
         continue
       inner = [p for sub in ("points", "runs")
-               for p in sorted(glob.glob(os.path.join(path, sub, "*")))
-               if os.path.exists(os.path.join(p, "metrics.jsonl"))]
+               for p in sorted(glob.glob(os.path.join(path, sub, "*"))) if _is_run(p)]
       if not inner and os.path.isdir(path) and len(matches) == 1:
-        raise ValueError(f"{path} is not a run directory (no metrics.jsonl), nor a sweep, "
-                         f"study or results folder with runs under points/ or runs/")
+        raise ValueError(f"{path} is not a run directory (no metrics.jsonl or config.json), "
+                         f"nor a sweep, study or results folder with runs under points/ or "
+                         f"runs/")
       found.extend(inner)
   missing = [p for p in found if not os.path.exists(os.path.join(p, "config.json"))]
   if missing:
@@ -98,6 +158,12 @@ def find_runs(patterns: Sequence[str]) -> list[str]:
   if not found:
     raise ValueError(f"no runs found in {list(patterns)}")
   return list(dict.fromkeys(os.path.normpath(p) for p in found))
+
+
+def _is_run(path: str) -> bool:
+  """A run's folder: it holds metrics.jsonl, or config.json (a run that wrote
+  no metrics yet is still listed)."""
+  return any(os.path.exists(os.path.join(path, name)) for name in (METRICS, "config.json"))
 
 
 def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
@@ -132,7 +198,10 @@ def _short_names(keys: Sequence[str]) -> dict[str, str]:
 
 
 def mean_curve(members: Sequence[Run], name: str, x_of) -> Optional[tuple]:
-  """(x, mean, std, n) at the steps every member logged `name` at."""
+  """(x, mean, std, n) at the steps every usable member logged `name` at."""
+  members = [run for run in members if run.excluded is None]
+  if not members:
+    return None
   series = [run.series(name) for run in members]
   series = [s for s in series if s[0].size]
   if not series:
@@ -144,8 +213,16 @@ def mean_curve(members: Sequence[Run], name: str, x_of) -> Optional[tuple]:
   if not steps.size:
     return None
   values = np.stack([vals[np.searchsorted(s, steps)] for s, vals in series])
-  return (x_of(members[0], steps), values.mean(0), values.std(0, ddof=1)
-          if len(series) > 1 else np.zeros(steps.size), len(series))
+  return x_of(members[0], steps), values.mean(0), sample_std(values), len(series)
+
+
+def sample_std(values: np.ndarray) -> np.ndarray:
+  """Sample standard deviation (ddof=1) over axis 0 (seeds), 0 for one seed:
+  the one convention of every band and ± (experiments.studies.common.mean_std)."""
+  values = np.asarray(values, np.float64)
+  if values.shape[0] < 2:
+    return np.zeros(values.shape[1:])
+  return values.std(0, ddof=1)
 
 
 _AXES = (("step", lambda run, steps: steps),
@@ -190,15 +267,17 @@ def final_table(groups) -> list[dict[str, Any]]:
   """Per configuration: final eval and train loss, mean and std over seeds."""
   rows = []
   for label, members in groups:
-    row = {"config": label, "seeds": len(members),
-           "seed_values": " ".join(str(run.seed) for run in members)}
+    used = [run for run in members if run.excluded is None]
+    row = {"config": label, "seeds": len(used),
+           "seed_values": " ".join(str(run.seed) for run in used)}
     for name, column in (("eval/loss", "eval_loss"), ("train/loss", "train_loss")):
-      finals = [vals[-1] for _, vals in (run.series(name) for run in members) if vals.size]
+      finals = [vals[-1] for _, vals in (run.series(name) for run in used) if vals.size]
       finals = np.asarray(finals, np.float64)
       row[f"{column}_mean"] = float(finals.mean()) if finals.size else None
-      row[f"{column}_std"] = float(finals.std(ddof=1)) if finals.size > 1 else (
-          0.0 if finals.size else None)
+      row[f"{column}_std"] = float(sample_std(finals)) if finals.size else None
       row[f"{column}_n"] = int(finals.size)
+    row["note"] = "; ".join(f"{run.name}: {run.excluded}, not averaged"
+                            for run in members if run.excluded)
     rows.append(row)
   return rows
 
@@ -208,18 +287,22 @@ def _pm(mean, std) -> str:
 
 
 def markdown(rows) -> str:
-  lines = ["| configuration | seeds | final eval loss | final train loss |",
-           "| --- | --- | --- | --- |"]
+  lines = ["| configuration | seeds | final eval loss | final train loss | note |",
+           "| --- | --- | --- | --- | --- |"]
   for row in rows:
     lines.append(f"| {row['config']} | {row['eval_loss_n']} | "
                  f"{_pm(row['eval_loss_mean'], row['eval_loss_std'])} | "
-                 f"{_pm(row['train_loss_mean'], row['train_loss_std'])} |")
+                 f"{_pm(row['train_loss_mean'], row['train_loss_std'])} | "
+                 f"{row['note']} |")
   return "\n".join(lines) + "\n"
 
 
 def compare(patterns: Sequence[str], out: str) -> list[dict[str, Any]]:
   """Finds, groups, plots and tabulates; returns the table rows."""
   runs = [Run(path) for path in find_runs(patterns)]
+  for run in runs:
+    for line in run.warnings():
+      print(line, file=sys.stderr)
   groups = group_runs(runs)
   os.makedirs(out, exist_ok=True)
   plot(groups, os.path.join(out, "compare.png"))

@@ -9,7 +9,7 @@ repository root or the current directory) and `get_sweep(scale)` returning
 (`{"model.moe.num_experts": 8}`). Every point's config (base, then the
 point's overrides, then --extra) is validated, model included, before
 anything trains. Point i trains in `workdir/points/<name>` through
-`trainer.train_and_evaluate` in this process (compiled functions are cached
+`moejax.train.train_and_evaluate` in this process (compiled functions are cached
 per shape); `--shard=i/n` runs the i-th of n interleaved slices
 (`shard_assignment`: every slice covers the sweep's range of each swept key),
 so n machines can share one workdir.
@@ -22,6 +22,11 @@ from every finished point in the workdir (all shards'): one row per point,
 the override keys (--extra included) as columns, then `RESULT_COLUMNS`;
 wall_seconds is the time of the invocation that finished the point (compile
 included; an interrupted point's earlier invocations are not added).
+
+Exit status: 0 when every point of the shard finished, or when SIGTERM
+stopped a point (its checkpoint is saved; the sweep ends there, later signals
+are ignored until exit); 130 after Ctrl-C (likewise, the point's checkpoint
+saved); 1 for an invalid sweep, or points that diverged.
 """
 
 import ast
@@ -44,7 +49,10 @@ import ml_collections
 from moejax.nn import NonCausalRoutingWarning
 from moejax.scaling import accounting
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax.train import signals
+from moejax import model as model_lib
+from moejax import run as run_lib
+from moejax import train as train_lib
 
 RESULT_COLUMNS = ("num_experts", "top_k", "granularity", "params_total_nonembed",
                   "params_active_nonembed", "flops_per_token", "flops_capacity_padding",
@@ -182,7 +190,7 @@ def load_sweep(spec: str, extra: Optional[dict[str, Any]] = None) -> list[Point]
       config_lib.validate_config(config)
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonCausalRoutingWarning)
-        trainer.check_model_config(config, accounting.config_vocab_size(config))
+        model_lib.check(config, accounting.config_vocab_size(config))
     except ValueError as e:
       raise ValueError(f"sweep point {index} ({name}): {e}") from e
     points.append(Point(index, name, dict(overrides), config))
@@ -192,9 +200,16 @@ def load_sweep(spec: str, extra: Optional[dict[str, Any]] = None) -> list[Point]
 def _last_records(metrics_path: str) -> tuple[int, dict[str, float]]:
   """(last logged step, the latest value of every key) of a metrics.jsonl."""
   step, latest = 0, {}
-  with open(metrics_path) as f:
-    for line in f:
-      record = json.loads(line)
+  with open(metrics_path, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+      except ValueError as e:
+        raise ValueError(f"{metrics_path} line {number} is not JSON ({e.msg}); the point's "
+                         f"results are not collected") from None
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError(f"{metrics_path} line {number} is not a record with an integer "
+                         f"step; the point's results are not collected")
       step = max(step, record["step"])
       latest.update(record)
   return step, latest
@@ -202,8 +217,7 @@ def _last_records(metrics_path: str) -> tuple[int, dict[str, float]]:
 
 def results_row(point: Point, point_dir: str, wall_seconds: float) -> dict[str, Any]:
   """The results row of a finished point, from its summary.json and metrics.jsonl."""
-  with open(os.path.join(point_dir, "summary.json")) as f:
-    summary = json.load(f)
+  summary = run_lib.read_json(os.path.join(point_dir, "summary.json"))
   _, latest = _last_records(os.path.join(point_dir, "metrics.jsonl"))
   params = summary["params"]
   counts = accounting.counts_from_config(point.config)
@@ -228,8 +242,7 @@ def write_results(workdir: str) -> str:
   for name in sorted(os.listdir(points_dir)) if os.path.isdir(points_dir) else []:
     done = os.path.join(points_dir, name, DONE)
     if os.path.exists(done):
-      with open(done) as f:
-        rows.append(json.load(f))
+      rows.append(run_lib.read_json(done))
   rows.sort(key=lambda row: row["index"])
   keys = list(dict.fromkeys(key for row in rows for key in row["overrides"]))
   path = os.path.join(workdir, "results.csv")
@@ -252,13 +265,13 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
               ) -> str:
   """Trains this shard's unfinished points; returns the path of results.csv.
 
-  `train_fn(config, point_dir)` defaults to `trainer.train_and_evaluate`. A
+  `train_fn(config, point_dir)` defaults to `moejax.train.train_and_evaluate`. A
   point whose run stops before its last step (SIGTERM) ends the sweep without
   a done.json; a point whose loss diverges is logged, gets a failed.json (so a
   rerun skips it: divergence is deterministic) and the sweep goes on; the
   error naming the diverged points is raised at the end.
   """
-  train_fn = train_fn or trainer.train_and_evaluate
+  train_fn = train_fn or train_lib.train_and_evaluate
   index, count = shard
   mine = [point for point, shard in zip(points, shard_assignment(points, count))
           if shard == index]
@@ -267,10 +280,10 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
     point_dir = os.path.join(workdir, "points", point.name)
     done = os.path.join(point_dir, DONE)
     if os.path.exists(done):
-      with open(done) as f:
-        if json.load(f)["overrides"] != json.loads(json.dumps(point.overrides)):
-          raise ValueError(f"{done} was written by a point {point.name!r} with other "
-                           "overrides; use a new --workdir")
+      if run_lib.read_json(done).get("overrides") != json.loads(
+          json.dumps(point.overrides)):
+        raise ValueError(f"{done} was written by a point {point.name!r} with other "
+                         "overrides; use a new --workdir")
       logging.info("[%d/%d] %s: finished, skipping", number, len(mine), point.name)
       continue
     if os.path.exists(os.path.join(point_dir, FAILED)):
@@ -289,7 +302,7 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
       with warnings.catch_warnings():
         warnings.simplefilter("ignore", NonCausalRoutingWarning)
         train_fn(point.config, point_dir)
-    except trainer.NonFiniteLossError as e:
+    except train_lib.NonFiniteLossError as e:
       logging.error("[%d/%d] %s failed: %s", number, len(mine), point.name, e)
       failed.append(point.name)
       with open(os.path.join(point_dir, FAILED), "w") as f:
@@ -310,7 +323,7 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
                  len(mine), point.name, row["train_loss"], row["eval_loss"], wall)
   path = write_results(workdir)
   if failed:
-    raise trainer.NonFiniteLossError(f"points with a non-finite loss: {failed}")
+    raise train_lib.NonFiniteLossError(f"points with a non-finite loss: {failed}")
   return path
 
 
@@ -326,12 +339,18 @@ _EXTRA = flags.DEFINE_multi_string("extra", [], "key=value override (dotted key 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # After a point's stop checkpoint, a second SIGTERM must not kill the sweep
+  # (exit 143) on its way to exit status 0.
+  signals.hold_until_exit()
   try:
     points = load_sweep(_SWEEP.value, parse_extra(_EXTRA.value))
     shard = parse_shard(_SHARD.value)
     logging.info("Sweep %s: %d points, shard %d/%d", _SWEEP.value, len(points), *shard)
     path = run_sweep(points, _WORKDIR.value, shard)
-  except (ValueError, trainer.NonFiniteLossError) as e:
+  except train_lib.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(train_lib.SIGINT_EXIT_STATUS)
+  except (ValueError, train_lib.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   logging.info("Results: %s", path)

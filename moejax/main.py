@@ -9,7 +9,8 @@ itself (`--multihost`, on by default where detected); elsewhere pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` to every
 process. Exit status: 0 when training finished, was already complete, or was
 preempted (SIGTERM: a checkpoint is written first); 130 after Ctrl-C (SIGINT:
-a checkpoint is written first); 1 for an invalid config, flag or workdir, a
+a checkpoint is written first; further signals are ignored until the
+process exits); 1 for an invalid config, flag or workdir, a
 config that differs from the checkpoint's, a workdir held by another run, or a
 non-finite loss, with one message naming the problem. orbax/absl INFO lines
 are off unless --verbosity is given (--verbosity=0 shows them).
@@ -27,7 +28,8 @@ from ml_collections import config_flags
 
 from moejax.train import config as config_lib
 from moejax.train import lock
-from moejax.train import trainer
+from moejax.train import signals
+from moejax import train as train_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py); override keys with --config.<key>=<value>.",
@@ -123,16 +125,19 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # orbax and absl log at INFO on every save; --verbosity=0 shows them.
     logging.set_verbosity(logging.WARNING)
+  # A second SIGTERM after the stop's checkpoint must not turn exit status 0
+  # into death by the signal (-15): signals stay ignored until exit.
+  signals.hold_until_exit()
   try:
     initialize_distributed()
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except trainer.Interrupted as e:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train_lib.Interrupted as e:
     print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(trainer.SIGINT_EXIT_STATUS)
+    sys.exit(train_lib.SIGINT_EXIT_STATUS)
   except KeyboardInterrupt:
     print("stopped: interrupted before the first step; nothing was saved", file=sys.stderr)
-    sys.exit(trainer.SIGINT_EXIT_STATUS)
-  except (ValueError, trainer.NonFiniteLossError, lock.WorkdirLockedError) as e:
+    sys.exit(train_lib.SIGINT_EXIT_STATUS)
+  except (ValueError, train_lib.NonFiniteLossError, lock.WorkdirLockedError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 

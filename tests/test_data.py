@@ -4,12 +4,14 @@ import json
 import pathlib
 import re
 import time
+import types
 
 import ml_collections
 import numpy as np
 import pytest
 
 from moejax import data
+from moejax.data import cache as cache_lib
 from moejax.data import text as text_lib
 from moejax.data import tokenizers
 
@@ -385,3 +387,63 @@ def test_tfds_errors(shakespeare_config, tmp_path):
   empty.mkdir()
   with pytest.raises(ValueError, match=r"config.data.manual_dir=.* lacks \['input.txt'\]"):
     _shakespeare(shakespeare_config, data_dir=str(tmp_path / "tfds"), manual_dir=str(empty))
+
+
+# -- a damaged token cache (memory loader) -------------------------------------------------
+
+_FAKE_BUILDER = types.SimpleNamespace(info=types.SimpleNamespace(full_name="fake/1.0.0"))
+
+
+def _cache_a_split(folder, monkeypatch) -> pathlib.Path:
+  """A split tokenized into `folder` as a run does it: the .npy and its sidecar."""
+  documents = [b"to be or not to be", b"that is the question"] * 50
+  monkeypatch.setattr(text_lib, "iter_documents", lambda *args: iter([documents]))
+  tokens, meta = text_lib.load_tokens(str(folder), _FAKE_BUILDER, "train", "text",
+                                      tokenizers.ByteTokenizer())
+  # 50 x (18 bytes + a separator) + 50 x (20 bytes + a separator).
+  assert len(tokens) == meta["num_tokens"] == 50 * 19 + 50 * 21
+  (path,) = pathlib.Path(folder).glob("*.npy")
+  return path
+
+
+def _assert_rebuild_message(error, path):
+  message = str(error.value)
+  assert isinstance(error.value, ValueError) and "\n" not in message
+  assert f"the token cache file {path} " in message
+  assert f"delete the folder {path.parent} to rebuild it" in message
+  return message
+
+
+@pytest.mark.parametrize("cut", [50, 0.5])  # inside the .npy header, inside the tokens
+def test_a_truncated_npy_cache_is_one_message_naming_the_folder(tmp_path, monkeypatch, cut):
+  path = _cache_a_split(tmp_path, monkeypatch)
+  data = path.read_bytes()
+  path.write_bytes(data[:cut if isinstance(cut, int) else int(len(data) * cut)])
+  with pytest.raises(cache_lib.CacheError) as error:
+    text_lib.load_tokens(str(tmp_path), _FAKE_BUILDER, "train", "text",
+                         tokenizers.ByteTokenizer())
+  assert "cannot be read" in _assert_rebuild_message(error, path)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\xb9\x00 not json", "is not valid JSON"),
+    (b'{"num_tokens": 2000}', "lacks num_documents, unigram_entropy"),
+])
+def test_a_garbage_npy_sidecar_is_one_message_naming_it(tmp_path, monkeypatch, content,
+                                                        problem):
+  path = _cache_a_split(tmp_path, monkeypatch)
+  sidecar = path.with_suffix(".json")
+  sidecar.write_bytes(content)
+  with pytest.raises(cache_lib.CacheError) as error:
+    text_lib.load_tokens(str(tmp_path), _FAKE_BUILDER, "train", "text",
+                         tokenizers.ByteTokenizer())
+  assert problem in _assert_rebuild_message(error, sidecar)
+
+
+def test_a_garbage_sentencepiece_model_is_one_message_naming_it(tmp_path):
+  path = tmp_path / "sentencepiece.text.train.v256.model"
+  path.write_bytes(b"\xb9\x00 not a model")
+  with pytest.raises(cache_lib.CacheError) as error:
+    text_lib.load_tokenizer("sentencepiece", 256, str(tmp_path), _FAKE_BUILDER, "train",
+                            "text")
+  assert "is not a usable SentencePiece model" in _assert_rebuild_message(error, path)

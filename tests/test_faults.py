@@ -435,10 +435,10 @@ def test_tensorboard_console_and_finished_workdir(trained, tmp_path):
 
 
 def test_unexpected_error_finishes_the_pending_save(tmp_path, monkeypatch):
-  from moejax.train import steps as steps_lib  # pylint: disable=g-import-not-at-top
-  from moejax.train import trainer  # pylint: disable=g-import-not-at-top
+  from moejax.train import evaluator as evaluator_lib  # pylint: disable=g-import-not-at-top
+  from moejax import train as trainer  # pylint: disable=g-import-not-at-top
   from test_train import small_config  # pylint: disable=g-import-not-at-top
-  evaluate = steps_lib.evaluate
+  evaluate = evaluator_lib.Evaluator.run
   calls = []
 
   def failing_evaluate(*args):
@@ -447,7 +447,7 @@ def test_unexpected_error_finishes_the_pending_save(tmp_path, monkeypatch):
       raise RuntimeError("injected failure")
     return evaluate(*args)
 
-  monkeypatch.setattr(steps_lib, "evaluate", failing_evaluate)
+  monkeypatch.setattr(evaluator_lib.Evaluator, "run", failing_evaluate)
   with pytest.raises(RuntimeError, match="injected failure"):
     trainer.train_and_evaluate(small_config(), str(tmp_path))
   assert checkpoint_steps(tmp_path) == [4] and no_temporary_folders(tmp_path)

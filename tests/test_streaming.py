@@ -2,15 +2,19 @@
 
 import json
 import pathlib
+import shutil
+import subprocess
+import types
 
 import numpy as np
 import pytest
 
 from moejax import data
+from moejax.data import cache as cache_lib
 from moejax.data import streaming
 from moejax.data import tokenizers
-from moejax.train import trainer
-from test_train import checkpoint_steps, read_metrics, small_config, train_losses
+from moejax import train as trainer
+from test_train import REPO, checkpoint_steps, cli, read_metrics, small_config, train_losses
 
 SHAKESPEARE_DIR = (pathlib.Path(__file__).resolve().parents[1].parent
                    / "shared" / "data" / "tiny_shakespeare")
@@ -181,3 +185,81 @@ def test_train_resume_with_grain_matches_uninterrupted_run(tmp_path, data_dir):
   assert sorted(part_losses) == sorted(full_losses) == [2, 4, 6, 8, 10, 12]
   for step in full_losses:
     np.testing.assert_allclose(part_losses[step], full_losses[step], rtol=1e-6)
+
+
+# --- a damaged cache -----------------------------------------------------------------------
+
+_FAKE_BUILDER = types.SimpleNamespace(info=types.SimpleNamespace(full_name="fake/1.0.0"))
+
+
+def _cache_a_split(folder, monkeypatch) -> tuple[pathlib.Path, dict]:
+  """A split tokenized into `folder` as a run does it: 40 records and a sidecar."""
+  monkeypatch.setattr(streaming, "CHUNK_TOKENS", 7)
+  rng = np.random.default_rng(0)
+  documents = [rng.integers(0, 256, 6).astype(np.uint8).tobytes() for _ in range(40)]
+  monkeypatch.setattr(streaming.text, "iter_documents", lambda *args: iter([documents]))
+  path, meta = streaming.load_token_records(str(folder), _FAKE_BUILDER, "train", "text",
+                                            tokenizers.ByteTokenizer())
+  assert meta["num_records"] == 40  # 40 * 7 tokens (6 bytes and a separator each)
+  return pathlib.Path(path), meta
+
+
+def _assert_rebuild_message(error, path):
+  message = str(error.value)
+  assert isinstance(error.value, ValueError) and "\n" not in message
+  assert f"the token cache file {path} " in message
+  assert f"delete the folder {path.parent} to rebuild it" in message
+  return message
+
+
+def test_a_truncated_array_record_file_is_one_message_naming_the_folder(tmp_path,
+                                                                       monkeypatch):
+  path, meta = _cache_a_split(tmp_path, monkeypatch)
+  windows = streaming.TokenWindows(str(path), meta, seq_len=10)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(cache_lib.CacheError) as error:  # when the split is opened
+    streaming.load_token_records(str(tmp_path), _FAKE_BUILDER, "train", "text",
+                                 tokenizers.ByteTokenizer())
+  _assert_rebuild_message(error, path)
+  with pytest.raises(cache_lib.CacheError) as error:  # cut short after it was checked
+    streaming.TokenWindows(str(path), meta, seq_len=10)[len(windows) - 1]
+  _assert_rebuild_message(error, path)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\xb9\x00 not json", "is not valid JSON"),
+    (b'{"num_tokens": 280}', "lacks num_documents, num_records"),
+    (b"[1, 2]", "does not hold a JSON object"),
+])
+def test_a_garbage_sidecar_is_one_message_naming_it(tmp_path, monkeypatch, content, problem):
+  path, _ = _cache_a_split(tmp_path, monkeypatch)
+  sidecar = path.with_suffix(".json")
+  sidecar.write_bytes(content)
+  with pytest.raises(cache_lib.CacheError) as error:
+    streaming.load_token_records(str(tmp_path), _FAKE_BUILDER, "train", "text",
+                                 tokenizers.ByteTokenizer())
+  assert problem in _assert_rebuild_message(error, sidecar)
+
+
+@needs_shakespeare
+@pytest.mark.slow
+def test_cli_names_a_damaged_grain_cache_in_one_line(tmp_path, data_dir):
+  copy = tmp_path / "data"
+  # The token cache this test damages is the run's own (no other one is copied).
+  shutil.copytree(data_dir, copy, ignore=shutil.ignore_patterns("moejax_cache"))
+  flags = ["--config.data.name=tiny_shakespeare", "--config.data.loader=grain",
+           f"--config.data.data_dir={copy}", f"--config.data.manual_dir={SHAKESPEARE_DIR}"]
+  def run(steps):
+    return subprocess.run(cli(tmp_path / "run", *flags, f"--config.train.steps={steps}"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  first = run(2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  (train,) = tmp_path.glob("**/text.train.*.array_record")  # where the run cached it
+  train.write_bytes(train.read_bytes()[:train.stat().st_size // 2])
+  result = run(4)  # the resume opens the cache again
+  assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert f"the token cache file {train} cannot be read" in line
+  assert f"delete the folder {train.parent} to rebuild it" in line

@@ -20,7 +20,7 @@ from moejax import evaluate as evaluate_lib
 from moejax.nn import NonCausalRoutingWarning
 from moejax.scaling import laws
 from moejax.train import config as config_lib
-from moejax.train import trainer
+from moejax import train as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDIES = ("experts", "capacity", "expert_choice", "z_loss", "granularity", "bias_balancing")
@@ -160,6 +160,85 @@ def test_compare_runs_refuses_what_is_not_a_run(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="not a run directory"):
     compare_runs.find_runs([str(tmp_path / "empty")])
+
+
+def test_compare_runs_leaves_out_a_run_with_garbage_metrics_and_says_so(tmp_path, capsys):
+  _fake_run(tmp_path / "points" / "a_s0", 0, 1e-3, 2.0, (3.0, 2.2))
+  _fake_run(tmp_path / "points" / "a_s1", 1, 1e-3, 2.2, (3.2, 2.4))
+  _fake_run(tmp_path / "points" / "a_s2", 2, 1e-3, 9.0, (9.0, 9.0))  # broken below
+  broken = tmp_path / "points" / "a_s2" / "metrics.jsonl"
+  lines = broken.read_text().splitlines(keepends=True)
+  broken.write_text(lines[0] + "\x00\x00 disk garbage\n" + "[1, 2]\n" + lines[1])
+  rows = compare_runs.compare([str(tmp_path)], str(tmp_path / "out"))
+  err = capsys.readouterr().err
+  assert f"{broken} line 2: not JSON" in err
+  assert f"{broken} line 3: not a record" in err
+  assert "left out of the curves and averages" in err
+  (row,) = rows
+  # The average is that of the two good seeds (the broken run's 9.0 is not in it).
+  assert row["seeds"] == 2 and row["seed_values"] == "0 1"
+  assert row["eval_loss_mean"] == pytest.approx(2.1)
+  assert row["note"] == "a_s2: 2 unparsable line(s) in metrics.jsonl, not averaged"
+  table = (tmp_path / "out" / "final_eval_loss.md").read_text()
+  assert "| 2 | 2.1000 ± 0.1414 |" in table and "a_s2: 2 unparsable" in table
+
+
+def test_compare_runs_lists_a_run_with_empty_or_missing_metrics(tmp_path, capsys):
+  _fake_run(tmp_path / "points" / "a_s0", 0, 1e-3, 2.0, (3.0, 2.2))
+  _fake_run(tmp_path / "points" / "a_s1", 1, 1e-3, 2.2, (3.2, 2.4))
+  _fake_run(tmp_path / "points" / "b_s0", 0, 3e-3, 1.5, (2.5, 1.7))
+  _fake_run(tmp_path / "points" / "c_s0", 0, 1e-2, 1.5, (2.5, 1.7))
+  (tmp_path / "points" / "b_s0" / "metrics.jsonl").write_text("")
+  (tmp_path / "points" / "c_s0" / "metrics.jsonl").unlink()  # config.json only
+  rows = compare_runs.compare([str(tmp_path)], str(tmp_path / "out"))
+  err = capsys.readouterr().err
+  assert "b_s0: metrics.jsonl is empty; left out" in err
+  assert "c_s0: no metrics.jsonl; left out" in err
+  by_label = {row["config"]: row for row in rows}
+  assert set(by_label) == {"learning_rate=0.001", "learning_rate=0.003",
+                           "learning_rate=0.01"}
+  for label, name, why in (("learning_rate=0.003", "b_s0", "metrics.jsonl is empty"),
+                           ("learning_rate=0.01", "c_s0", "no metrics.jsonl")):
+    row = by_label[label]
+    assert row["seeds"] == 0 and row["eval_loss_n"] == 0 and row["eval_loss_mean"] is None
+    assert row["note"] == f"{name}: {why}, not averaged"
+  table = (tmp_path / "out" / "final_eval_loss.md").read_text()
+  assert "| learning_rate=0.003 | 0 | — | — | b_s0: metrics.jsonl is empty, not averaged |" \
+      in table
+
+
+def test_compare_runs_names_a_garbage_config_or_summary(tmp_path):
+  _fake_run(tmp_path / "a_s0", 0, 1e-3, 2.0, (3.0, 2.2))
+  for name in ("summary.json", "config.json"):
+    (tmp_path / "a_s0" / name).write_bytes(b"\xb9\x00 not json")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'a_s0' / name} is not readable JSON"):
+      compare_runs.compare([str(tmp_path / "a_s0")], str(tmp_path / "out"))
+
+
+def test_mean_series_band_is_the_table_std(tmp_path):
+  """One convention: the band of a curve and the ± of a table are the sample std."""
+  rows = []
+  for seed, final in enumerate((2.0, 2.2, 2.7)):
+    name = f"x_s{seed}"
+    (tmp_path / "runs" / name).mkdir(parents=True)
+    records = [{"step": 10, "eval/loss": final + 1.0}, {"step": 20, "eval/loss": final}]
+    (tmp_path / "runs" / name / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    rows.append({"name": name, "config": "x", "seed": seed, "status": "finished",
+                 "eval_loss": final})
+  steps, mean, band, n = common.mean_series(str(tmp_path), rows, "x", "eval/loss")
+  table = common.by_config(rows, "eval_loss")["x"]
+  assert list(steps) == [10, 20] and n == 3 == table["n"]
+  assert mean[-1] == pytest.approx(table["mean"])
+  # Sample std of 2.0, 2.2, 2.7: mean 2.3, squares 0.09 + 0.01 + 0.16 = 0.26,
+  # / (3 - 1) = 0.13, sqrt = 0.36056 (the population std would be 0.29439).
+  assert table["std"] == pytest.approx(0.36056, abs=1e-5)
+  assert band[-1] == pytest.approx(table["std"]) and band[0] == pytest.approx(table["std"])
+  # compare_runs' bands and table use the same convention.
+  assert compare_runs.sample_std(np.array([[2.0], [2.2], [2.7]]))[0] == pytest.approx(
+      table["std"])
+  one = common.mean_series(str(tmp_path), rows[:1], "x", "eval/loss")
+  assert list(one[2]) == [0.0, 0.0] and one[3] == 1
 
 
 # ----------------------------------------------------------- fit diagnosis

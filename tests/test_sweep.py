@@ -4,6 +4,8 @@ import csv
 import functools
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,7 +15,8 @@ from experiments import sweep
 from moejax import routing
 from moejax.nn import NonCausalRoutingWarning
 from moejax.scaling import accounting
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import train as trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = ("experts", "granularity", "routers", "capacity")
@@ -32,7 +35,7 @@ def _built_nonembed(config) -> tuple[int, float]:
   uses (K g of E g; capacity_factor of E g for expert choice)."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", NonCausalRoutingWarning)
-    model = nnx.eval_shape(lambda: trainer.build_model(
+    model = nnx.eval_shape(lambda: model_lib.build(
         config, accounting.config_vocab_size(config), nnx.Rngs(0)))
   total = active = 0.0
   moe = routing.MoEConfig.from_mapping(config.model.moe.to_dict())
@@ -124,7 +127,7 @@ def _fake_train(calls):
   def train(config, workdir):
     calls.append(os.path.basename(workdir))
     os.makedirs(workdir, exist_ok=True)
-    kwargs = trainer.model_kwargs(config, accounting.config_vocab_size(config))
+    kwargs = model_lib.architecture(config, accounting.config_vocab_size(config))
     summary = {"params": accounting.param_counts(**kwargs),
                "train_flops_per_token": accounting.train_flops_per_token(
                    **kwargs, seq_len=config.train.seq_len)}
@@ -194,3 +197,54 @@ def test_a_bad_point_fails_before_training(tmp_path):
     sweep.parse_shard("2/2")
   with pytest.raises(ValueError, match="key=value"):
     sweep.parse_extra(["train.steps"])
+
+
+def test_garbage_in_a_points_files_is_named(tmp_path):
+  points = sweep.load_sweep(_micro_sweep(tmp_path))
+  workdir = tmp_path / "run"
+  sweep.run_sweep(points, str(workdir), train_fn=_fake_train([]))
+  done = workdir / "points" / "e2" / sweep.DONE
+  done.write_bytes(b"\xb9\x00 not json")
+  with pytest.raises(ValueError, match=f"{done} is not readable JSON"):
+    sweep.run_sweep(points, str(workdir), train_fn=_fake_train([]))
+
+  def train_then_garbage(config, point_dir):
+    _fake_train([])(config, point_dir)
+    with open(os.path.join(point_dir, "metrics.jsonl"), "a") as f:
+      f.write("\x00\x00 disk garbage\n")
+  metrics = tmp_path / "other" / "points" / "e2" / "metrics.jsonl"
+  with pytest.raises(ValueError, match=f"{metrics} line 2 is not JSON"):
+    sweep.run_sweep(points, str(tmp_path / "other"), train_fn=train_then_garbage)
+
+
+# The sweep CLI with a point that SIGTERM stops (its StopSignals block is the
+# trainer's), then a second SIGTERM after the point's save, before exit.
+_SWEEP_WITH_SECOND_SIGTERM = '''
+import json, os, runpy, signal, sys, time
+from moejax import train
+from moejax.train import signals
+
+def preempted_train(config, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  with signals.StopSignals(lambda signum: RuntimeError("startup")) as stop:
+    stop.deferred = True
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:  # stopped at step 1
+      f.write(json.dumps({"step": 1, "train/loss": 1.0}) + "\\n")
+  os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(0.5)
+
+train.train_and_evaluate = preempted_train
+sys.argv[0] = "experiments.sweep"
+runpy.run_module("experiments.sweep", run_name="__main__", alter_sys=True)
+'''
+
+
+def test_sweep_second_sigterm_after_a_points_save_keeps_exit_status_0(tmp_path):
+  command = [sys.executable, "-c", _SWEEP_WITH_SECOND_SIGTERM,
+             f"--sweep={_micro_sweep(tmp_path)}", f"--workdir={tmp_path / 'run'}"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, (result.returncode, result.stderr[-3000:])
+  assert "SIGTERM ignored" in result.stderr and "Traceback" not in result.stderr
+  assert not (tmp_path / "run" / "points" / "e2" / sweep.DONE).exists()  # stopped early

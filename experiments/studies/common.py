@@ -33,8 +33,9 @@ import numpy as np
 
 from experiments import sweep
 from moejax import evaluate as evaluate_lib
+from moejax import run as run_lib
 from moejax.train import metrics as metrics_lib
-from moejax.train import trainer
+from moejax import train as train_lib
 
 SCALES = ("full", "quick")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,13 +117,22 @@ def layer_keys(records: Sequence[dict], prefix: str, name: str) -> list[str]:
   return [found[i] for i in sorted(found)]
 
 
+def sample_std(values: np.ndarray) -> np.ndarray:
+  """The standard deviation over axis 0 (seeds) of every ± and every band:
+  the sample std (ddof=1), 0 for one seed."""
+  values = np.asarray(values, np.float64)
+  if values.shape[0] < 2:
+    return np.zeros(values.shape[1:])
+  return values.std(0, ddof=1)
+
+
 def mean_std(values: Sequence[Optional[float]]) -> dict[str, Any]:
-  """{"mean", "std" (sample std, 0 for one value), "n"} of the finite values."""
+  """{"mean", "std" (`sample_std`), "n"} of the finite values."""
   values = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
   if not values.size:
     return {"mean": None, "std": None, "n": 0}
-  std = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
-  return {"mean": float(np.mean(values)), "std": std, "n": int(values.size)}
+  return {"mean": float(np.mean(values)), "std": float(sample_std(values)),
+          "n": int(values.size)}
 
 
 def by_config(rows: Sequence[dict], column: str, finished_only: bool = True
@@ -198,7 +208,7 @@ def train(module: ModuleType, workdir: str, scale: str, shard: str = "0/1",
   points = sweep.load_sweep(f"{module.__file__}:{scale}", extra)
   try:
     sweep.run_sweep(points, workdir, sweep.parse_shard(shard))
-  except trainer.NonFiniteLossError as e:
+  except train_lib.NonFiniteLossError as e:
     logging.warning("%s", e)
   return points
 
@@ -218,12 +228,10 @@ def collect(module: ModuleType, workdir: str, points: Sequence[sweep.Point], out
                        f"again (it resumes) before collecting")
     source = point_dir(workdir, point.name)
     records = metrics_lib.read_records(os.path.join(source, "metrics.jsonl"))
-    with open(os.path.join(source, "summary.json")) as f:
-      summary = json.load(f)
+    summary = run_lib.read_json(os.path.join(source, "summary.json"))
     done = {}
     if status == "finished":
-      with open(os.path.join(source, sweep.DONE)) as f:
-        done = json.load(f)
+      done = run_lib.read_json(os.path.join(source, sweep.DONE))
     train_cfg = point.config.train
     row = {"name": point.name, "config": config_name(point.name), "seed": point.config.seed,
            "status": status, "overrides": json.dumps(point.overrides, sort_keys=True),
@@ -240,8 +248,7 @@ def collect(module: ModuleType, workdir: str, points: Sequence[sweep.Point], out
     evaluations = None
     evaluations_path = os.path.join(source, EVALUATIONS)
     if os.path.exists(evaluations_path):
-      with open(evaluations_path) as f:
-        evaluations = json.load(f)
+      evaluations = run_lib.read_json(evaluations_path)
     row.update(module.row_metrics(records, point, evaluations))
     rows.append(row)
     wall += done.get("wall_seconds") or 0.0
@@ -300,8 +307,7 @@ def evaluate_points(workdir: str, points: Sequence[sweep.Point],
     path = os.path.join(directory, EVALUATIONS)
     results = {}
     if os.path.exists(path):
-      with open(path) as f:
-        results = json.load(f)
+      results = run_lib.read_json(path)
     for name, make_kwargs in settings.items():
       kwargs = make_kwargs(point)
       if kwargs is None or name in results:
@@ -319,8 +325,7 @@ def load_results(folder: str) -> tuple[list[dict], dict[str, Any]]:
   """(runs.csv rows with numbers parsed, summary.json) of a results folder."""
   with open(os.path.join(folder, "runs.csv"), newline="") as f:
     rows = [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
-  with open(os.path.join(folder, "summary.json")) as f:
-    return rows, json.load(f)
+  return rows, run_lib.read_json(os.path.join(folder, "summary.json"))
 
 
 def run_records(folder: str, name: str) -> list[dict]:
@@ -331,7 +336,7 @@ def run_records(folder: str, name: str) -> list[dict]:
 def mean_series(folder: str, rows: Sequence[dict], config: str, key: str
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
   """(steps, mean, std, n) of metric `key` over the finished seeds of a config,
-  at the steps all of them logged."""
+  at the steps all of them logged; std is `sample_std`, as in the tables."""
   names = [r["name"] for r in rows if r["config"] == config and r["status"] == "finished"]
   series_list = [series(run_records(folder, name), key) for name in names]
   series_list = [s for s in series_list if s[0].size]
@@ -339,7 +344,7 @@ def mean_series(folder: str, rows: Sequence[dict], config: str, key: str
     return np.zeros(0, int), np.zeros(0), np.zeros(0), 0
   steps = sorted(set.intersection(*(set(s.tolist()) for s, _ in series_list)))
   values = np.stack([v[np.searchsorted(s, steps)] for s, v in series_list])
-  return np.asarray(steps), values.mean(0), values.std(0), len(series_list)
+  return np.asarray(steps), values.mean(0), sample_std(values), len(series_list)
 
 
 def _parse(text: str):
@@ -410,7 +415,7 @@ def main(module: ModuleType, parsed: dict, argv: Sequence[str]) -> None:
     summary = run(module, parsed["workdir"].value, parsed["scale"].value,
                   parsed["out"].value, parsed["shard"].value,
                   sweep.parse_extra(parsed["extra"].value))
-  except (ValueError, trainer.NonFiniteLossError) as e:
+  except (ValueError, train_lib.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if summary is not None:
@@ -432,7 +437,7 @@ def standalone_main(argv: Sequence[str], name: str,
   os.makedirs(out, exist_ok=True)
   try:
     summary = run_study(parsed["workdir"].value, scale, out)
-  except (ValueError, trainer.NonFiniteLossError) as e:
+  except (ValueError, train_lib.NonFiniteLossError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(json.dumps(show(summary), indent=1))

@@ -131,8 +131,8 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
     rows.append({"name": name, "config": arm, "seed": seed, "status": "finished",
                  "steps": config.train.steps,
                  "trainable_params": (sum(adapter_params.values()) if adapter_params else
-                                      json.load(open(os.path.join(path, "summary.json")))[
-                                          "params"]["total"]),
+                                      run_lib.read_json(os.path.join(
+                                          path, "summary.json"))["params"]["total"]),
                  **{f"adapter_params_{k}": v for k, v in adapter_params.items()},
                  "loss_new_domain": numbers[f"loss_domain{NEW_DOMAIN}"],
                  "loss_old_domains": float(np.mean(

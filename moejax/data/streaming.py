@@ -29,6 +29,10 @@ state is `{"step": s}` as for every moejax dataset. Each epoch holds the same
 windows as the memory loader's epoch, in another order. Eval batches are the
 memory loader's (eval windows in order, padded with weight-0 rows).
 
+Damage. Opening a split checks that its ArrayRecord file opens and holds the
+records its sidecar counts; a damaged file or sidecar (then or mid-run) is a
+`cache.CacheError` naming the file and the folder to delete to rebuild it.
+
 Memory that remains: ArrayRecord's in-memory record index (one entry per
 CHUNK_TOKENS tokens: ~0.1 M entries for 800 M tokens) and, as for any file
 read, the OS page cache (reclaimable, outside the process's anonymous memory).
@@ -38,7 +42,7 @@ import json
 import os
 import tempfile
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from absl import logging
 from array_record.python import array_record_module
@@ -46,6 +50,7 @@ import grain
 import numpy as np
 
 from moejax.data import base
+from moejax.data import cache as cache_lib
 from moejax.data import text
 from moejax.data import tokenizers as tokenizers_lib
 
@@ -59,6 +64,8 @@ _WRITER_OPTIONS = "group_size:1,uncompressed"
 # (microseconds), so windows are read that way, under a lock.
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 _SUFFIX = ".array_record"
+SIDECAR_KEYS = ("num_tokens", "num_documents", "num_records", "chunk_tokens", "dtype",
+                "unigram_entropy")
 
 
 def write_token_records(path: str, document_batches: Iterable[Sequence[Any]],
@@ -131,8 +138,46 @@ def load_token_records(folder: str, builder, split: str, text_key: str,
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".json", delete=False) as f:
       json.dump(meta, f)
     text.publish(f.name, _meta_path(path))
-  with open(_meta_path(path)) as f:
-    return path, json.load(f)
+  meta = cache_lib.read_sidecar(_meta_path(path), SIDECAR_KEYS, _sidecar_problem)
+  check_token_records(path, meta)
+  return path, meta
+
+
+def _sidecar_problem(meta: dict[str, Any]) -> Optional[str]:
+  try:
+    np.dtype(meta["dtype"])
+  except TypeError:
+    return f"names no dtype ({meta['dtype']!r})"
+  return None
+
+
+def _unreadable(path: str, error: BaseException) -> cache_lib.CacheError:
+  # ArrayRecord raises a bare RuntimeError for some damage (a file cut short).
+  detail = cache_lib.reason(error) if str(error).strip() else "not a whole ArrayRecord file"
+  return cache_lib.damaged(path, f"cannot be read ({detail})")
+
+
+def _open_reader(path: str):
+  """An ArrayRecord reader of `path`; CacheError when the file is damaged."""
+  try:
+    reader = array_record_module.ArrayRecordReader(path, _READER_OPTIONS)
+    if not reader.ok():  # some damage only shows here; close() raises its status
+      reader.close()
+      raise RuntimeError("")
+  except (OSError, RuntimeError, ValueError) as e:  # "Corrupted Riegeli/records file"
+    raise _unreadable(path, e) from None
+  return reader
+
+
+def check_token_records(path: str, meta: dict[str, Any]) -> None:
+  """CacheError unless the ArrayRecord file opens and holds the records its
+  sidecar counts (a file cut short fails here, before training, not mid-run)."""
+  reader = _open_reader(path)
+  found = reader.num_records()
+  reader.close()
+  if found != meta["num_records"]:
+    raise cache_lib.damaged(path, f"holds {found} records, its sidecar "
+                                  f"{_meta_path(path)} says {meta['num_records']}")
 
 
 class TokenWindows:
@@ -157,11 +202,14 @@ class TokenWindows:
   def _records(self, first: int, last: int) -> list[np.ndarray]:
     with self._lock:
       if self._reader is None:
-        self._reader = array_record_module.ArrayRecordReader(self.path, _READER_OPTIONS)
+        self._reader = _open_reader(self.path)
       chunks = []
-      for record in range(first, last + 1):
-        self._reader.seek(record)
-        chunks.append(np.frombuffer(self._reader.read(), self.dtype))
+      try:
+        for record in range(first, last + 1):
+          self._reader.seek(record)
+          chunks.append(np.frombuffer(self._reader.read(), self.dtype))
+      except (OSError, RuntimeError, ValueError) as e:  # damaged after it was checked
+        raise _unreadable(self.path, e) from None
     return chunks
 
   def __getitem__(self, window: int) -> np.ndarray:

@@ -13,7 +13,8 @@ the tokenizer's separator, and the stream saved once as `.npy` under
 `cache_dir/<dataset>/<version>/` keyed by text key, split and tokenizer
 fingerprint; later runs memory-map it. A JSON sidecar holds the token count and
 unigram entropy. Files appear atomically and the first writer wins, so
-processes sharing a cache folder agree. The whole split is tokenized, which
+processes sharing a cache folder agree. A damaged cache file is reported as
+`cache.CacheError`, naming the file and the folder to delete. The whole split is tokenized, which
 suits datasets up to a few billion tokens (tiny_shakespeare, lm1b, wikis).
 
 Packing. Window w holds tokens [w * L, w * L + L + 1): inputs = window[:-1],
@@ -40,11 +41,13 @@ from absl import logging
 import numpy as np
 
 from moejax.data import base
+from moejax.data import cache as cache_lib
 from moejax.data import tokenizers as tokenizers_lib
 
 _PERMUTATION_STREAM = 3
 _READ_BATCH = 256             # documents per TFDS read and tokenizer call
 _COPY_CHUNK = 1 << 24         # tokens per copy from the raw stream into the .npy
+SIDECAR_KEYS = ("num_tokens", "num_documents", "unigram_entropy")
 
 
 def import_tfds(*, with_tensorflow: bool = False):
@@ -213,9 +216,20 @@ def load_tokens(cache_folder: str, builder, split: str, text_key: str,
   if not (os.path.exists(path) and os.path.exists(_meta_path(path))):
     logging.info("Tokenizing %s split %r into %s", builder.info.full_name, split, path)
     _write_token_cache(path, builder, split, text_key, tokenizer)
-  with open(_meta_path(path)) as f:
-    meta = json.load(f)
-  return np.load(path, mmap_mode="r"), meta
+  meta = cache_lib.read_sidecar(_meta_path(path), SIDECAR_KEYS)
+  return _map_tokens(path, meta["num_tokens"]), meta
+
+
+def _map_tokens(path: str, num_tokens: int) -> np.ndarray:
+  """The memory-mapped .npy stream; CacheError unless it holds `num_tokens`."""
+  try:
+    tokens = np.load(path, mmap_mode="r")
+  except (OSError, ValueError) as e:  # a header or body cut short
+    raise cache_lib.damaged(path, f"cannot be read ({cache_lib.reason(e)})") from None
+  if tokens.ndim != 1 or len(tokens) != num_tokens:
+    raise cache_lib.damaged(path, f"holds {tokens.size} tokens, its sidecar "
+                                  f"{_meta_path(path)} says {num_tokens}")
+  return tokens
 
 
 def load_tokenizer(name: str, vocab_size: int, cache_folder: str, builder,
@@ -234,7 +248,11 @@ def load_tokenizer(name: str, vocab_size: int, cache_folder: str, builder,
     with tempfile.NamedTemporaryFile(dir=cache_folder, suffix=".model", delete=False) as f:
       f.write(proto)
     publish(f.name, path)
-  return tokenizers_lib.SentencePieceTokenizer.from_file(path)
+  try:
+    return tokenizers_lib.SentencePieceTokenizer.from_file(path)
+  except (RuntimeError, ValueError) as e:  # sentencepiece: RuntimeError on garbage
+    raise cache_lib.damaged(path, f"is not a usable SentencePiece model "
+                                  f"({cache_lib.reason(e)})") from None
 
 
 def default_cache_dir(data_dir: Optional[str]) -> str:

@@ -32,16 +32,9 @@ def capacity_layout(routing: Routing) -> tuple[jax.Array, jax.Array]:
 
 
 def gather_dispatch(x: jax.Array, routing: Routing, experts: Experts) -> jax.Array:
-  """Runs the experts on routed tokens through capacity buffers.
-
-  Args:
-    x: [G, S, D] tokens.
-    routing: the routing of those tokens.
-    experts: see `dispatch.base`.
-
-  Returns:
-    [G, S, D] combined expert outputs.
-  """
+  """[G, S, D] tokens -> [G, S, D] combined expert outputs, through capacity
+  buffers filled by index (gather/scatter): the contract of `dispatch.base`,
+  computing what `einsum_dispatch` computes without its one-hot tensors."""
   num_groups, num_tokens, d_model = x.shape
   num_experts, capacity = routing.num_experts, routing.capacity
   total_tokens = num_groups * num_tokens

@@ -37,6 +37,13 @@ def check_int(name: str, value: Any, minimum: int) -> None:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_finite_above(name: str, value: Any, bound: float) -> None:
+  """ValueError naming `name` unless `value` is a finite number > `bound`."""
+  if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and value > bound):
+    raise ValueError(f"{name} must be a finite number > {bound:g}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Options of the decoder-only LM (the keys of `config.model`).
@@ -115,10 +122,7 @@ class ModelConfig:
       if not isinstance(getattr(self, key), bool):
         raise ValueError(f"config.model.{key} must be true or false, got "
                          f"{getattr(self, key)!r}")
-    base = self.rope_base
-    if not (isinstance(base, (int, float)) and not isinstance(base, bool)
-            and math.isfinite(base) and base > 1):
-      raise ValueError(f"config.model.rope_base must be a finite number > 1, got {base!r}")
+    check_finite_above("config.model.rope_base", self.rope_base, 1)
 
   @property
   def attention_head_dim(self) -> int:

@@ -135,9 +135,7 @@ def importance_loss(scores: jax.Array, mask: Optional[jax.Array] = None,
   Args:
     scores: <float32>[G, S, E] per-token expert scores (CV^2 is scale-free, so
       unnormalized scores give the same value).
-    mask: <bool>[G, S] True for real tokens, or None (all real).
-    axis_name: mesh axis the groups are split over, or None. The loss is still
-      per group; only the mean over groups runs across devices.
+    mask, axis_name: as in `switch_loss`.
 
   Returns:
     <float32>[] the loss.
