@@ -40,6 +40,7 @@ from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from moejax.scaling import laws  # pylint: disable=g-import-not-at-top
+from moejax import run as run_lib
 
 _RESULTS = flags.DEFINE_string("results", None, "Path of the sweep's results.csv.")
 _LAW = flags.DEFINE_enum("law", laws.KRAJEWSKI, [laws.KRAJEWSKI, laws.CLARK], "Law to fit.")
@@ -277,6 +278,12 @@ def run(results: str, law: str, out: str, loss: str = "eval_loss", *, bootstrap:
   """
   if not os.path.isfile(results):
     raise ValueError(f"--results={results}: no such file")
+  try:  # before the fit, so a bad --out never throws a fit away
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out={out} cannot be created: {e.strerror}") from None
+  if not os.access(out, os.W_OK):
+    raise ValueError(f"--out={out} is not writable")
   columns = read_results(results, law, loss)
   needed = len(laws.KRAJEWSKI_PARAMS if law == laws.KRAJEWSKI else CLARK_FREE_PARAMS) + 1
   if law == laws.CLARK:
@@ -294,9 +301,7 @@ def run(results: str, law: str, out: str, loss: str = "eval_loss", *, bootstrap:
                 warnings=laws.diagnose(result, floor))
   for warning in result["warnings"]:
     logging.warning("fit warning: %s", warning["message"])
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f"fit_{law}.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  run_lib.write_json(os.path.join(out, f"fit_{law}.json"), result)
   plot_loss_vs_flops(columns, law, loss, result, os.path.join(out, f"{law}_loss_vs_flops.png"))
   if law == laws.KRAJEWSKI:
     plot_loss_vs_granularity(columns, loss, result,

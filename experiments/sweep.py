@@ -305,9 +305,8 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
     except train_lib.NonFiniteLossError as e:
       logging.error("[%d/%d] %s failed: %s", number, len(mine), point.name, e)
       failed.append(point.name)
-      with open(os.path.join(point_dir, FAILED), "w") as f:
-        json.dump({"name": point.name, "overrides": point.overrides, "error": str(e)}, f,
-                  indent=2)
+      run_lib.write_json(os.path.join(point_dir, FAILED),
+                         {"name": point.name, "overrides": point.overrides, "error": str(e)})
       continue
     wall = time.perf_counter() - start
     step, _ = _last_records(os.path.join(point_dir, "metrics.jsonl"))
@@ -316,9 +315,7 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
                       point.name, step, point.config.train.steps)
       break
     row = results_row(point, point_dir, wall)
-    with open(done + ".tmp", "w") as f:
-      json.dump(row, f, indent=2)
-    os.replace(done + ".tmp", done)
+    run_lib.write_json(done, row)
     logging.info("[%d/%d] %s: train/loss %.4f, eval/loss %.4f in %.0f s", number,
                  len(mine), point.name, row["train_loss"], row["eval_loss"], wall)
   path = write_results(workdir)

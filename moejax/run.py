@@ -45,12 +45,13 @@ class RunError(ValueError):
   """A run directory cannot be read as asked; the message names the file."""
 
 
-def write_json(path: str, value: Any, *, indent: Optional[int] = 2) -> None:
+def write_json(path: str, value: Any, *, indent: Optional[int] = 2,
+               default: Optional[Callable[[Any], Any]] = None) -> None:
   """Writes `value` as JSON to `path` whole or not at all (a temporary file in
   the same folder, then an atomic rename)."""
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=indent)
+    json.dump(value, f, indent=indent, default=default)
     f.write("\n")
   os.replace(tmp, path)
 

@@ -204,3 +204,14 @@ def test_read_results_errors(tmp_path):
   (tmp_path / "bad.csv").write_text("\n".join(text) + "\n")
   with pytest.raises(ValueError, match=r"row 4 \(run2\): num_experts="):
     fit_scaling.read_results(str(tmp_path / "bad.csv"), "clark", "eval_loss")
+
+
+def test_bad_out_is_refused_before_the_fit(tmp_path, monkeypatch):
+  n, e, loss = _clark_data()
+  _write_csv(tmp_path / "results.csv", n, np.full_like(n, 1e9), np.ones_like(n), e, loss)
+  (tmp_path / "a_file").write_text("")
+  fitted = []
+  monkeypatch.setattr(fit_scaling, "fit", lambda *a, **k: fitted.append(1))
+  with pytest.raises(ValueError, match="--out=.*cannot be created"):
+    fit_scaling.run(str(tmp_path / "results.csv"), "clark", str(tmp_path / "a_file" / "out"))
+  assert not fitted

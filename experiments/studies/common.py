@@ -264,8 +264,7 @@ def collect(module: ModuleType, workdir: str, points: Sequence[sweep.Point], out
                       "train_wall_seconds": round(wall, 1),
                       "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"},
              **module.summarize(rows, out)}
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2, default=_json_default)
+  run_lib.write_json(os.path.join(out, "summary.json"), summary, default=_json_default)
   return summary
 
 
@@ -316,9 +315,7 @@ def evaluate_points(workdir: str, points: Sequence[sweep.Point],
       results[name] = evaluate_lib.evaluate(directory, num_batches=num_batches, **kwargs)
       logging.info("%s, eval %s: loss %.4f (%.0f s)", point.name, name,
                    results[name]["eval/loss"], time.perf_counter() - start)
-      with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2)
-      os.replace(path + ".tmp", path)
+      run_lib.write_json(path, results)
 
 
 def load_results(folder: str) -> tuple[list[dict], dict[str, Any]]:

@@ -25,7 +25,6 @@ config.json and finetuned_from.json under runs/<name>/.
 """
 
 import datetime
-import json
 import os
 import shutil
 from typing import Any
@@ -162,8 +161,7 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
              "seeds": list(setup["seeds"]), "base_steps": setup["base"],
              "tune_steps": setup["tune"], "rank": setup["rank"],
              "old_domains": OLD_DOMAINS, "new_domain": NEW_DOMAIN, "configs": configs}
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  run_lib.write_json(os.path.join(out, "summary.json"), summary, indent=1)
   return summary
 
 

@@ -34,7 +34,6 @@ run's metrics.jsonl and config.json under runs/<name>/.
 
 import csv
 import datetime
-import json
 import os
 import shutil
 from typing import Any
@@ -49,6 +48,7 @@ from moejax.train import config as config_lib
 from moejax.train import metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import train as train_lib
+from moejax import run as run_lib
 
 ARMS = ("dense_continued", "upcycled", "scratch")
 _SCALES = {
@@ -129,8 +129,7 @@ def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
           [by_seed[(arm, s)] - by_seed[("dense_continued", s)] for s in seeds])
   summary = {"scale": scale, "date": datetime.date.today().isoformat(), "seeds": seeds,
              "sunk_steps": _SCALES[scale]["sunk"], "configs": configs}
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  run_lib.write_json(os.path.join(out, "summary.json"), summary, indent=1)
   return summary
 
 
