@@ -13,14 +13,17 @@ are float32 whatever the dtypes.
 Layouts (`scan_layers`): unscanned, every block is its own module
 (`layers/<i>/...`) traced one by one; scanned, the repeated unit of the layer
 layout (one block, or a dense+MoE pair for moe_every=2) is stacked along a
-leading "layers" axis (`stack/blocks/<j>/...`, [units, ...], created with
-`nnx.vmap`) and applied by `jax.lax.scan` over the stacked state, each unit
-rebuilt with `nnx.merge` inside the body (`nnx.scan` cannot take modules whose
-state was created in an outer trace, as under the trainer's jit and grad), so
-compile time and program size stay flat in depth (dense bottom
-layers, and any dense layers above the last whole unit, stay unscanned in
-`bottom/<i>` and `top/<i>`). Both compute the same function from the same
-weights (`convert_layout` maps one onto the other).
+leading "layers" axis (`stack/blocks/<j>/...`, [units, ...]) and applied by
+`jax.lax.scan` over the stacked state, each unit rebuilt with `nnx.merge`
+inside the body (`nnx.scan` cannot take modules whose state was created in an
+outer trace, as under the trainer's jit and grad), so compile time and
+program size of the model stay flat in depth (dense bottom layers, and any
+dense layers above the last whole unit, stay unscanned in `bottom/<i>` and
+`top/<i>`). Both layouts create their blocks one by one in layer order, so a
+seed draws the same weights in either, and compute the same function from
+them (`convert_layout` maps one onto the other). `LayerLayout` is the one
+place that knows where layer i lives: construction, forward, decode, router
+updates and `convert_layout` all walk the layers through it.
 
 Rematerialization (`remat`): each block's activations are recomputed in the
 backward pass instead of stored ("full"), or only the outputs of its big
@@ -30,13 +33,13 @@ matmuls are kept ("save_matmuls", named with `checkpoint_name`: `qkv`,
 Letters: B batch, L sequence, D model width, V vocabulary, N heads, P head dim.
 """
 
-import functools
+import dataclasses
 import math
 import re
 import os
 import sys
 import warnings
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
 import jax
@@ -219,6 +222,170 @@ class _Unit(nnx.Module):
     self.blocks = nnx.List(blocks)
 
 
+def _stack_trees(trees: Sequence[Any]) -> Any:
+  """Pytrees of one structure -> one pytree, leaves stacked on a new axis 0."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def _stack_units(units: list[_Unit]) -> _Unit:
+  """One `_Unit` whose variables hold the units' values stacked [units, ...]."""
+  graphdef, _ = nnx.split(units[0])
+  return nnx.merge(graphdef, _stack_trees([nnx.state(unit) for unit in units]))
+
+
+# fn(block, carry, layer_input, in_scan) -> (carry, layer_output): one layer
+# of a `LayerLayout.walk`; in_scan says the block runs inside the scan body.
+LayerFn = Callable[[DecoderBlock, Any, Any, bool], tuple[Any, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerLayout:
+  """Where each Transformer layer's block lives, in one layout.
+
+  The one owner of the layout (as flaxformer's scannable decoder block):
+  the model's construction (`modules`), its walks (`walk`: forward, decode,
+  router updates) and the parameter remapping (`layer_params`,
+  `block_params`, used by `convert_layout`) all go through `place`.
+  Unscanned, layer i is `layers/<i>`; scanned, layers [start, end) are unit
+  (i - start) // period, slot (i - start) % period of `stack/blocks/<slot>`
+  (see `scan_layout`), the others `bottom/<i>` and `top/<i - end>`.
+  """
+  num_layers: int
+  scanned: bool
+  start: int = 0
+  period: int = 1
+  units: int = 0
+
+  @classmethod
+  def of(cls, flags: tuple[bool, ...], moe_every: int, first_dense_layers: int,
+         scanned: bool) -> "LayerLayout":
+    if not scanned:
+      return cls(len(flags), False)
+    return cls(len(flags), True, *scan_layout(flags, moe_every, first_dense_layers))
+
+  @property
+  def end(self) -> int:
+    return self.start + self.period * self.units
+
+  def place(self, index: int) -> tuple[tuple[Any, ...], Optional[int]]:
+    """(path of layer `index`'s block, its unit on the stack's axis 0 or None)."""
+    if not self.scanned:
+      return ("layers", index), None
+    if index < self.start:
+      return ("bottom", index), None
+    if index >= self.end:
+      return ("top", index - self.end), None
+    unit, slot = divmod(index - self.start, self.period)
+    return ("stack", "blocks", slot), unit
+
+  def modules(self, blocks: list[DecoderBlock]) -> dict[str, nnx.Module]:
+    """The model's attributes holding `blocks` [num_layers] in this layout."""
+    if not self.scanned:
+      return {"layers": nnx.List(blocks)}
+    start, end, period = self.start, self.end, self.period
+    units = [_Unit(blocks[u:u + period]) for u in range(start, end, period)]
+    return {"bottom": nnx.List(blocks[:start]), "stack": _stack_units(units),
+            "top": nnx.List(blocks[end:])}
+
+  def walk(self, model: nnx.Module, fn: LayerFn, carry: Any,
+           inputs: Optional[Sequence[Any]] = None, *, update: bool = False
+           ) -> tuple[Any, list[Any]]:
+    """fn over the blocks of `model` in layer order 0 .. num_layers - 1.
+
+    Args:
+      model: holds the blocks as `modules` lays them out.
+      fn: one layer (`LayerFn`); carry threads from layer to layer.
+      inputs: [num_layers] per-layer pytrees (None: none).
+      update: keep the changes fn makes to the stacked blocks' variables
+        (unstacked blocks are changed in place anyway).
+
+    Returns:
+      (the last carry, [num_layers] per-layer outputs).
+    """
+    inputs = [None] * self.num_layers if inputs is None else list(inputs)
+    outputs = [None] * self.num_layers
+    for index in range(self.num_layers):
+      path, unit = self.place(index)
+      if unit is None:
+        block = getattr(model, path[0])[path[1]]
+        carry, outputs[index] = fn(block, carry, inputs[index], False)
+      elif index == self.start:
+        carry, outputs[self.start:self.end] = self._scan(
+            model.stack, fn, carry, inputs[self.start:self.end], update)
+    return carry, outputs
+
+  def _scan(self, stack: _Unit, fn: LayerFn, carry: Any, inputs: list[Any],
+            update: bool) -> tuple[Any, list[Any]]:
+    """fn over layers [start, end): jax.lax.scan over the stacked state, each
+    unit merged inside the body (a pure function of the state; see
+    `_apply_block` on nnx transforms). inputs/outputs: [end - start]."""
+    slots = [_stack_trees(inputs[slot::self.period]) for slot in range(self.period)]
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, unit_state_and_inputs):
+      unit_state, unit_inputs = unit_state_and_inputs
+      unit = nnx.merge(graphdef, unit_state)
+      unit_outputs = []
+      for slot, block in enumerate(unit.blocks):
+        carry, output = fn(block, carry, unit_inputs[slot], True)
+        unit_outputs.append(output)
+      return carry, (unit_outputs, nnx.state(unit) if update else None)
+
+    carry, (stacked, new_state) = jax.lax.scan(body, carry, (state, slots))
+    if update:
+      nnx.update(stack, new_state)
+    return carry, [jax.tree.map(lambda leaf, u=unit: leaf[u], stacked[slot])
+                   for unit in range(self.units) for slot in range(self.period)]
+
+  def layer_params(self, flat: Mapping[tuple, Any]
+                   ) -> tuple[list[dict[tuple, Any]], dict[tuple, Any]]:
+    """A flat {path: value} state in this layout -> ([num_layers] {path in
+    the block: value}, {path outside the blocks: value})."""
+    by_prefix: dict[tuple, list[tuple[Optional[int], int]]] = {}
+    for index in range(self.num_layers):
+      prefix, unit = self.place(index)
+      by_prefix.setdefault(prefix, []).append((unit, index))
+    per_layer: list[dict[tuple, Any]] = [{} for _ in range(self.num_layers)]
+    others = {}
+    for path, value in flat.items():
+      prefix = _block_prefix(path)
+      if prefix not in by_prefix:
+        others[path] = value
+        continue
+      for unit, index in by_prefix[prefix]:
+        per_layer[index][path[len(prefix):]] = value if unit is None else value[unit]
+    return per_layer, others
+
+  def block_params(self, per_layer: list[Mapping[tuple, Any]]) -> dict[tuple, Any]:
+    """[num_layers] {path in the block: value} -> flat {path: value} in this
+    layout (the inverse of `layer_params`'s first output)."""
+    out, stacked = {}, {}
+    for index, params in enumerate(per_layer):
+      prefix, unit = self.place(index)
+      for rest, value in params.items():
+        if unit is None:
+          out[prefix + rest] = value
+        else:
+          stacked.setdefault(prefix + rest, [None] * self.units)[unit] = value
+    out.update({path: jnp.stack(values) for path, values in stacked.items()})
+    return out
+
+
+def _block_prefix(path: tuple) -> tuple:
+  """The part of a state path that could name a block (`LayerLayout.place`),
+  e.g. ("layers", 3) or ("stack", "blocks", 1), its index an int (a
+  checkpoint's keys may be strings); () if the path is too short."""
+  size = 3 if path[:1] == ("stack",) else 2
+  if len(path) <= size:
+    return ()
+  index = path[size - 1]
+  try:
+    index = int(index)
+  except (TypeError, ValueError):
+    pass
+  return tuple(path[:size - 1]) + (index,)
+
+
 def _average_aux(layer_aux: list[dict[str, jax.Array]], aux_loss_weight: float,
                  z_loss_weight: float) -> dict[str, jax.Array]:
   """Means over the MoE layers of their losses and scalar router metrics."""
@@ -244,6 +411,47 @@ def _layer_report(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   if "load_max_over_mean" in aux:
     report["max_violation"] = aux["load_max_over_mean"] - 1.0
   return report
+
+
+def _checked_dtype(name: str, value: Any, allowed: tuple[str, ...]) -> jnp.dtype:
+  try:
+    dtype = jnp.dtype(value)
+  except TypeError as error:
+    raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}") from error
+  if dtype.name not in allowed:
+    raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+  return dtype
+
+
+def _checked_options(*, vocab_size, d_model, num_heads, head_dim, moe, rope_base, dtype,
+                     scan_layers, remat, param_dtype):
+  """Validates `TransformerLM`'s keywords (ValueError naming the first bad
+  one) -> (head_dim, compute dtype, storage dtype, MoEConfig)."""
+  _check_int("vocab_size", vocab_size, 1)
+  if not isinstance(scan_layers, bool):
+    raise ValueError(f"scan_layers must be true or false, got {scan_layers!r}")
+  remat_policy(remat)  # validates the name
+  storage_dtype = _checked_dtype("param_dtype", param_dtype, PARAM_DTYPES)
+  _check_int("d_model", d_model, 1)
+  _check_int("num_heads", num_heads, 1)
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads} "
+                       "(or set head_dim)")
+    head_dim = d_model // num_heads
+  _check_int("head_dim", head_dim, 1)
+  if not (isinstance(rope_base, (int, float)) and math.isfinite(rope_base)
+          and rope_base > 1):
+    raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}")
+  compute_dtype = _checked_dtype("dtype", dtype, COMPUTE_DTYPES)
+  if not isinstance(moe, (Mapping, MoEConfig)) and not hasattr(moe, "keys"):
+    raise ValueError(f"moe must be an MoEConfig or a dict of its fields, got "
+                     f"{type(moe).__name__}")
+  if not isinstance(moe, MoEConfig):
+    reserved = sorted({"d_model", "dtype", "rngs"} & set(moe.keys()))
+    if reserved:
+      raise ValueError(f"moe must not set {reserved}: TransformerLM passes them")
+  return head_dim, compute_dtype, storage_dtype, MoEConfig.from_mapping(moe)
 
 
 class TransformerLM(nnx.Module):
@@ -286,42 +494,10 @@ class TransformerLM(nnx.Module):
                tie_embeddings: bool = True, rope_base: float = 10000.0,
                dtype=jnp.float32, rngs: nnx.Rngs, tokens_per_group: Optional[int] = None,
                scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32):
-    _check_int("vocab_size", vocab_size, 1)
-    if not isinstance(scan_layers, bool):
-      raise ValueError(f"scan_layers must be true or false, got {scan_layers!r}")
-    remat_policy(remat)  # validates the name
-    try:
-      storage_dtype = jnp.dtype(param_dtype)
-    except TypeError as error:
-      raise ValueError(f"param_dtype must be one of {list(PARAM_DTYPES)}, got "
-                       f"{param_dtype!r}") from error
-    if storage_dtype.name not in PARAM_DTYPES:
-      raise ValueError(f"param_dtype must be one of {list(PARAM_DTYPES)}, got {param_dtype!r}")
-    _check_int("d_model", d_model, 1)
-    _check_int("num_heads", num_heads, 1)
-    if head_dim is None:
-      if d_model % num_heads:
-        raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads} "
-                         "(or set head_dim)")
-      head_dim = d_model // num_heads
-    _check_int("head_dim", head_dim, 1)
-    if not (isinstance(rope_base, (int, float)) and math.isfinite(rope_base)
-            and rope_base > 1):
-      raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}")
-    try:
-      compute_dtype = jnp.dtype(dtype)
-    except TypeError as error:
-      raise ValueError(f"dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}") from error
-    if compute_dtype.name not in COMPUTE_DTYPES:
-      raise ValueError(f"dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}")
-    if not isinstance(moe, (Mapping, MoEConfig)) and not hasattr(moe, "keys"):
-      raise ValueError(f"moe must be an MoEConfig or a dict of its fields, got "
-                       f"{type(moe).__name__}")
-    if not isinstance(moe, MoEConfig):
-      reserved = sorted({"d_model", "dtype", "rngs"} & set(moe.keys()))
-      if reserved:
-        raise ValueError(f"moe must not set {reserved}: TransformerLM passes them")
-    moe = MoEConfig.from_mapping(moe)
+    head_dim, compute_dtype, storage_dtype, moe = _checked_options(
+        vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, head_dim=head_dim,
+        moe=moe, rope_base=rope_base, dtype=dtype, scan_layers=scan_layers, remat=remat,
+        param_dtype=param_dtype)
     flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                             first_dense_layers=first_dense_layers, router=moe.router)
 
@@ -336,30 +512,17 @@ class TransformerLM(nnx.Module):
     self.scan_layers = scan_layers
     self.remat = remat
     self.param_dtype = storage_dtype
+    self.layout = LayerLayout.of(flags, moe_every, first_dense_layers, scan_layers)
     self.embed = nnx.Embed(vocab_size, d_model, param_dtype=jnp.float32, rngs=rngs)
-
-    def block(is_moe, rngs):
-      return DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
-                          moe=moe if is_moe else moe.dense(), rope_base=rope_base,
-                          dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group)
-
-    if not scan_layers:
-      self.layers = nnx.List([block(is_moe, rngs) for is_moe in flags])
-      first = self.layers[0]
-    else:
-      start, period, units = scan_layout(flags, moe_every, first_dense_layers)
-      end = start + period * units
-      self.layout = (start, period, units)
-      self.bottom = nnx.List([block(is_moe, rngs) for is_moe in flags[:start]])
-
-      @nnx.split_rngs(splits=units)
-      @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=units)
-      def stacked(rngs):
-        return _Unit([block(is_moe, rngs) for is_moe in flags[start:start + period]])
-
-      self.stack = stacked(rngs)
-      self.top = nnx.List([block(is_moe, rngs) for is_moe in flags[end:]])
-      first = self.stack.blocks[0]
+    # Every block is created in layer order from the same rngs in either
+    # layout (the scanned stack is stacked afterwards), so a seed gives the
+    # same weights whatever scan_layers.
+    blocks = [DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
+                           moe=moe if is_moe else moe.dense(), rope_base=rope_base,
+                           dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group)
+              for is_moe in flags]
+    for name, module in self.layout.modules(blocks).items():
+      setattr(self, name, module)
     self.final_norm = _rms_norm(d_model, rngs)
     self.output_kernel = nnx.data(None)
     if not tie_embeddings:
@@ -374,8 +537,8 @@ class TransformerLM(nnx.Module):
           "config.model.moe.group_by='batch' to route the tokens at one position "
           "together, or change config.model.moe.router.",
           NonCausalRoutingWarning, stacklevel=_user_stacklevel())
-    self.aux_loss_weight = first.ffn.aux_loss_weight
-    self.z_loss_weight = first.ffn.z_loss_weight
+    self.aux_loss_weight = blocks[0].ffn.aux_loss_weight
+    self.z_loss_weight = blocks[0].ffn.z_loss_weight
     if storage_dtype != jnp.float32:
       _cast_params(self, storage_dtype)
 
@@ -404,22 +567,19 @@ class TransformerLM(nnx.Module):
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
-    batch, length = tokens.shape
     x = self._embed(tokens)  # [B, L, D]
     num_layers = len(self.moe_layers)
-    keys = None
+    keys = [None] * num_layers
     if not deterministic and rng is not None:
-      keys = jax.random.split(rng, num_layers)  # layer i's key is keys[i], either layout
-    apply = functools.partial(_apply_block, deterministic=deterministic, token_ids=tokens,
-                              mask=mask, remat=self.remat)
-    layer_aux = {}
-    if not self.scan_layers:
-      for index, layer in enumerate(self.layers):
-        x, aux = apply(layer, x, None if keys is None else keys[index])
-        if layer.is_moe:
-          layer_aux[index] = aux
-    else:
-      x = self._scanned(x, keys, apply, layer_aux)
+      keys = list(jax.random.split(rng, num_layers))  # layer i's key is keys[i], either layout
+
+    def layer(block, x, key, in_scan):
+      x, aux = _apply_block(block, x, key, deterministic=deterministic, token_ids=tokens,
+                            mask=mask, remat=self.remat, in_scan=in_scan)
+      return x, (aux if block.is_moe else None)
+
+    x, outputs = self.layout.walk(self, layer, x, keys)
+    layer_aux = {index: aux for index, aux in enumerate(outputs) if aux is not None}
     aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
     aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
     return self._logits(x), aux
@@ -467,116 +627,30 @@ class TransformerLM(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
     index = cache["index"]
-    keys, values = cache["keys"], cache["values"]
-    x = self._embed(tokens)
-    if not self.scan_layers:
-      new_keys, new_values = [], []
-      for i, layer in enumerate(self.layers):
-        x, (k, v) = layer.decode(x, (keys[i], values[i]), index, tokens)
-        new_keys.append(k)
-        new_values.append(v)
-      keys, values = jnp.stack(new_keys), jnp.stack(new_values)
-    else:
-      x, keys, values = self._scanned_decode(x, keys, values, index, tokens)
-    return self._logits(x), {"index": index + tokens.shape[1], "keys": keys,
-                             "values": values}
 
-  def _scanned_decode(self, x, keys, values, index, tokens):
-    start, period, units = self.layout
-    end = start + period * units
-    keys, values = list(keys), list(values)
-    for i, layer in enumerate(self.bottom):
-      x, (keys[i], values[i]) = layer.decode(x, (keys[i], values[i]), index, tokens)
-    graphdef, state = nnx.split(self.stack)
+    def layer(block, x, layer_cache, in_scan):
+      del in_scan  # decoding keeps no activations for a backward pass
+      return block.decode(x, layer_cache, index, tokens)
 
-    def body(x, inputs):
-      unit_state, unit_keys, unit_values = inputs
-      unit = nnx.merge(graphdef, unit_state)
-      out_keys, out_values = [], []
-      for j, layer in enumerate(unit.blocks):
-        x, (k, v) = layer.decode(x, (unit_keys[j], unit_values[j]), index, tokens)
-        out_keys.append(k)
-        out_values.append(v)
-      return x, (jnp.stack(out_keys), jnp.stack(out_values))
-
-    stacked = lambda a: jnp.stack(a[start:end]).reshape(
-        (units, period) + a[start].shape)
-    x, (unit_keys, unit_values) = jax.lax.scan(
-        body, x, (state, stacked(keys), stacked(values)))
-    for u in range(units):
-      for j in range(period):
-        keys[start + u * period + j] = unit_keys[u, j]
-        values[start + u * period + j] = unit_values[u, j]
-    for offset, layer in enumerate(self.top):
-      i = end + offset
-      x, (keys[i], values[i]) = layer.decode(x, (keys[i], values[i]), index, tokens)
-    return x, jnp.stack(keys), jnp.stack(values)
-
-  def _scanned(self, x, keys, apply, layer_aux):
-    """The scanned layout's blocks on x; fills layer_aux {layer index: aux}."""
-    start, period, units = self.layout
-    end = start + period * units
-    for index, layer in enumerate(self.bottom):
-      x, aux = apply(layer, x, None if keys is None else keys[index])
-      if layer.is_moe:
-        layer_aux[index] = aux
-    moe_slots = [j for j, layer in enumerate(self.stack.blocks) if layer.is_moe]
-
-    # jax.lax.scan over the stacked state, each unit merged inside the body
-    # (a pure function of the state; see `_apply_block` on nnx transforms).
-    graphdef, state = nnx.split(self.stack)
-
-    def body(x, inputs):
-      unit_state, unit_keys = inputs
-      unit = nnx.merge(graphdef, unit_state)
-      outputs = {}
-      for j, layer in enumerate(unit.blocks):
-        x, aux = apply(layer, x, None if unit_keys is None else unit_keys[j], in_scan=True)
-        if layer.is_moe:
-          outputs[j] = aux
-      return x, outputs
-
-    unit_keys = None if keys is None else keys[start:end].reshape(units, period)
-    x, stacked = jax.lax.scan(body, x, (state, unit_keys))
-    for u in range(units):
-      for j in moe_slots:
-        layer_aux[start + u * period + j] = jax.tree.map(lambda a, u=u: a[u], stacked[j])
-    for offset, layer in enumerate(self.top):
-      index = end + offset
-      x, aux = apply(layer, x, None if keys is None else keys[index])
-      if layer.is_moe:
-        layer_aux[index] = aux
-    return x
+    # Per-layer inputs and outputs: layer i's (keys, values), each [B, N, max_len, P].
+    x, caches = self.layout.walk(self, layer, self._embed(tokens),
+                                 list(zip(cache["keys"], cache["values"])))
+    return self._logits(x), {"index": index + tokens.shape[1],
+                             "keys": jnp.stack([k for k, _ in caches]),
+                             "values": jnp.stack([v for _, v in caches])}
 
   def after_step(self, aux: dict[str, Any]) -> None:
     """Updates every router's state outside the optimizer from the forward
     pass's per-layer aux (`aux["layers"]`), e.g. the balancing bias."""
-    if not self.scan_layers:
-      for index, layer in enumerate(self.layers):
-        if layer.is_moe:
-          layer.ffn.after_step(aux["layers"][index])
-      return
-    start, period, units = self.layout
-    end = start + period * units
-    for index, layer in list(enumerate(self.bottom)) + [
-        (end + offset, layer) for offset, layer in enumerate(self.top)]:
-      if layer.is_moe:
-        layer.ffn.after_step(aux["layers"][index])
-    moe_slots = [j for j, layer in enumerate(self.stack.blocks) if layer.is_moe]
-    if not moe_slots:
-      return
-    per_slot = {j: jax.tree.map(lambda *a: jnp.stack(a), *[
-        aux["layers"][start + u * period + j] for u in range(units)]) for j in moe_slots}
+    def layer(block, carry, layer_aux, in_scan):
+      del in_scan
+      if block.is_moe:
+        block.ffn.after_step(layer_aux)
+      return carry, None
 
-    graphdef, state = nnx.split(self.stack)
-
-    def update(unit_state, unit_aux):
-      unit = nnx.merge(graphdef, unit_state)
-      for j in moe_slots:
-        unit.blocks[j].ffn.after_step(unit_aux[j])
-      return nnx.state(unit)
-
-    nnx.update(self.stack, jax.vmap(update)(state, per_slot))
+    inputs = [aux["layers"][index] if is_moe else None
+              for index, is_moe in enumerate(self.moe_layers)]
+    self.layout.walk(self, layer, None, inputs, update=True)
 
 
 def _cast_params(model: nnx.Module, dtype) -> None:
@@ -607,36 +681,7 @@ def convert_layout(params: Mapping[str, Any], *, scanned: bool, num_layers: int,
   """
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers, router=router)
-  start, period, units = scan_layout(flags, moe_every, first_dense_layers)
-  end = start + period * units
-  flat = flax.traverse_util.flatten_dict(dict(params))
-  out: dict[tuple, Any] = {}
-  if scanned:
-    stacked: dict[tuple, list] = {}
-    for path, value in flat.items():
-      if path[0] != "layers":
-        out[path] = value
-        continue
-      index, rest = int(path[1]), path[2:]
-      if index < start:
-        out[("bottom", index) + rest] = value
-      elif index >= end:
-        out[("top", index - end) + rest] = value
-      else:
-        unit, slot = divmod(index - start, period)
-        stacked.setdefault(("stack", "blocks", slot) + rest, [None] * units)[unit] = value
-    for path, values in stacked.items():
-      out[path] = jnp.stack(values)
-  else:
-    for path, value in flat.items():
-      if path[0] == "bottom":
-        out[("layers", int(path[1])) + path[2:]] = value
-      elif path[0] == "top":
-        out[("layers", end + int(path[1])) + path[2:]] = value
-      elif path[0] == "stack":
-        slot, rest = int(path[2]), path[3:]
-        for unit in range(units):
-          out[("layers", start + unit * period + slot) + rest] = value[unit]
-      else:
-        out[path] = value
-  return flax.traverse_util.unflatten_dict(out)
+  source, target = (LayerLayout.of(flags, moe_every, first_dense_layers, layout_scanned)
+                    for layout_scanned in (not scanned, scanned))
+  per_layer, others = source.layer_params(flax.traverse_util.flatten_dict(dict(params)))
+  return flax.traverse_util.unflatten_dict({**others, **target.block_params(per_layer)})

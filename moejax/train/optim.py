@@ -28,8 +28,14 @@ def learning_rate_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  # Decay matrices (kernels, embeddings), not RMSNorm scales or vectors.
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Decay matrices (kernels, embeddings), not RMSNorm scales or vectors. A
+  scanned stack's leading "layers" axis does not count, so the scanned and
+  unscanned layouts decay the same parameters (`scan_layers` changes no
+  number)."""
+  def decays(path, p):
+    stacked = bool(path) and getattr(path[0], "key", None) == "stack"
+    return p.ndim - stacked >= 2
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
