@@ -20,8 +20,9 @@ from typing import Any, Mapping, Optional
 from moejax import routing as routing_lib
 from moejax.routing import MoEConfig
 
-# The compute dtypes a run config may name (the module also takes float16).
+# The compute dtypes a run config may name; `TransformerLM` also takes float16.
 DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 PARAM_DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_matmuls")
 
@@ -35,6 +36,58 @@ def check_int(name: str, value: Any, minimum: int) -> None:
   """ValueError naming `name` unless `value` is an integer >= `minimum`."""
   if not is_int(value) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def resolve_head_dim(d_model: int, num_heads: int, head_dim: Optional[int]) -> int:
+  """P: `head_dim`, or d_model // num_heads when it is None (ValueError when
+  that does not divide, or P is not a positive integer)."""
+  check_int("d_model", d_model, 1)
+  check_int("num_heads", num_heads, 1)
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads} "
+                       "(or set head_dim)")
+    head_dim = d_model // num_heads
+  check_int("head_dim", head_dim, 1)
+  return head_dim
+
+
+def moe_layer_flags(*, num_layers: int, moe_every: int = 1, first_dense_layers: int = 0,
+                    router: str = MoEConfig.router) -> tuple[bool, ...]:
+  """Which layers have an MoE FFN (True) rather than a dense FFN (False).
+
+  The layout rule: layer i (0-based, from the embedding up) is MoE iff
+      the router routes (not "dense") and i >= first_dense_layers
+      and (i - first_dense_layers) % moe_every == moe_every - 1.
+  moe_every=1: every layer above the first_dense_layers dense ones is MoE.
+  moe_every=2: every other one, starting with the second (dense, MoE, dense,
+  MoE, ...: GShard, Lepikhin et al. 2020, §2, replaces "every other FFN
+  layer"), so each MoE layer follows a dense one. first_dense_layers keeps the
+  bottom layers dense (DeepSeekMoE, Dai et al. 2024, keeps layer 0's FFN dense).
+  """
+  check_int("num_layers", num_layers, 1)
+  check_int("moe_every", moe_every, 1)
+  check_int("first_dense_layers", first_dense_layers, 0)
+  if first_dense_layers > num_layers:
+    raise ValueError(f"first_dense_layers={first_dense_layers} must be in "
+                     f"[0, num_layers={num_layers}]")
+  routed = routing_lib.get_router(router).routed
+  return tuple(routed and i >= first_dense_layers
+               and (i - first_dense_layers) % moe_every == moe_every - 1
+               for i in range(num_layers))
+
+
+def scan_layout(flags: tuple[bool, ...], moe_every: int,
+                first_dense_layers: int) -> tuple[int, int, int]:
+  """(start, period, units) of the scanned layout: layers [start, start +
+  period * units) are `units` repeats of a `period`-layer unit (what
+  `scan_layers` stacks); the dense bottom layers below `start` and the layers
+  past the last whole unit stay unscanned. Without MoE layers every layer is
+  one unit."""
+  if not any(flags):
+    return 0, 1, len(flags)
+  period = moe_every
+  return first_dense_layers, period, (len(flags) - first_dense_layers) // period
 
 
 def check_finite_above(name: str, value: Any, bound: float) -> None:
@@ -127,23 +180,13 @@ class ModelConfig:
   @property
   def attention_head_dim(self) -> int:
     """P: head_dim, or d_model // num_heads when it is None."""
-    return self.head_dim or self.d_model // self.num_heads
+    return resolve_head_dim(self.d_model, self.num_heads, self.head_dim)
 
   @property
   def layer_flags(self) -> tuple[bool, ...]:
-    """Which layers have an MoE FFN (True) rather than a dense one.
-
-    Layer i (0-based, from the embedding up) is MoE iff the router routes
-    (not "dense") and i >= first_dense_layers and
-    (i - first_dense_layers) % moe_every == moe_every - 1. moe_every=2 is
-    GShard's "every other FFN layer" (Lepikhin et al. 2020, §2: dense, MoE,
-    dense, ...); first_dense_layers keeps the bottom layers dense
-    (DeepSeekMoE, Dai et al. 2024).
-    """
-    routed = routing_lib.get_router(self.moe.router).routed
-    first, every = self.first_dense_layers, self.moe_every
-    return tuple(routed and i >= first and (i - first) % every == every - 1
-                 for i in range(self.num_layers))
+    """Which layers have an MoE FFN (`moe_layer_flags`)."""
+    return moe_layer_flags(num_layers=self.num_layers, moe_every=self.moe_every,
+                           first_dense_layers=self.first_dense_layers, router=self.moe.router)
 
   @property
   def moe_layers(self) -> list[int]:
@@ -152,15 +195,8 @@ class ModelConfig:
 
   @property
   def scan_layout(self) -> tuple[int, int, int]:
-    """(start, period, units): layers [start, start + period * units) are
-    `units` repeats of a `period`-layer unit (what `scan_layers` stacks); the
-    dense bottom layers below `start` and the layers past the last whole unit
-    stay unscanned. Without MoE layers every layer is one unit."""
-    if not any(self.layer_flags):
-      return 0, 1, self.num_layers
-    period = self.moe_every
-    return self.first_dense_layers, period, (
-        self.num_layers - self.first_dense_layers) // period
+    """(start, period, units) of the scanned layout (`scan_layout`)."""
+    return scan_layout(self.layer_flags, self.moe_every, self.first_dense_layers)
 
   def architecture(self, vocab_size: int,
                    tokens_per_group: Optional[int] = None) -> dict[str, Any]:

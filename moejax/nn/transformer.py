@@ -34,7 +34,6 @@ Letters: B batch, L sequence, D model width, V vocabulary, N heads, P head dim.
 """
 
 import dataclasses
-import math
 import re
 import os
 import sys
@@ -51,6 +50,8 @@ from moejax import routing as routing_lib
 from moejax.nn.attention import CausalSelfAttention, explicit_spec
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
+from moejax.nn.config import (COMPUTE_DTYPES, PARAM_DTYPES, REMAT_POLICIES, check_finite_above,
+                              check_int, moe_layer_flags, resolve_head_dim, scan_layout)
 
 from jax.ad_checkpoint import checkpoint_name
 
@@ -58,11 +59,8 @@ from jax.ad_checkpoint import checkpoint_name
 # the per-expert `expert_load` vectors are left out).
 ROUTER_METRICS = ("dropped_fraction", "load_max_over_mean", "router_entropy",
                   "unrouted_fraction", "bias_norm", "router_logit_max")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-PARAM_DTYPES = ("float32", "bfloat16")
 # Names of the activations `remat="save_matmuls"` keeps (checkpoint_name).
 MATMUL_NAMES = ("qkv", "attention_out", "ffn_hidden", "ffn_out")
-REMAT_POLICIES = ("none", "full", "save_matmuls")
 # Parameters that stay float32 whatever param_dtype: routers (and their
 # balancing bias) and norm scales.
 _FLOAT32_PARAMS = re.compile(r"(^|/)(router/|[a-z_]*norm/)")
@@ -81,36 +79,6 @@ def _user_stacklevel() -> int:
   while frame is not None and frame.f_code.co_filename.startswith(internal):
     frame, level = frame.f_back, level + 1
   return level
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def moe_layer_flags(*, num_layers: int, moe_every: int = 1, first_dense_layers: int = 0,
-                    router: str = MoEConfig.router) -> tuple[bool, ...]:
-  """Which layers have an MoE FFN (True) rather than a dense FFN (False).
-
-  The layout rule: layer i (0-based, from the embedding up) is MoE iff
-      the router routes (not "dense") and i >= first_dense_layers
-      and (i - first_dense_layers) % moe_every == moe_every - 1.
-  moe_every=1: every layer above the first_dense_layers dense ones is MoE.
-  moe_every=2: every other one, starting with the second (dense, MoE, dense,
-  MoE, ...: GShard, Lepikhin et al. 2020, §2, replaces "every other FFN
-  layer"), so each MoE layer follows a dense one. first_dense_layers keeps the
-  bottom layers dense (DeepSeekMoE, Dai et al. 2024, keeps layer 0's FFN dense).
-  """
-  _check_int("num_layers", num_layers, 1)
-  _check_int("moe_every", moe_every, 1)
-  _check_int("first_dense_layers", first_dense_layers, 0)
-  if first_dense_layers > num_layers:
-    raise ValueError(f"first_dense_layers={first_dense_layers} must be in "
-                     f"[0, num_layers={num_layers}]")
-  routed = routing_lib.get_router(router).routed
-  return tuple(routed and i >= first_dense_layers
-               and (i - first_dense_layers) % moe_every == moe_every - 1
-               for i in range(num_layers))
 
 
 def noncausal_routing_reason(moe: Any, tokens_per_group: Optional[int] = None
@@ -201,18 +169,6 @@ def _apply_block(block: DecoderBlock, x, key, *, deterministic, token_ids, mask,
     return run(nnx.merge(graphdef, state), x, key)
   return jax.checkpoint(pure, policy=remat_policy(remat), prevent_cse=not in_scan)(
       state, x, key)
-
-
-def scan_layout(flags: tuple[bool, ...], moe_every: int,
-                first_dense_layers: int) -> tuple[int, int, int]:
-  """(start, period, units) of the scanned layout: layers [start, start +
-  period * units) are `units` repeats of a `period`-layer unit; the layers
-  below `start` (dense bottom layers) and above (dense layers past the last
-  whole unit) stay unscanned."""
-  if not any(flags):
-    return 0, 1, len(flags)
-  period = moe_every
-  return first_dense_layers, period, (len(flags) - first_dense_layers) // period
 
 
 class _Unit(nnx.Module):
@@ -427,22 +383,15 @@ def _checked_options(*, vocab_size, d_model, num_heads, head_dim, moe, rope_base
                      scan_layers, remat, param_dtype):
   """Validates `TransformerLM`'s keywords (ValueError naming the first bad
   one) -> (head_dim, compute dtype, storage dtype, MoEConfig)."""
-  _check_int("vocab_size", vocab_size, 1)
+  check_int("vocab_size", vocab_size, 1)
   if not isinstance(scan_layers, bool):
     raise ValueError(f"scan_layers must be true or false, got {scan_layers!r}")
   remat_policy(remat)  # validates the name
   storage_dtype = _checked_dtype("param_dtype", param_dtype, PARAM_DTYPES)
-  _check_int("d_model", d_model, 1)
-  _check_int("num_heads", num_heads, 1)
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads} "
-                       "(or set head_dim)")
-    head_dim = d_model // num_heads
-  _check_int("head_dim", head_dim, 1)
-  if not (isinstance(rope_base, (int, float)) and math.isfinite(rope_base)
-          and rope_base > 1):
-    raise ValueError(f"rope_base must be a finite number > 1, got {rope_base!r}")
+  check_int("d_model", d_model, 1)
+  check_int("num_heads", num_heads, 1)
+  head_dim = resolve_head_dim(d_model, num_heads, head_dim)
+  check_finite_above("rope_base", rope_base, 1)
   compute_dtype = _checked_dtype("dtype", dtype, COMPUTE_DTYPES)
   if not isinstance(moe, (Mapping, MoEConfig)) and not hasattr(moe, "keys"):
     raise ValueError(f"moe must be an MoEConfig or a dict of its fields, got "
@@ -501,17 +450,12 @@ class TransformerLM(nnx.Module):
     flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                             first_dense_layers=first_dense_layers, router=moe.router)
 
-    self.vocab_size = vocab_size
-    self.d_model = d_model
-    self.num_heads = num_heads
-    self.head_dim = head_dim
-    self.tie_embeddings = tie_embeddings
-    self.dtype = compute_dtype
-    self.moe_layers = flags
-    self.moe = moe
-    self.scan_layers = scan_layers
-    self.remat = remat
-    self.param_dtype = storage_dtype
+    # V, D, N, P, and how the blocks compute (read by decode, LoRA, quantize).
+    self.vocab_size, self.d_model, self.num_heads, self.head_dim = (
+        vocab_size, d_model, num_heads, head_dim)
+    self.tie_embeddings, self.moe_layers, self.moe = tie_embeddings, flags, moe
+    self.dtype, self.param_dtype = compute_dtype, storage_dtype
+    self.scan_layers, self.remat = scan_layers, remat
     self.layout = LayerLayout.of(flags, moe_every, first_dense_layers, scan_layers)
     self.embed = nnx.Embed(vocab_size, d_model, param_dtype=jnp.float32, rngs=rngs)
     # Every block is created in layer order from the same rngs in either

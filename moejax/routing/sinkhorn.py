@@ -55,11 +55,10 @@ def sinkhorn_scores(logits: jax.Array, num_iterations: int,
   num_real = jnp.maximum(jnp.sum(mask.astype(jnp.float32), axis=1)[:, None, None], 1.0)
   log_column_target = jnp.log(num_real / num_experts)
 
-  # Iterate in the log domain: the same updates as scaling exp(logits - max)
-  # by row and column factors, but skewed logits (spread >~ 100) cannot
-  # underflow a whole column to 0 and divide by it.
-  # Padded rows are set to 0 (any finite value) and kept out of the column
-  # sums by the -inf below; they stay finite so no NaN reaches the output.
+  # Iterate in the log domain: the updates of scaling exp(logits - max) by row and
+  # column factors, but skewed logits cannot underflow a column to 0 and divide by it.
+  # Padded rows: 0 (finite, so no NaN reaches the output), kept out of the
+  # column sums by the -inf below.
   scores = jnp.where(real, logits, 0.0)
   # The first row normalization turns exp(logits - row max) into softmax;
   # Sinkhorn's fixed point does not depend on that row scaling, and starting

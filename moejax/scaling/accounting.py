@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from moejax.data import tokenizers
 from moejax.data.pipeline import SYNTHETIC
 from moejax import routing as routing_lib
-from moejax.nn.transformer import moe_layer_flags
+from moejax.nn.config import moe_layer_flags, resolve_head_dim
 from moejax.routing import MoEConfig
 from moejax.routing import capacity as capacity_lib
 
@@ -104,10 +104,7 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
 def _checked_head_dim(d_model: int, num_heads: int, head_dim: Optional[int],
                       seq_len: int) -> int:
   """`head_dim` (default d_model / num_heads) after checking it and `seq_len`."""
-  if head_dim is None:
-    if d_model % num_heads:
-      raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-    head_dim = d_model // num_heads
+  head_dim = resolve_head_dim(d_model, num_heads, head_dim)
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
     raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
   return head_dim
@@ -210,6 +207,37 @@ def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
   return flops
 
 
+def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int,
+                      d_model: int, num_heads: int, head_dim: int, num_layers: int,
+                      tie_embeddings: bool):
+  """(parameters, active parameters per token, capacity-padding FLOPs) by
+  component (see `breakdown`)."""
+  params = dict.fromkeys(COMPONENTS, 0.0)
+  active = dict.fromkeys(COMPONENTS, 0.0)
+  params["embedding"] = active["embedding"] = vocab_size * d_model
+  params["output"] = active["output"] = 0 if tie_embeddings else d_model * vocab_size
+  params["norms"] = active["norms"] = d_model * (2 * num_layers + 1)
+  params["attention"] = active["attention"] = 4 * d_model * num_heads * head_dim * num_layers
+  padding = 0.0
+  for is_moe in flags:
+    ffn = _ffn_counts(d_model, moe, is_moe, num_tokens)
+    shared = _kernels_per_mlp(moe.activation) * d_model * moe.num_shared_experts * moe.hidden
+    params["shared_experts"] += shared
+    active["shared_experts"] += shared
+    if not is_moe:
+      params["dense_ffn"] += ffn["total"] - shared
+      active["dense_ffn"] += ffn["active"] - shared
+      continue
+    router = ffn["router"]
+    params["router"] += router
+    active["router"] += router
+    params["experts"] += ffn["expert"]
+    routed_active = ffn["active"] - router - shared
+    active["experts"] += routed_active
+    padding += 6 * routed_active * (_capacity_overhead(moe, num_tokens) - 1)
+  return params, active, padding
+
+
 def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
               moe: Mapping[str, Any], seq_len: int, batch_size: Optional[int] = None,
               head_dim: Optional[int] = None, moe_every: int = 1,
@@ -243,29 +271,9 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers, router=moe.router)
   num_tokens = tokens_per_group(moe, seq_len=seq_len, batch_size=batch_size)
-  params = dict.fromkeys(COMPONENTS, 0.0)
-  active = dict.fromkeys(COMPONENTS, 0.0)
-  params["embedding"] = active["embedding"] = vocab_size * d_model
-  params["output"] = active["output"] = 0 if tie_embeddings else d_model * vocab_size
-  params["norms"] = active["norms"] = d_model * (2 * num_layers + 1)
-  params["attention"] = active["attention"] = 4 * d_model * num_heads * head_dim * num_layers
-  padding = 0.0
-  for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe, is_moe, num_tokens)
-    shared = _kernels_per_mlp(moe.activation) * d_model * moe.num_shared_experts * moe.hidden
-    params["shared_experts"] += shared
-    active["shared_experts"] += shared
-    if not is_moe:
-      params["dense_ffn"] += ffn["total"] - shared
-      active["dense_ffn"] += ffn["active"] - shared
-      continue
-    router = ffn["router"]
-    params["router"] += router
-    active["router"] += router
-    params["experts"] += ffn["expert"]
-    routed_active = ffn["active"] - router - shared
-    active["experts"] += routed_active
-    padding += 6 * routed_active * (_capacity_overhead(moe, num_tokens) - 1)
+  params, active, padding = _component_counts(
+      flags, moe, num_tokens, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
+      head_dim=head_dim, num_layers=num_layers, tie_embeddings=tie_embeddings)
   params = {name: int(value) for name, value in params.items()}
   vocabulary = ("embedding", "output")
   params["total"] = sum(params[name] for name in COMPONENTS)
