@@ -26,9 +26,11 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum(losses * weights), jnp.sum(weights)
 
 
-# Per-layer routing scalars logged as train/layer{i}/<name> (when reported).
-LAYER_SCALARS = ("max_violation", "dropped_fraction", "router_entropy",
-                 "unrouted_fraction", "bias_norm", "router_logit_max")
+# Logged on every run (0.0 without MoE layers); every other scalar the model
+# reports passes through by its own name, per layer too.
+_ALWAYS = ("aux_loss", "z_loss", "dropped_fraction", "load_max_over_mean", "router_entropy")
+_LOGGED_AS = {"load_max_over_mean": "expert_load_max_over_mean"}
+_NOT_LOGGED = ("layers", "weighted_loss")
 
 
 def trainable(params: nnx.State) -> nnx.State:
@@ -43,19 +45,17 @@ def padding_mask(batch) -> jax.Array:
 
 
 def _scalar_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """train/<name> for the model's scalars (means over the MoE layers) and
+  train/layer{i}/<name> for each MoE layer's (its MaxVio from this step's
+  load; the load vector and first choices are not scalars)."""
   zero = jnp.zeros((), jnp.float32)
-  out = {"train/aux_loss": aux.get("aux_loss", zero),
-         "train/z_loss": aux.get("z_loss", zero),
-         "train/dropped_fraction": aux.get("dropped_fraction", zero),
-         "train/expert_load_max_over_mean": aux.get("load_max_over_mean", zero),
-         "train/router_entropy": aux.get("router_entropy", zero)}
-  for name in ("max_violation", "unrouted_fraction", "bias_norm", "router_logit_max"):
-    if name in aux:
-      out[f"train/{name}"] = aux[name]
+  out = {f"train/{_LOGGED_AS.get(name, name)}": value
+         for name, value in {**dict.fromkeys(_ALWAYS, zero), **aux}.items()
+         if name not in _NOT_LOGGED}
   for index, layer in aux.get("layers", {}).items():
-    for name in LAYER_SCALARS:
-      if name in layer:
-        out[f"train/layer{index}/{name}"] = layer[name]
+    for name, value in layer.items():
+      if jnp.ndim(value) == 0 and name not in _LOGGED_AS:
+        out[f"train/layer{index}/{name}"] = value
   return out
 
 
