@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from moejax.nn.attention import explicit_spec
 from moejax.train import config as config_lib
 from moejax.train import routing_report
 from moejax.train import steps as steps_lib
@@ -42,6 +44,17 @@ def _layer_scalars(layers: dict[int, dict[str, jax.Array]]) -> dict[str, jax.Arr
   names -= set(_FROM_LOAD) | set(_NOT_SCALARS)
   return {name: jnp.stack([jnp.asarray(layer[name], jnp.float32)
                            for layer in layers.values()]) for name in sorted(names)}
+
+
+def _next_row(tokens: jax.Array) -> jax.Array:
+  """<int>[B, L] -> each row replaced by the row before it (another window of
+  the corpus), on any mesh: a roll across batch-sharded rows is done
+  replicated, then laid out as the input was."""
+  spec = explicit_spec(tokens)
+  if spec is None:
+    return jnp.roll(tokens, 1, axis=0)
+  rolled = jnp.roll(jax.sharding.reshard(tokens, PartitionSpec()), 1, axis=0)
+  return jax.sharding.reshard(rolled, PartitionSpec(*spec))
 
 
 def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
@@ -63,7 +76,7 @@ def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
       positions = jnp.arange(inputs.shape[1])[None, :]
       weights = jnp.where(positions < loss_before, weights, 0.0)
       if scramble:
-        inputs = jnp.where(positions >= loss_before, jnp.roll(inputs, 1, axis=0), inputs)
+        inputs = jnp.where(positions >= loss_before, _next_row(inputs), inputs)
     states = (params,) if frozen is None else (params, frozen)
     logits, aux = nnx.merge(graphdef, *states)(inputs, mask=mask)
     total, count = steps_lib.cross_entropy(logits, batch["targets"], weights)
