@@ -249,7 +249,7 @@ def _device_mesh(config, mesh: str, batch_size: int) -> jax.sharding.Mesh:
   mesh_only.mesh.update(sizes)
   resolved = parallel.validate_mesh_config(sizes, num_devices=jax.device_count())
   mesh_only.train.batch_size = resolved["data"] * resolved["expert"]
-  return model_lib.make_mesh(mesh_only)
+  return model_lib.make_mesh(mesh_only, training=False)
 
 
 def load(workdir: str, *, dropless: bool = False, mesh: str = "auto",

@@ -97,10 +97,12 @@ def restore_target(config: ml_collections.ConfigDict, vocab_size: int,
 
 
 def make_mesh(config: ml_collections.ConfigDict,
-              devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+              devices: Optional[Sequence[jax.Device]] = None, *,
+              training: bool = True) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over `devices` (default: all), validated
   against the model (experts, heads and hidden widths divide over their axes)
-  and the batch."""
+  and the batch; for `training`, also the routing groups (a group never spans
+  devices in training; inference repeats groups that do not split)."""
   moe, model = config.model.moe, config.model
   devices = list(jax.devices() if devices is None else devices)
   routed = routing.get_router(moe.router).routed
@@ -112,6 +114,8 @@ def make_mesh(config: ml_collections.ConfigDict,
   if config.train.batch_size % batch_shards:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
                      f"by config.mesh.data * config.mesh.expert = {batch_shards}")
+  if training and routed:
+    parallel.check_routing_groups(sizes, moe, config.train)
   return parallel.make_mesh(config.mesh, devices=devices)
 
 
@@ -151,5 +155,5 @@ def reader_mesh(config: ml_collections.ConfigDict, batch_size: int,
       mesh_config = ml_collections.ConfigDict(config.to_dict())
       mesh_config.mesh.update(sizes)
       mesh_config.train.batch_size = batch_size
-      return make_mesh(mesh_config, devices[:count])
+      return make_mesh(mesh_config, devices[:count], training=False)
   raise AssertionError("one device always fits")

@@ -225,17 +225,110 @@ def ragged_reference_docstring_case():
 
 
 def indivisible_groups_case():
-  """4 groups cannot split over data*expert = 8 devices."""
+  """4 groups cannot split over data*expert = 8 devices in training."""
   layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
                    top_k=2, rngs=nnx.Rngs(0))
   mesh = parallel.make_mesh(mesh_config((2, 4, 1)))
   try:
     with parallel.activate(mesh):
-      jax.jit(lambda x: layer(x)[0])(jnp.ones((4, LENGTH, D_MODEL)))
+      jax.jit(lambda x: layer(x, deterministic=False)[0])(jnp.ones((4, LENGTH, D_MODEL)))
   except ValueError as error:
-    return {"ok": "routing groups" in str(error) and "8 devices" in str(error),
-            "message": str(error)}
+    message = str(error)
+    return {"ok": ("routing groups" in message and "8 devices" in message
+                   and "config.train.batch_size" in message and "\n" not in message),
+            "message": message}
   return {"ok": False, "message": "no error"}
+
+
+def few_groups_case(mesh_shape, router_kwargs, batch=4, **layer_kwargs):
+  """Inference on fewer groups than batch devices (here 4 sequences on
+  data*expert = 8 devices): the groups split over the axes that divide them and
+  repeat on the others; forward and gradients match one device."""
+  layer = MoELayer(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_hidden=HIDDEN,
+                   rngs=nnx.Rngs(0), **router_kwargs, **layer_kwargs)
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(1), (batch, LENGTH, D_MODEL))
+  cotangent = jax.random.normal(jax.random.key(2), (batch, LENGTH, D_MODEL))
+  step = layer_loss_fn(graphdef, cotangent)
+  expected = step(params, x)
+  mesh = parallel.make_mesh(mesh_config(mesh_shape))
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    got = layer_loss_fn(graphdef, cotangent)(params, x)
+  errors = {"forward": max_rel_error(got[0], expected[0]),
+            "grads": max_rel_error(got[1], expected[1])}
+  return {"ok": max(errors.values()) <= 1.0, "errors": errors}
+
+
+DECODE_ROUTERS = {  # routing at decode time (moejax.generate builds group_by="batch")
+    "capacity": dict(top_k=2, capacity_factor=1.0, group_by="batch"),
+    "dropless": dict(top_k=2, capacity_factor=0.0, dispatch="dropless", group_by="batch"),
+}
+_DECODE_CACHE = {}
+
+
+def _decode_model(router_name):
+  if router_name not in _DECODE_CACHE:
+    model = TransformerLM(  # 8 heads: split over 8 "model" devices
+        vocab_size=LM_VOCAB, num_layers=1, d_model=LM_D_MODEL, num_heads=8,
+        moe=dict(num_experts=LM_EXPERTS, expert_hidden=LM_HIDDEN, num_shared_experts=1,
+                 **DECODE_ROUTERS[router_name]), rngs=nnx.Rngs(0))
+    _DECODE_CACHE[router_name] = nnx.split(model)
+  return _DECODE_CACHE[router_name]
+
+
+def decode_case(mesh_shape, router_name, batch=8, prompt=2, length=4):
+  """`TransformerLM.decode` (a prompt, then one token a step, from
+  `init_cache`) under a mesh gives the logits of the full forward pass on
+  one device. With batch=1 the tokens are not split (one prompt)."""
+  graphdef, params = _decode_model(router_name)
+  tokens = jax.random.randint(jax.random.key(4), (batch, length), 0, LM_VOCAB)
+
+  def decode(params, tokens):
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.decode(tokens[:, :prompt], model.init_cache(batch, length))
+    steps = [logits]
+    for position in range(prompt, length):
+      logits, cache = model.decode(tokens[:, position:position + 1], cache)
+      steps.append(logits)
+    return jnp.concatenate(steps, axis=1), cache["keys"]
+
+  want = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])(params, tokens)
+  mesh = parallel.make_mesh(mesh_config(mesh_shape))
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    if batch % (mesh_shape[0] * mesh_shape[1]) == 0:
+      tokens = parallel.shard_like(tokens, parallel.batch_sharding(mesh))
+    got, keys = jax.jit(decode)(params, tokens)
+  error = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+  heads_split = keys.sharding.spec[2] if len(keys.sharding.spec) > 2 else None
+  return {"ok": error <= 1e-5 and (mesh_shape[2] == 1 or heads_split == "model"),
+          "max_abs_error": error, "cache_spec": str(keys.sharding.spec)}
+
+
+def masked_lm_case(mesh_shape):
+  """Evaluation (deterministic, a padding mask that leaves the shards
+  different numbers of real tokens): logits, losses and every router metric as
+  on one device."""
+  model = TransformerLM(vocab_size=LM_VOCAB, num_layers=1, d_model=LM_D_MODEL,
+                        num_heads=LM_HEADS, rngs=nnx.Rngs(0),
+                        moe=dict(num_experts=LM_EXPERTS, expert_hidden=LM_HIDDEN, top_k=2,
+                                 capacity_factor=1.0, group_by="batch"))
+  graphdef, params = nnx.split(model)
+  tokens = jax.random.randint(jax.random.key(5), (8, 16), 0, LM_VOCAB)
+  mask = jnp.arange(16)[None, :] < jnp.array([16, 2, 16, 9, 0, 16, 5, 16])[:, None]
+  forward = jax.jit(lambda p, t, m: nnx.merge(graphdef, p)(t, mask=m))
+  expected = forward(params, tokens, mask)
+  mesh = parallel.make_mesh(mesh_config(mesh_shape))
+  with parallel.activate(mesh):
+    params = parallel.shard_like(params, parallel.param_shardings(params, mesh))
+    tokens, mask = (parallel.shard_like(a, parallel.batch_sharding(mesh))
+                    for a in (tokens, mask))
+    got = forward(params, tokens, mask)
+  errors = {jax.tree_util.keystr(path): max_rel_error(a, b) for (path, a), b in zip(
+      jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(expected), strict=True)}
+  return {"ok": max(errors.values()) <= 1.0,
+          "errors": {k: v for k, v in errors.items() if v > 1.0}}
 
 
 def noisy_case():
@@ -252,6 +345,50 @@ def noisy_case():
   y = np.asarray(y).reshape(BATCH, LENGTH, D_MODEL)
   return {"ok": bool(np.all(np.isfinite(y))) and not np.allclose(y[0], y[1]),
           "aux_loss": float(aux["aux_loss"])}
+
+
+def lora_dropless_case(mesh_shape, targets="router"):
+  """LoRA with the dropless dispatcher (`lora.attach` traces the adapters'
+  creation as on one device over a replicated base): adapter gradients as on
+  one device."""
+  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from moejax.train import config as config_lib  # pylint: disable=import-outside-toplevel
+  from moejax.train import lora  # pylint: disable=import-outside-toplevel
+  config = config_lib.default_config()
+  config.model.update(d_model=LM_D_MODEL, num_layers=1, num_heads=LM_HEADS)
+  config.model.moe.update(num_experts=LM_EXPERTS, expert_hidden=LM_HIDDEN, group_by="batch",
+                          capacity_factor=0.0, dispatch="dropless", bias_update_rate=0.01)
+  config.train.update(batch_size=8, seq_len=16)
+  config.finetune.base = "/unused"
+  config.finetune.lora.update(rank=4, targets=targets)
+  config.mesh.update(mesh_config(mesh_shape))
+  config_lib.validate_config(config)
+  graphdef, _ = model_lib.abstract(config, LM_VOCAB)
+  params = jax.jit(lambda: nnx.split(model_lib.build(config, LM_VOCAB, nnx.Rngs(0)))[1])()
+  tokens = jax.random.randint(jax.random.key(6), (8, 16), 0, LM_VOCAB)
+
+  def loss(adapters, frozen, tokens, graphdef):
+    logits, aux = nnx.merge(graphdef, adapters, frozen)(tokens)
+    return jnp.mean(jnp.square(logits)) + aux["weighted_loss"]
+
+  one = lora.apply(nnx.merge(graphdef, params), config, tokens)
+  one_graphdef, one_state = nnx.split(one)
+  adapters, frozen = lora.split(one_state)
+  # B starts at zero (no gradient reaches A): move it so that both count.
+  adapters = jax.tree.map(lambda a: a + 0.1, adapters)
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=3)
+  expected = step(adapters, frozen, tokens, one_graphdef)
+  mesh = parallel.make_mesh(mesh_config(mesh_shape))
+  with parallel.activate(mesh):
+    lora_graphdef, mesh_adapters, mesh_frozen = lora.attach(
+        config, LM_VOCAB, mesh, graphdef, params, scanned=False)
+    mesh_adapters = jax.tree.map(lambda a: a + 0.1, mesh_adapters)
+    tokens = parallel.shard_like(tokens, parallel.batch_sharding(mesh))
+    got = step(mesh_adapters, mesh_frozen, tokens, lora_graphdef)
+  errors = {"loss": max_rel_error(got[0], expected[0]),
+            "grads": max_rel_error(got[1], expected[1])}
+  return {"ok": max(errors.values()) <= 1.0, "errors": errors,
+          "adapters": sorted(lora.adapter_counts(mesh_adapters))}
 
 
 def cases():
@@ -296,6 +433,16 @@ def cases():
   yield "lm/2x2x2/auto", lambda: lm_case("auto", (2, 2, 2))
   yield "lm/2x2x2/explicit", lambda: lm_case("explicit", (2, 2, 2))
   yield "indivisible_groups", indivisible_groups_case
+  yield "few_groups/2x4x1/capacity", lambda: few_groups_case((2, 4, 1), ROUTERS["topk"])
+  yield "few_groups/1x8x1/dropless", lambda: few_groups_case((1, 8, 1), ROUTERS["dropless"])
+  # moejax.generate's default mesh (heads split), then batch axes with one
+  # group per step: repeated over the expert axis (grouped rows, then buffers).
+  yield "decode/1x1x8/capacity", lambda: decode_case((1, 1, 8), "capacity")
+  yield "decode/2x4x1/dropless", lambda: decode_case((2, 4, 1), "dropless")
+  yield "decode/2x2x2/capacity_one_sequence", lambda: decode_case(
+      (2, 2, 2), "capacity", batch=1)
+  yield "masked_lm/2x2x2", lambda: masked_lm_case((2, 2, 2))
+  yield "lora/2x2x2/dropless_router", lambda: lora_dropless_case((2, 2, 2))
   yield "noisy", noisy_case
 
 

@@ -21,7 +21,8 @@ from moejax.train import config as config_lib
 from moejax.train import lora
 from moejax.train import optim
 from moejax.train import steps as steps_lib
-from moejax.train import trainer
+from moejax import model as model_lib
+from moejax import train as trainer
 
 VOCAB = 40
 
@@ -44,7 +45,7 @@ def _tokens(seed=0, batch=8, length=16):
 
 
 def _lora_model(config, seed=1):
-  model = trainer.build_model(config, VOCAB, nnx.Rngs(seed))
+  model = model_lib.build(config, VOCAB, nnx.Rngs(seed))
   return model, lora.apply(model, config, _tokens())
 
 
@@ -173,6 +174,8 @@ def test_qlora_stores_the_targets_quantized_and_trains_only_adapters():
     ({"finetune.lora.quantize_base": "nf4"}, "quantize_base must be one of"),
     ({"init.upcycle_from": "/x"}, "set one"),
     ({"model.scan_layers": True}, "set config.model.scan_layers=False"),
+    ({"model.moe.dispatch": "dropless", "model.moe.capacity_factor": 0.0},
+     "config.model.moe.dispatch='dropless' with config.finetune.lora.targets='experts'"),
     ({"mesh.model": 2, "finetune.lora.targets": "experts,shared_experts"},
      "config.mesh.model=2 with LoRA on shared_experts"),
     ({"mesh.model": 2, "finetune.lora.targets": "attention",
@@ -350,7 +353,7 @@ _MESH_WORKER = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import test_lora
-from moejax.train import trainer
+from moejax import train as trainer
 results = {}
 for name, targets, quantize, mesh in test_lora.MESH_CASES:
   config = test_lora._finetune_config(sys.argv[2], targets, quantize, *mesh)

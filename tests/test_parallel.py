@@ -5,6 +5,7 @@ one device) run once, in a subprocess (tests/parallel_worker.py), because the
 device count is fixed when jax starts; each case is reported as its own test.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -68,6 +69,37 @@ def test_validate_mesh_config_errors(config, kwargs, message):
   with pytest.raises(ValueError) as error:
     parallel.validate_mesh_config(config, num_devices=8, **kwargs)
   assert message in str(error.value)
+
+
+def _lm1b():
+  spec = importlib.util.spec_from_file_location(
+      "lm1b", os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "lm1b.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("sizes,batch_size,group_by,message", [
+    # lm1b: groups of 1024 tokens = two sequences of 512.
+    ((4, 2), 16, "sequence", None),    # 2 rows (one group) per batch shard
+    ((8, 1), 512, "sequence", None),
+    ((8, 1), 8, "sequence", "config.model.moe.group_size=1024 (group_by='sequence') makes "
+                            "4 routing groups of config.train.batch_size=8 x "
+                            "config.train.seq_len=512 tokens, which do not split over "
+                            "config.mesh.data * config.mesh.expert = 8 devices"),
+    ((4, 2), 2048, "batch", None),     # 512 positions x 2 groups of 1024
+])
+def test_check_routing_groups(sizes, batch_size, group_by, message):
+  config = _lm1b()
+  config.train.batch_size = batch_size
+  config.model.moe.group_by = group_by
+  sizes = {"data": sizes[0], "expert": sizes[1], "model": 1}
+  if message is None:
+    parallel.check_routing_groups(sizes, config.model.moe, config.train)
+    return
+  with pytest.raises(ValueError) as error:
+    parallel.check_routing_groups(sizes, config.model.moe, config.train)
+  assert message in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("axis_types,expected", [

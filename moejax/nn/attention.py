@@ -31,6 +31,16 @@ def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:
   return PartitionSpec(*spec, *[None] * (x.ndim - len(spec)))
 
 
+def cache_like(cache: jax.Array, update: jax.Array) -> jax.Array:
+  """`cache` [B, N, M, P] in the layout of `update` [B, N, L, P] on an
+  Explicit mesh (where `dynamic_update_slice` needs both alike); as is
+  otherwise."""
+  spec = explicit_spec(update)
+  if spec is None or explicit_spec(cache) == spec:
+    return cache
+  return jax.sharding.reshard(cache, spec)
+
+
 def weight(param, dtype) -> jax.Array:
   """A kernel parameter's value in the compute `dtype`, cast only when its
   storage differs. Kernels enter their matmul as this value, unsliced and
@@ -160,11 +170,16 @@ class CausalSelfAttention(nnx.Module):
       written). Position index + l attends to cached positions <= index + l,
       so decoding a sequence in pieces computes what `__call__` computes on
       the whole sequence.
+
+    On an Explicit mesh the returned cache is laid out like the new keys (B
+    as the tokens, N split over "model" like the heads); a cache in another
+    layout (an empty one made replicated) is resharded to it first, which
+    for a replicated one is a local slice.
     """
     length = x.shape[1]
     positions = index + jnp.arange(length, dtype=jnp.int32)
     q, k, v, tokens = self._project(x, positions)
-    keys, values = cache
+    keys, values = (cache_like(part, k) for part in cache)
     keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
     values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
     scores = jnp.einsum("bnlp,bnmp->bnlm", q, keys.astype(q.dtype)).astype(jnp.float32)

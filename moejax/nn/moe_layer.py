@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from moejax import dispatch as dispatch_lib
 from moejax import routing as routing_lib
@@ -83,6 +84,20 @@ def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
   aux = routing_aux(routing)
   aux["first_expert"] = routing.first_expert()
   return y, aux
+
+
+def _reshape(a: jax.Array, shape: tuple[int, ...], axes, dim: int = 0) -> jax.Array:
+  """`a.reshape(shape)`; on an Explicit mesh laid out with dimension `dim`
+  split over the mesh axes `axes` (a PartitionSpec entry: None, a name or a
+  tuple of names) and the others replicated, which the sharding-in-types rules
+  cannot infer for a reshape that merges or splits a split dimension."""
+  if explicit_spec(a) is None:
+    return a.reshape(shape)
+  if isinstance(axes, (list, tuple)):
+    axes = None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+  entries = [None] * len(shape)
+  entries[dim] = axes
+  return a.reshape(shape, out_sharding=PartitionSpec(*entries))
 
 
 class MoELayer(nnx.Module):
@@ -176,11 +191,18 @@ class MoELayer(nnx.Module):
       y = y + self.shared(tokens)
     return y.reshape(batch, length, -1).astype(self.dtype), aux
 
-  def _to_groups(self, a: jax.Array, group_size: int) -> jax.Array:
-    """[B, L, ...] -> [G, S, ...] in this layer's grouping."""
+  def _to_groups(self, a: jax.Array, group_size: int, axes) -> jax.Array:
+    """[B, L, ...] -> [G, S, ...] in this layer's grouping.
+
+    On an Explicit mesh the groups are laid out split over the mesh axes
+    `axes` (`expert_parallel.routing_group_axes`): where each device's batch
+    rows hold whole groups (group_by="sequence", S dividing its tokens) the
+    reshape is local, otherwise (group_by="batch", or groups repeated on some
+    devices) XLA moves the tokens.
+    """
     if self.cfg.group_by == "batch":
       a = jnp.swapaxes(a, 0, 1)
-    return a.reshape((-1, group_size) + a.shape[2:])
+    return _reshape(a, (-1, group_size) + a.shape[2:], axes)
 
   def group_size(self, batch: int, length: int) -> int:
     """S for a [B, L] batch (`group_size`, or a sequence / a position)."""
@@ -202,14 +224,20 @@ class MoELayer(nnx.Module):
     cfg = self.cfg
     batch, length, _ = x.shape
     group_size = self.group_size(batch, length)
-    groups = self._to_groups(x, group_size)
+    mesh = expert_parallel.parallel_mesh()
+    # Inference may repeat groups too few to split (one decoding step's);
+    # training refuses that (see `routing_group_axes`).
+    axes = () if mesh is None else expert_parallel.routing_group_axes(
+        mesh, batch * length // group_size, replicate=deterministic)
+    groups = self._to_groups(x, group_size, axes)
     sequence = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, length))
     extras = {"sequence": sequence}
     if mask is not None:
       extras["mask"] = mask.astype(bool)
     if token_ids is not None and routing_lib.get_router(cfg.router).uses_token_ids:
       extras["token_ids"] = token_ids.astype(jnp.int32)
-    extras = {name: self._to_groups(value, group_size) for name, value in extras.items()}
+    extras = {name: self._to_groups(value, group_size, axes)
+              for name, value in extras.items()}
     capacity_factor = cfg.capacity_factor
     if deterministic and cfg.eval_capacity_factor is not None:
       capacity_factor = cfg.eval_capacity_factor
@@ -217,26 +245,24 @@ class MoELayer(nnx.Module):
                        num_sequences=batch)
     y, aux = expert_parallel.shard_routed(
         routed_forward, groups, extras, self.router, self.experts, rng,
-        mesh=expert_parallel.parallel_mesh(), dropless_exchange=cfg.dropless_exchange,
+        mesh=mesh, dropless_exchange=cfg.dropless_exchange, group_axes=axes,
         dispatcher=self._dispatcher, ctx=ctx, dtype=self.dtype,
         expert_dropout=cfg.expert_dropout)
     aux["weighted_loss"] = (self.aux_loss_weight * aux["aux_loss"]
                             + self.z_loss_weight * aux["z_loss"])
-    first = aux["first_expert"]
-    if explicit_spec(first) is not None:
-      # A small int array: replicate it rather than name a layout per reshape.
-      first = jax.sharding.reshard(first, jax.sharding.PartitionSpec())
-    aux["first_expert"] = self._from_groups(first, batch, length, x)
-    y = self._from_groups(y, batch, length, x)
+    # A small int array, on every device (readable by every process).
+    aux["first_expert"] = self._from_groups(aux["first_expert"], batch, length, ())
+    spec = explicit_spec(x)
+    y = self._from_groups(y, batch, length, None if spec is None else spec[0])
     return y.reshape(batch * length, -1), aux
 
-  def _from_groups(self, a: jax.Array, batch: int, length: int, like: jax.Array):
-    """[G, S, ...] -> [B, L, ...]."""
+  def _from_groups(self, a: jax.Array, batch: int, length: int, batch_axes):
+    """[G, S, ...] -> [B, L, ...], on an Explicit mesh with B split over
+    `batch_axes` (a PartitionSpec entry: the layout of the layer's input)."""
     if self.cfg.group_by == "batch":
-      a = a.reshape((length, batch) + a.shape[2:])
-      return expert_parallel.match_sharding(jnp.swapaxes(a, 0, 1), like) \
-          if a.ndim == like.ndim else jnp.swapaxes(a, 0, 1)
-    return a.reshape((batch, length) + a.shape[2:])
+      a = _reshape(a, (length, batch) + a.shape[2:], batch_axes, dim=1)
+      return jnp.swapaxes(a, 0, 1)
+    return _reshape(a, (batch, length) + a.shape[2:], batch_axes)
 
   def after_step(self, aux: dict[str, jax.Array]) -> None:
     """The router's update outside the optimizer (see `Router.after_step`)."""

@@ -35,8 +35,18 @@ buffer by the same static bound.
 
 Router losses and metrics are means over groups or tokens, and every device
 holds the same number of both, so their `pmean` over the batch axes equals the
-one-device value; `load_max_over_mean` (a max, not a mean) is recomputed from
-the averaged `expert_load`, and `router_logit_max` is the `pmax` of the shards'.
+one-device value; with a padding mask the means over real tokens are weighted
+by each shard's real tokens instead. `load_max_over_mean` (a max, not a mean)
+is recomputed from the averaged `expert_load`, and `router_logit_max` is the
+`pmax` of the shards'.
+
+Groups too few to split (`routing_group_axes`): one decoding step routes one
+group (group_by="batch": the B tokens at the new position). In inference the
+groups are then split over the batch axes whose devices divide them and
+repeated on the others; where the experts' axis is one of the others, each
+device runs its own experts on the rows for them and the outputs are summed
+over that axis (`ShardedExperts(replicated_groups=True)`), so no expert's work
+is repeated. Training refuses it (it would repeat the routing on every device).
 """
 
 import functools
@@ -49,6 +59,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec
 
 from moejax.dispatch import permute
+from moejax.dispatch.grouped_matmul import vary_like
 from moejax.parallel import collectives
 from moejax.parallel import rules
 from moejax.parallel.mesh import current_mesh
@@ -91,26 +102,41 @@ def parallel_mesh():
 
 # Router metrics that are maxima over tokens, not means.
 MAX_METRICS = ("router_logit_max",)
+# Router losses and metrics that are means over a group's real tokens (or over
+# their K assignments each): `routing.metrics.masked_mean`, the masked z-loss,
+# and Soft MoE's `expert_load` (each real token's combine weights sum to 1).
+# The balancing losses (`aux_loss`) are not: under a mask they sum over the
+# batch axes themselves (`routing.balancing`), so every shard holds the global value.
+TOKEN_MEAN_METRICS = ("z_loss", "router_entropy", "dropped_fraction", "unrouted_fraction",
+                      "expert_load")
 
 
-def mean_over_shards(aux: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
+def mean_over_shards(aux: dict[str, jax.Array], axes,
+                     real_tokens: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """One-device values of a layer's router losses and metrics from their
   per-shard values.
 
-  Valid because each shard holds the same number of groups, tokens and
-  assignments, so a mean of per-shard means is the global mean. The
-  non-means: `load_max_over_mean` = E * max_e expert_load
-  (`routing.metrics.load_metrics`) is recomputed from the mean load, and
-  maxima over tokens (`MAX_METRICS`, the largest router logit) are `pmax`-ed.
+  Each shard holds the same number of groups, tokens and assignments, so a
+  mean of per-shard means is the global mean. With a padding mask the shards
+  hold different numbers of real tokens (`real_tokens`, this shard's count):
+  the means over real tokens (`TOKEN_MEAN_METRICS`) are then weighted by it,
+  sum_shards(mean * count) / sum_shards(count). The non-means:
+  `load_max_over_mean` = E * max_e expert_load (`routing.metrics.load_metrics`)
+  is recomputed from the mean load, and maxima over tokens (`MAX_METRICS`, the
+  largest router logit) are `pmax`-ed.
   """
   if not axes:
     return aux
+  total_real = None if real_tokens is None else jax.lax.psum(real_tokens, axes)
 
   def reduce(name, value):
     if name == "expert_counts":
       return jax.lax.psum(value, axes)
     if name in MAX_METRICS:
       return jax.lax.pmax(value, axes)
+    if name in TOKEN_MEAN_METRICS and total_real is not None:
+      weighted = jax.lax.psum(value * real_tokens.astype(value.dtype), axes)
+      return weighted / jnp.maximum(total_real, 1).astype(value.dtype)
     return jax.lax.pmean(value, axes)
 
   aux = {name: reduce(name, value) for name, value in aux.items()}
@@ -153,11 +179,16 @@ class ShardedExperts:
     num_shards: X.
     max_assignments: a bound on the assignments one device can route to one
       expert shard (sizes the dropless exchange); None = all its rows.
+    replicated_groups: the routing groups are repeated on every device of the
+      expert axes (not split over them): nothing is exchanged; each device
+      runs its experts on their rows, and the outputs (zero for the other
+      experts' rows) are summed over the expert axes.
   """
 
   def __init__(self, local: nnx.Module, *, expert_axes: tuple[str, ...],
                model_axes: tuple[str, ...], num_shards: int,
-               max_assignments: Optional[int] = None, exchange: str = "padded"):
+               max_assignments: Optional[int] = None, exchange: str = "padded",
+               replicated_groups: bool = False):
     if exchange not in EXCHANGES:
       raise ValueError(f"unknown dropless exchange {exchange!r}; valid: {list(EXCHANGES)}")
     self.local = local
@@ -166,6 +197,7 @@ class ShardedExperts:
     self.num_shards = num_shards
     self.max_assignments = max_assignments
     self.exchange = exchange
+    self.replicated_groups = replicated_groups and bool(expert_axes)
 
   def _all_to_all(self, x: jax.Array) -> jax.Array:
     """[X, ...] chunk i to expert shard i -> [X, ...] chunk i from shard i."""
@@ -176,12 +208,24 @@ class ShardedExperts:
   def _sum_hidden_shards(self, y: jax.Array) -> jax.Array:
     return jax.lax.psum(y, self.model_axes) if self.model_axes else y
 
+  def _sum_expert_and_hidden_shards(self, y: jax.Array) -> jax.Array:
+    """Replicated groups: the outputs of every device's experts (zero
+    elsewhere, so the sum is exact) and of its hidden units, summed."""
+    return jax.lax.psum(y, self.expert_axes + self.model_axes)
+
   def __call__(self, buffer: jax.Array, hidden_fn=None) -> jax.Array:
     """<dtype>[E, N, D] rows for every expert -> [E, N, D] their outputs
     (`hidden_fn`, e.g. expert dropout, on the hidden activations)."""
     num_experts, num_rows, d_model = buffer.shape
     shards = self.num_shards
     local_experts = num_experts // shards
+    if self.replicated_groups:
+      first = jax.lax.axis_index(self.expert_axes) * local_experts
+      mine = jax.lax.dynamic_slice_in_dim(buffer, first, local_experts, axis=0)
+      y_local = self.local(mine, hidden_fn=hidden_fn)  # [E_l, N, D]
+      y = vary_like(jnp.zeros((num_experts,) + y_local.shape[1:], y_local.dtype), y_local)
+      return self._sum_expert_and_hidden_shards(
+          jax.lax.dynamic_update_slice_in_dim(y, y_local, first, axis=0))
     x = self._all_to_all(buffer.reshape(shards, local_experts, num_rows, d_model))
     # [X (source), E_l, N, D] -> [E_l, X*N, D]: each local expert's rows from all sources.
     x = jnp.swapaxes(x, 0, 1).reshape(local_experts, shards * num_rows, d_model)
@@ -206,9 +250,26 @@ class ShardedExperts:
     """
     local = functools.partial(self.local.grouped, block_size=block_size,
                               implementation=implementation, hidden_fn=hidden_fn)
+    if self.replicated_groups:
+      return self._grouped_replicated(rows, group_sizes, local)
     if self.exchange == "padded" or not self.expert_axes:
       return self._grouped_padded(rows, group_sizes, block_size, local)
     return self._grouped_ragged(rows, group_sizes, block_size, local)
+
+  def _grouped_replicated(self, rows: jax.Array, group_sizes: jax.Array,
+                          local: Callable) -> jax.Array:
+    """Replicated groups: this device's experts' rows (a contiguous run of
+    the sorted rows, block-aligned) rotated to the front, run, rotated back,
+    and the other rows zeroed before the sum over the expert axes."""
+    num_rows = rows.shape[0]
+    sizes = group_sizes.astype(jnp.int32).reshape(self.num_shards, -1)  # [X, E_l]
+    shard = jax.lax.axis_index(self.expert_axes)
+    shard_rows = jnp.sum(sizes, axis=1)
+    start = (jnp.cumsum(shard_rows) - shard_rows)[shard]
+    out = jnp.roll(local(jnp.roll(rows, -start, axis=0), sizes[shard]), start, axis=0)
+    row = jnp.arange(num_rows, dtype=jnp.int32)
+    mine = (row >= start) & (row < start + shard_rows[shard])
+    return self._sum_expert_and_hidden_shards(jnp.where(mine[:, None], out, 0))
 
   def _grouped_ragged(self, rows: jax.Array, group_sizes: jax.Array,
                       block_size: int, local: Callable) -> jax.Array:
@@ -332,19 +393,34 @@ def _reshard_if_explicit(x: Any, spec: Any, mesh) -> Any:
                       spec, x, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
-def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
-  """`x` resharded like `like` (same shape) on an Explicit mesh, where shape
-  ops on sharded dimensions need it; unchanged otherwise (GSPMD decides, or
-  no ambient mesh: traced as on one device)."""
-  if jax.sharding.get_abstract_mesh().empty:
-    return x
-  sharding = jax.typeof(like).sharding
-  spec = getattr(sharding, "spec", None)
-  mesh = getattr(sharding, "mesh", None)
-  if (spec is None or mesh is None or mesh.empty
-      or not any(t == AxisType.Explicit for t in mesh.axis_types)):
-    return x
-  return jax.sharding.reshard(x, spec)
+def routing_group_axes(mesh, num_groups: int, *, replicate: bool = False
+                       ) -> tuple[str, ...]:
+  """The batch mesh axes that split G = `num_groups` routing groups.
+
+  Every batch axis of `mesh` (size > 1) when their devices divide G: a group
+  never spans devices. Otherwise, with `replicate` (inference: a decoding
+  step's one group), the axes taken in order while their devices divide G, the
+  groups repeated on the rest (and an expert axis is taken only with all
+  expert axes); without it (training) a ValueError naming the config keys.
+  """
+  axes = _free_axes(mesh, "batch")
+  if num_groups % _size(mesh, axes) == 0:
+    return axes
+  if not replicate:
+    sizes = "*".join(f"config.mesh.{a}={mesh.shape[a]}" for a in axes)
+    raise ValueError(
+        f"MoELayer: {num_groups} routing groups do not split over the {_size(mesh, axes)} "
+        f"devices of {sizes} (a routing group never spans devices): make "
+        f"config.train.batch_size (x config.train.seq_len) / config.model.moe.group_size "
+        f"a multiple of {_size(mesh, axes)}, or change config.mesh")
+  expert_axes = set(_free_axes(mesh, "expert"))
+  chosen: list[str] = []
+  for axis in axes:
+    if num_groups % (_size(mesh, tuple(chosen)) * mesh.shape[axis]) == 0:
+      chosen.append(axis)
+  if not expert_axes <= set(chosen):
+    chosen = [a for a in chosen if a not in expert_axes]
+  return tuple(chosen)
 
 
 def _check_divisible(what: str, value: int, axes: tuple[str, ...], mesh, hint: str) -> None:
@@ -355,9 +431,59 @@ def _check_divisible(what: str, value: int, axes: tuple[str, ...], mesh, hint: s
                      f"devices of mesh axes {sizes}; {hint}")
 
 
+def _expert_specs(state: nnx.State, mesh, expert_axes: tuple[str, ...],
+                  model_axes: tuple[str, ...]) -> Any:
+  """shard_map in_specs of the experts' state (kernels [E, D, H] split over
+  the expert and mlp axes, LoRA adapters by their rules), after checking that
+  E and the hidden widths divide over their devices."""
+  _check_divisible("num_experts (x granularity)", jax.tree.leaves(state)[0].shape[0],
+                   expert_axes, mesh, "change config.mesh.expert")
+  state_axes = rules.param_logical_axes({"experts": state})["experts"]
+  is_axes = lambda a: isinstance(a, tuple)  # noqa: E731
+  for leaf, axes in zip(jax.tree.leaves(state), jax.tree.leaves(state_axes, is_leaf=is_axes)):
+    if "mlp" not in axes:  # a LoRA adapter's A of wi, [E, D, r]
+      continue
+    _check_divisible("the expert hidden width (expert_hidden / granularity)",
+                     leaf.shape[axes.index("mlp")], model_axes, mesh,
+                     "change config.mesh.model")
+  used = tuple(dict.fromkeys(expert_axes + model_axes))
+  return jax.tree.map(lambda axes: rules.logical_to_spec(axes, mesh, keep=used),
+                      state_axes, is_leaf=is_axes)
+
+
+def _shard_map(fn: Callable, mesh, args: tuple, in_specs: tuple, out_specs: tuple):
+  """`jax.shard_map(fn)(*args)` manual over every axis not manual yet (the
+  whole mesh, normally: a partly manual region mixing in Explicit axes is not
+  supported everywhere), the args first laid out as `in_specs` on an Explicit mesh."""
+  args = tuple(_reshard_if_explicit(arg, arg_spec, mesh)
+               for arg, arg_spec in zip(args, in_specs))
+  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
+  axis_names = manual if len(manual) < len(mesh.axis_names) else frozenset()
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                       axis_names=axis_names)(*args)
+
+
+def _per_device(core: Callable, core_kwargs: dict[str, Any], batch_axes: tuple[str, ...],
+                router_graphdef, make_experts: Callable) -> Callable:
+  """The body of `shard_routed`'s shard_map: (groups, extras, router state,
+  expert state, rng) of one device -> (y, aux averaged over the shards,
+  first_expert). `make_experts(expert_state, routing)` gives its experts."""
+  def local(groups, extras, router_state, state, rng):
+    if rng is not None and batch_axes:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
+    y, aux = core(groups, extras, nnx.merge(router_graphdef, router_state),
+                  functools.partial(make_experts, state), rng,
+                  axis_name=batch_axes or None, **core_kwargs)
+    first_expert = aux.pop("first_expert")
+    real_tokens = None if "mask" not in extras else jnp.sum(extras["mask"], dtype=jnp.int32)
+    return y, mean_over_shards(aux, batch_axes, real_tokens), first_expert
+  return local
+
+
 def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array],
                  router: nnx.Module, experts: nnx.Module, rng: Optional[jax.Array], *,
-                 mesh=None, dropless_exchange: str = "auto", **core_kwargs):
+                 mesh=None, dropless_exchange: str = "auto",
+                 group_axes: Optional[tuple[str, ...]] = None, **core_kwargs):
   """Runs an MoE layer's routed core on one device or expert parallel.
 
   The core (`nn.moe_layer.routed_forward`) is
@@ -365,10 +491,9 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
           -> (y [G, S, D], aux)
   and this function only places it: on one device it is called as is; under
   a mesh it runs per device in `jax.shard_map` on the device's groups, with
-  the router's state (parameters and any `RouterState`) replicated, the
-  experts split over the expert and mlp axes and called through
-  `ShardedExperts`, and `axis_name` = the batch axes (for losses over the
-  global batch).
+  the router's state replicated, the experts split over the expert and mlp
+  axes and called through `ShardedExperts`, and `axis_name` = the axes that
+  split the groups (for losses over the global batch).
 
   Args:
     core: see above.
@@ -376,12 +501,13 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
     extras: per-token arrays [G, S] for the router, split like the groups.
     router: the `routing.Router` module.
     experts: the `nn.Experts` module with kernels [E, D, H] / [E, H, D].
-    rng: router-noise / dropout key or None. Under a mesh each batch shard
-      folds in its index, so noise is independent across shards (and equal in
-      distribution, not bitwise, to one device's).
+    rng: router-noise / dropout key or None; under a mesh each batch shard
+      folds in its index (noise independent across shards).
     mesh: None for one device, else the (abstract) mesh (`parallel_mesh()`).
     dropless_exchange: a name in `DROPLESS_EXCHANGES`; how the dropless
       dispatcher's rows cross the expert axis.
+    group_axes: the mesh axes the groups are split over
+      (`routing_group_axes`); None = every batch axis (G must divide).
     **core_kwargs: passed to `core`.
 
   Returns:
@@ -392,60 +518,25 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
   if mesh is None:
     return core(groups, extras, router, lambda routing: experts, rng, axis_name=None,
                 **core_kwargs)
-
-  exchange = resolve_exchange(dropless_exchange)
-  batch_axes = _free_axes(mesh, "batch")
-  expert_axes = _free_axes(mesh, "expert")
-  model_axes = _free_axes(mesh, "mlp")
+  batch_axes = tuple(routing_group_axes(mesh, groups.shape[0]) if group_axes is None
+                     else group_axes)
+  expert_axes, model_axes = _free_axes(mesh, "expert"), _free_axes(mesh, "mlp")
   num_shards = _size(mesh, expert_axes)
-  _check_divisible("the number of routing groups G", groups.shape[0], batch_axes, mesh,
-                   "a routing group never spans devices: change the batch size, "
-                   "group_size or config.mesh")
   graphdef, state = nnx.split(experts)
-  _check_divisible("num_experts (x granularity)", jax.tree.leaves(state)[0].shape[0],
-                   expert_axes, mesh, "change config.mesh.expert")
-  state_axes = rules.param_logical_axes({"experts": state})["experts"]
-  for leaf, axes in zip(jax.tree.leaves(state), jax.tree.leaves(
-      state_axes, is_leaf=lambda a: isinstance(a, tuple))):
-    if "mlp" not in axes:  # a LoRA adapter's A of wi, [E, D, r]
-      continue
-    _check_divisible("the expert hidden width (expert_hidden / granularity)",
-                     leaf.shape[axes.index("mlp")], model_axes, mesh,
-                     "change config.mesh.model")
   router_graphdef, router_state = nnx.split(router)
-  used = tuple(dict.fromkeys(batch_axes + expert_axes + model_axes))
-  state_specs = jax.tree.map(lambda axes: rules.logical_to_spec(axes, mesh, keep=used),
-                             state_axes, is_leaf=lambda a: isinstance(a, tuple))
-  batch_spec = rules.logical_to_spec(("batch",), mesh, keep=used)
+
+  def make_experts(state, routing):  # inside the shard_map: this device's experts
+    return ShardedExperts(
+        nnx.merge(graphdef, state), expert_axes=expert_axes, model_axes=model_axes,
+        num_shards=num_shards, exchange=resolve_exchange(dropless_exchange),
+        max_assignments=_max_assignments(routing, routing.num_experts // num_shards),
+        replicated_groups=not set(expert_axes) <= set(batch_axes))
+
+  local = _per_device(core, core_kwargs, batch_axes, router_graphdef, make_experts)
+  batch_spec = rules.logical_to_spec(("batch",), mesh, keep=batch_axes)
   replicated = PartitionSpec()
-
-  def local(groups, extras, router_state, state, rng):
-    if rng is not None and batch_axes:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
-
-    def make_experts(routing):
-      local_experts = routing.num_experts // num_shards
-      return ShardedExperts(nnx.merge(graphdef, state), expert_axes=expert_axes,
-                            model_axes=model_axes, num_shards=num_shards,
-                            max_assignments=_max_assignments(routing, local_experts),
-                            exchange=exchange)
-
-    y, aux = core(groups, extras, nnx.merge(router_graphdef, router_state), make_experts,
-                  rng, axis_name=batch_axes or None, **core_kwargs)
-    first_expert = aux.pop("first_expert")
-    return y, mean_over_shards(aux, batch_axes), first_expert
-
-  extras_specs = {name: batch_spec for name in extras}
-  in_specs = (batch_spec, extras_specs, replicated, state_specs, replicated)
-  args = (groups, extras, router_state, state, rng)
-  args = tuple(_reshard_if_explicit(arg, arg_spec, mesh)
-               for arg, arg_spec in zip(args, in_specs))
-  # Manual over every axis not manual yet (the whole mesh, normally): a
-  # partly manual region mixing in Explicit axes is not supported everywhere.
-  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Manual}
-  axis_names = manual if len(manual) < len(mesh.axis_names) else frozenset()
-  y, aux, first_expert = jax.shard_map(
-      local, mesh=mesh, in_specs=in_specs, out_specs=(batch_spec, replicated, batch_spec),
-      axis_names=axis_names)(*args)
-  aux["first_expert"] = first_expert
-  return y, aux
+  in_specs = (batch_spec, {name: batch_spec for name in extras}, replicated,
+              _expert_specs(state, mesh, expert_axes, model_axes), replicated)
+  y, aux, first_expert = _shard_map(local, mesh, (groups, extras, router_state, state, rng),
+                                    in_specs, (batch_spec, replicated, batch_spec))
+  return y, dict(aux, first_expert=first_expert)

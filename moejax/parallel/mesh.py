@@ -85,16 +85,50 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
     raise ValueError(f"config.mesh: {formula} = "
                      f"{'*'.join(str(sizes[a]) for a in AXES)} = {total} does not match "
                      f"the {num_devices} devices")
+  _check_model_divides(sizes, num_experts=num_experts, num_heads=num_heads,
+                       expert_hidden=expert_hidden)
+  return sizes
+
+
+def _check_model_divides(sizes: Mapping[str, int], **widths: Optional[int]) -> None:
+  """The model's widths (`validate_mesh_config`'s arguments) divide over their axes."""
   checks = (
-      (num_experts, "config.model.moe.num_experts (x granularity)", "expert"),
-      (num_heads, "config.model.num_heads", "model"),
-      (expert_hidden, "config.model.moe.expert_hidden (/ granularity)", "model"),
+      ("num_experts", "config.model.moe.num_experts (x granularity)", "expert"),
+      ("num_heads", "config.model.num_heads", "model"),
+      ("expert_hidden", "config.model.moe.expert_hidden (/ granularity)", "model"),
   )
-  for value, name, axis in checks:
+  for key, name, axis in checks:
+    value = widths[key]
     if value is not None and value % sizes[axis]:
       raise ValueError(f"{name} = {value} is not divisible by config.mesh.{axis} = "
                        f"{sizes[axis]}")
-  return sizes
+
+
+def check_routing_groups(sizes: Mapping[str, int], moe: Any, train: Any) -> None:
+  """ValueError, one line naming the keys, when the routing groups of a
+  training batch do not split over the batch devices (`sizes`, as
+  `validate_mesh_config` returns them): a group never spans devices. For
+  models with routed MoE layers; checks nothing that compiles.
+
+  `moe` is `config.model.moe` (group_by, group_size), `train` `config.train`
+  (batch_size, seq_len). Groups of `group_size` consecutive tokens
+  (group_by="sequence") split when every batch shard's tokens hold whole
+  groups; groups at one position (group_by="batch") when the seq_len *
+  batch_size / group_size groups divide over the shards.
+  """
+  shards = sizes["data"] * sizes["expert"]
+  batch, length = train.batch_size, train.seq_len
+  if moe.group_by == "batch":
+    groups = length * (batch // (moe.group_size or batch))
+  else:
+    groups = batch * length // (moe.group_size or length)
+  if groups % shards:
+    raise ValueError(
+        f"config.model.moe.group_size={moe.group_size} (group_by={moe.group_by!r}) makes "
+        f"{groups} routing groups of config.train.batch_size={batch} x "
+        f"config.train.seq_len={length} tokens, which do not split over "
+        f"config.mesh.data * config.mesh.expert = {shards} devices (a group never spans "
+        f"devices)")
 
 
 def _axis_type(axis_types: Any) -> AxisType:
@@ -126,6 +160,15 @@ def make_mesh(mesh_config: Any, *, devices: Optional[Sequence[jax.Device]] = Non
   kind = _axis_type(axis_types)
   return jax.make_mesh(tuple(sizes[axis] for axis in AXES), AXES,
                        axis_types=(kind,) * len(AXES), devices=devices)
+
+
+def with_auto_axes(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """`mesh` (same devices and axes) with every axis Auto: an array placed on
+  it carries no layout in its type, so a function traced as on one device (no
+  ambient mesh, e.g. `moejax.train.lora.apply`) can take it next to arrays it
+  creates itself, which an Explicit mesh's types forbid."""
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                           axis_types=(AxisType.Auto,) * len(mesh.axis_names))
 
 
 @contextlib.contextmanager

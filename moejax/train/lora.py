@@ -35,7 +35,8 @@ for this, and the experts use a `dot_general` with the expert axis as a batch
 axis, which gives every expert its own A [E, D, r] and B [E, r, H].
 
 Limits: the dropless dispatcher's grouped matmul is not intercepted by qwix,
-so `experts` needs a capacity dispatcher (`gather` or `einsum`); a target
+so `experts` needs a capacity dispatcher (`gather` or `einsum`; `validate`
+refuses dropless with it, the other targets train dropless); a target
 without adapters after applying (for example `router` on a dense model) is an
 error naming it. LoRA runs use the unscanned layout (a scanned base is
 converted on load). On a mesh, `build` creates the adapters by tracing the
@@ -47,20 +48,23 @@ a sum over model-split axes). Only `__call__` is intercepted: the KV-cache decod
 `moejax.generate` does not see the adapters, so generation is refused.
 """
 
+import dataclasses
 import json
-import math
 import os
 import re
 from typing import Any, Optional
 
+import flax
 import jax
 import ml_collections
 import numpy as np
 import qwix
 from flax import nnx
 
+from moejax import model as model_lib
 from moejax import parallel
 from moejax.nn import transformer as transformer_lib
+from moejax.nn.config import ModelConfig, check_finite_above
 from moejax.train import checkpoints
 
 # Target name -> the module path (under a layer) whose matmuls it adapts.
@@ -112,10 +116,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
     raise ValueError(f"config.finetune.lora.rank must be an integer >= 0 (0 = off), "
                      f"got {rank!r}")
-  alpha = lora.alpha
-  if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
-          and math.isfinite(alpha) and alpha > 0):
-    raise ValueError(f"config.finetune.lora.alpha must be a finite number > 0, got {alpha!r}")
+  check_finite_above("config.finetune.lora.alpha", lora.alpha, 0)
   if lora.quantize_base not in QUANTIZE_BASE:
     raise ValueError(f"config.finetune.lora.quantize_base must be one of "
                      f"{list(QUANTIZE_BASE)}, got {lora.quantize_base!r}")
@@ -143,6 +144,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         + ": these matmuls sum over an axis split across the model devices, and qwix's "
         "adapter and quantized matmuls give no output layout for that sum on an Explicit "
         "mesh; use config.mesh.model=1 (data and expert parallelism take every target)")
+  if rank and "experts" in targets and config.model.moe.dispatch == "dropless":
+    raise ValueError(
+        f"config.model.moe.dispatch='dropless' with config.finetune.lora.targets="
+        f"{lora.targets!r}: qwix does not adapt the dropless grouped matmul, so the experts "
+        f"would get no adapters; use dispatch 'gather' or 'einsum' with a capacity_factor "
+        f"> 0 (dropless takes the router, shared_experts and attention targets)")
   if rank and config.model.scan_layers:
     raise ValueError("config.model.scan_layers=True: LoRA fine-tuning runs the unscanned "
                      "layout (a scanned base checkpoint is converted on load); set "
@@ -204,15 +211,20 @@ def read_record(workdir: str) -> Optional[dict[str, Any]]:
   return record
 
 
+def _model_keys(model: Any) -> dict[str, Any]:
+  """{"config.model.<key>": value} of a config.model mapping, nested keys dotted."""
+  flat = flax.traverse_util.flatten_dict(dict(model), sep=".")
+  return {f"config.model.{key}": value for key, value in flat.items()}
+
+
 def check_base(base_config: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first model key where `config` differs from the
   base run's (the adapters sit on the base's weights and function); keys
   the base's config predates count as their defaults."""
-  from moejax.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  given = config_lib.key_paths(config.model, "config.model")
-  saved = {**config_lib.key_paths(config_lib.default_config().model, "config.model"),
-           **config_lib.key_paths(base_config.model, "config.model")}
+  given = _model_keys(config.model.to_dict())
+  saved = {**_model_keys(dataclasses.asdict(ModelConfig())),
+           **_model_keys(base_config.model.to_dict())}
   for key in sorted(set(given) | set(saved)):
     if key in _FREE_MODEL_KEYS:
       continue
@@ -309,62 +321,43 @@ def placed(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
   return jax.device_put(state, parallel.param_shardings(state, mesh))
 
 
-def build(config: ml_collections.ConfigDict, vocab_size: int, mesh, workdir: str):
-  """(graphdef, adapters, frozen base, record) of a fine-tuning run: the base
-  run's parameters restored (any layout, any mesh), quantized where
-  QLoRA asks, fresh adapters added. Call under `parallel.activate(mesh)`."""
-  from moejax.train import trainer  # pylint: disable=import-outside-toplevel
+def attach(config: ml_collections.ConfigDict, vocab_size: int, mesh, graphdef, params,
+           *, scanned: bool):
+  """(graphdef, adapters, frozen base) of a fine-tuning run from its base's
+  restored parameters (`graphdef`, `params`, in the base's layout: `scanned`):
+  mapped to this run's unscanned layout, quantized where QLoRA asks, fresh
+  adapters added, laid out on `mesh`. `moejax.run.lora_model` reads the base
+  `Run` and calls this. Call under `parallel.activate(mesh)`."""
   train = config.train
   # qwix creates the adapters by running the model once on a batch this shape.
-  sample_tokens = trainer.global_batch(
+  sample_tokens = model_lib.global_batch(
       {"inputs": np.zeros((train.batch_size // jax.process_count(), train.seq_len),
                           np.int32)}, parallel.batch_sharding(mesh))["inputs"]
-  base, step, base_config = base_run(config, workdir)
-  check_base(base_config, config)
-  # The base's weights in this run's model (same function; the free keys may
-  # differ), read in the base's layout.
-  restore_config = config.copy_and_resolve_references()
-  restore_config.model.scan_layers = bool(base_config.model.scan_layers)
-  restore_config.finetune.lora.rank = 0  # the base itself
-  try:
-    graphdef, params = trainer.restore_params(base, step, restore_config, vocab_size, mesh)
-  except checkpoints.IncompatibleCheckpointError as e:
-    raise ValueError(f"config.finetune.base={base!r}: {e} (was it trained on another "
-                     f"vocabulary? config.data must give the base's)") from None
-  if restore_config.model.scan_layers:  # to this run's unscanned layout
+  if scanned:  # to this run's unscanned layout
     pure = transformer_lib.convert_layout(
         params.to_pure_dict(), scanned=False, num_layers=config.model.num_layers,
         moe_every=config.model.moe_every,
         first_dense_layers=config.model.first_dense_layers, router=config.model.moe.router)
-    graphdef, params = nnx.split(nnx.eval_shape(
-        lambda: trainer.build_model(config, vocab_size, nnx.Rngs(config.seed))))
+    graphdef, params = model_lib.abstract(config, vocab_size)
     nnx.replace_by_pure_dict(params, pure)
   # `apply` traces as on one device, so its inputs are replicated for it (a
-  # passing copy of the base on every device); `placed` shards the result.
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # passing copy of the base on every device), typed without the Explicit
+  # mesh's layouts (which arrays made in the trace lack: the dropless grouped
+  # matmul writes its rows into a fresh buffer); `placed` shards the result.
+  replicated = jax.sharding.NamedSharding(parallel.with_auto_axes(mesh),
+                                          jax.sharding.PartitionSpec())
   model = nnx.merge(graphdef, jax.device_put(params, replicated))
   model = apply(model, config, jax.device_put(sample_tokens, replicated))
   graphdef, state = nnx.split(model)
   adapters, frozen = split(placed(state, mesh))
-  record = {"base": os.path.abspath(base), "step": step,
-            "targets": list(parse_targets(config.finetune.lora.targets)),
-            "rank": config.finetune.lora.rank, "alpha": config.finetune.lora.alpha,
-            "quantize_base": config.finetune.lora.quantize_base,
-            "adapter_params": adapter_counts(adapters)}
-  return graphdef, adapters, frozen, record
+  return graphdef, adapters, frozen
 
 
-def restore(workdir: str, step: int, config: ml_collections.ConfigDict, vocab_size: int,
-            mesh):
-  """(graphdef, model state) of checkpoint `step` of the LoRA run `workdir`:
-  its base (as recorded) with the checkpoint's adapters. Call under
-  `parallel.activate(mesh)`."""
-  graphdef, adapters, frozen, _ = build(config, vocab_size, mesh, workdir)
-  target = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), adapters)
-  reader = checkpoints.Checkpointer(workdir, keep=1, read_only=True)
-  try:
-    adapters = reader.restore_params(step, target)
-  finally:
-    reader.close()
-  return graphdef, nnx.merge_state(adapters, frozen)
+def describe(config: ml_collections.ConfigDict, base: str, step: int,
+             adapters: nnx.State) -> dict[str, Any]:
+  """The record a fine-tuning run keeps of its base and adapters."""
+  lora = config.finetune.lora
+  return {"base": os.path.abspath(base), "step": step,
+          "targets": list(parse_targets(lora.targets)), "rank": lora.rank,
+          "alpha": lora.alpha, "quantize_base": lora.quantize_base,
+          "adapter_params": adapter_counts(adapters)}
