@@ -151,8 +151,7 @@ class Run:
       raise RunError(f"--workdir={self.workdir} is not a directory")
     if not self.steps:
       raise RunError(f"{self.workdir} holds no checkpoint (checkpoints/<step>/)")
-    step = self.newest_step
-    return step, self.config(step if self.recorded_config(step)[0] is not None else None)
+    return self.newest_step, self.config()  # the newest config recorded
 
   def read_json(self, name: str, default: Any = None) -> Any:
     """The record `name` of the run, or `default` when it does not exist;
