@@ -37,13 +37,11 @@ from typing import Any, Optional, Sequence
 from absl import app
 from absl import flags
 import matplotlib
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib import pyplot as plt
 import numpy as np
 
-from moejax import run as run_lib  # pylint: disable=g-import-not-at-top
-from moejax.train import resume  # pylint: disable=g-import-not-at-top
+from moejax import run as run_lib
+from moejax.train import resume
 
 # Keys that do not change what is trained (besides the seed).
 IGNORED_KEYS = tuple(key for key in resume.RESUMABLE_KEYS if key != "config.train.steps") + (
@@ -217,8 +215,9 @@ def mean_curve(members: Sequence[Run], name: str, x_of) -> Optional[tuple]:
 
 
 def sample_std(values: np.ndarray) -> np.ndarray:
-  """Sample standard deviation (ddof=1) over axis 0 (seeds), 0 for one seed:
-  the one convention of every band and ± (experiments.studies.common.mean_std)."""
+  """The standard deviation over axis 0 (seeds) of every ± and every band, here
+  and in the studies (experiments.studies.common): the sample std (ddof=1), 0
+  for one seed."""
   values = np.asarray(values, np.float64)
   if values.shape[0] < 2:
     return np.zeros(values.shape[1:])
@@ -317,6 +316,7 @@ def compare(patterns: Sequence[str], out: str) -> list[dict[str, Any]]:
 
 
 def main(argv, out_flag):
+  matplotlib.use("Agg")  # here, not at import: a notebook importing this keeps its backend
   if len(argv) < 2:
     print("error: name at least one run, sweep or results directory (or a glob)",
           file=sys.stderr)

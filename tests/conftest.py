@@ -1,4 +1,12 @@
-"""Test-session setup: one persistent JAX compilation cache per test run.
+"""Test-session setup: quick XLA compiles and one persistent compilation cache.
+
+The suite is bound by XLA:CPU compile time (small models, many distinct
+programs). The run compiles with `--xla_backend_optimization_level=0` (LLVM
+without its optimization passes; unless XLA_FLAGS already sets a level): the
+same programs, about half the compile time, and numbers equal to an optimized
+build's to about 1e-7 relative (measured: a 5-step train/loss 4.3863192 vs
+4.3863196). Every xdist worker and subprocess inherits XLA_FLAGS
+(tests/host_devices.py adds a device count to it).
 
 Many tests train the same small configs again (resume, faults, the CLI in a
 subprocess, notebooks in quick mode), each process compiling the same
@@ -19,9 +27,13 @@ _CACHE_ENV = {
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
 }
 _OWNED = "MOEJAX_TEST_OWNS_JAX_CACHE"
+_QUICK_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def pytest_configure(config):
+  flags = os.environ.get("XLA_FLAGS", "")
+  if not hasattr(config, "workerinput") and "xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {_QUICK_COMPILE}".strip()
   if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     # An xdist worker (the controller set the environment it inherited), or
     # a cache the caller chose.

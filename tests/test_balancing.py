@@ -22,6 +22,8 @@ import pytest
 from moejax.routing import balancing, losses
 from moejax.routing.balancing import AUX_LOSS_TYPES, balancing_loss
 
+import host_devices  # tests/host_devices.py: the environment of N host devices
+
 # Jitted once per shape: eager op-by-op dispatch would dominate the run time.
 switch_loss = jax.jit(balancing.switch_loss, static_argnames="axis_name")
 importance_loss = jax.jit(balancing.importance_loss, static_argnames="axis_name")
@@ -440,9 +442,7 @@ _WORKER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+  env = host_devices.subprocess_env(8)
   proc = subprocess.run([sys.executable, "-c", _WORKER], capture_output=True, text=True,
                         env=env, timeout=300, cwd=ROOT, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]

@@ -24,6 +24,8 @@ from moejax.train import steps as steps_lib
 from moejax import model as model_lib
 from moejax import train as trainer
 
+import host_devices  # tests/host_devices.py: the environment of N host devices
+
 VOCAB = 40
 
 
@@ -368,10 +370,7 @@ def test_lora_on_a_mesh_trains_what_one_device_trains(trained_base, tmp_path):
   inside the experts' shard_map (expert and model parallel): the same losses."""
   base_dir = trained_base
   tests_dir = os.path.dirname(os.path.abspath(__file__))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(tests_dir),
-                                                    env.get("PYTHONPATH")]))
+  env = host_devices.subprocess_env(8)
   proc = subprocess.run([sys.executable, "-c", _MESH_WORKER, tests_dir, base_dir,
                          str(tmp_path / "mesh")], capture_output=True, text=True, env=env,
                         timeout=600, check=False)

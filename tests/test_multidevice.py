@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+import host_devices  # tests/host_devices.py: the environment of N host devices
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Small enough for seconds per run; 8 sequences = 8 routing groups.
@@ -28,8 +30,7 @@ SMALL = {
 
 
 def run(workdir, *flags, devices=1, process=None, env_extra=None, check=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu", **(env_extra or {}))
+  env = host_devices.subprocess_env(devices, **(env_extra or {}))
   args = [sys.executable, "-m", "moejax.main", "--config=configs/default.py",
           f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in SMALL.items()], *flags]
   if process is not None:

@@ -23,6 +23,7 @@ from moejax import parallel
 from moejax.nn import MoELayer, NonCausalRoutingWarning, TransformerLM
 
 sys.path.insert(0, os.path.dirname(__file__))
+import host_devices  # noqa: E402
 import parallel_worker  # noqa: E402  (the case names; it runs in the subprocess)
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
@@ -230,12 +231,9 @@ def test_param_logical_axes_rejects_unknown_and_wrong_rank():
 def worker_results():
   # One subprocess for the module (pytest.ini's --dist=loadfile keeps the
   # module on one xdist worker, so it runs once per session).
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+  env = host_devices.subprocess_env(8)
   proc = subprocess.run([sys.executable, WORKER], capture_output=True, text=True,
-                        env=env, timeout=900, cwd=root, check=False)
+                        env=env, timeout=900, cwd=host_devices.REPO, check=False)
   assert proc.returncode == 0, proc.stderr[-5000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

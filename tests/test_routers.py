@@ -20,6 +20,8 @@ from moejax import routing
 from moejax.nn import MoELayer
 from moejax.routing import capacity as capacity_lib
 
+import host_devices  # tests/host_devices.py: the environment of N host devices
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 D_MODEL = 16
 
@@ -299,8 +301,7 @@ def test_every_router_on_8_devices_matches_one_device():
     if "dropless" in routing.get_router(router).dispatchers:
       cases[f"{router}-{len(cases)}-dropless"] = (router, {**options, "capacity_factor": 0.0},
                                                   "dropless")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
+  env = host_devices.subprocess_env(8)
   result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE, json.dumps(cases)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -15,6 +15,8 @@ from moejax import run as run_lib
 from moejax import train as train_lib
 from moejax.train import config as config_lib
 
+import host_devices  # tests/host_devices.py: the environment of N host devices
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE_DIR = REPO.parent / "shared" / "data" / "tiny_shakespeare"
 
@@ -37,8 +39,7 @@ def text_run(tmp_path_factory):
 
 
 def _tool(module: str, devices: int, *args: str) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = host_devices.subprocess_env(devices)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
 

@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from experiments import sweep
+from experiments.compare_runs import sample_std
 from moejax import evaluate as evaluate_lib
 from moejax import run as run_lib
 from moejax.train import metrics as metrics_lib
@@ -115,15 +116,6 @@ def layer_keys(records: Sequence[dict], prefix: str, name: str) -> list[str]:
   found = {int(m.group(1)): key for r in records for key in r
            if (m := pattern.match(key))}
   return [found[i] for i in sorted(found)]
-
-
-def sample_std(values: np.ndarray) -> np.ndarray:
-  """The standard deviation over axis 0 (seeds) of every ± and every band:
-  the sample std (ddof=1), 0 for one seed."""
-  values = np.asarray(values, np.float64)
-  if values.shape[0] < 2:
-    return np.zeros(values.shape[1:])
-  return values.std(0, ddof=1)
 
 
 def mean_std(values: Sequence[Optional[float]]) -> dict[str, Any]:
