@@ -2,6 +2,13 @@
 
 import setuptools
 
+TFDS = [
+    "tensorflow-datasets>=4.9",
+    "tensorflow-cpu; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    "tensorflow; platform_system != 'Linux' or platform_machine != 'x86_64'",
+    "importlib_resources",
+]
+
 setuptools.setup(
     name="moejax",
     version="0.1.0",
@@ -23,15 +30,7 @@ setuptools.setup(
         # and the `tensorboard` command to read them.
         "tensorboardX",
         "tensorboard",
-        # moejax.data: TFDS builds and reads datasets with TensorFlow (kept off
-        # accelerators). tensorflow-cpu has wheels for Linux x86_64 only; elsewhere
-        # (macOS, Linux aarch64) the plain tensorflow wheel is the CPU build.
-        "tensorflow-datasets>=4.9",
-        "tensorflow-cpu; platform_system == 'Linux' and platform_machine == 'x86_64'",
-        "tensorflow; platform_system != 'Linux' or platform_machine != 'x86_64'",
-        # TFDS 4.9.x imports importlib_resources unconditionally but declares it for
-        # Python < 3.9 only.
-        "importlib_resources",
+        # config.data.tokenizer="sentencepiece".
         "sentencepiece",
         # moejax.scaling.laws fits (scipy.optimize); experiments.fit_scaling plots.
         "scipy",
@@ -45,12 +44,20 @@ setuptools.setup(
         "qwix>=0.1.8",
     ],
     extras_require={
+        # TFDS datasets (lm1b, c4, ...; tiny_shakespeare only without a manual_dir):
+        # TFDS builds and reads them with TensorFlow (kept off accelerators).
+        # tensorflow-cpu has wheels for Linux x86_64 only; elsewhere (macOS, Linux
+        # aarch64) the plain tensorflow wheel is the CPU build. TFDS 4.9.x imports
+        # importlib_resources unconditionally but declares it for Python < 3.9 only.
+        "tfds": TFDS,
         # config.model.moe.grouped_matmul="tokamax" (and "auto" on GPU/TPU): the
         # Pallas grouped-matmul kernels of dropless. Optional: it needs jax>=0.9.2
         # and pins typeguard==2.13.3.
         "tokamax": ["tokamax"],
         # nbclient/ipykernel: tests/test_colabs.py executes the notebooks;
         # tokamax: tests/test_grouped_matmul.py checks its kernels (XLA on CPU).
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "tokamax"],
+        # tfds: tests/test_data.py compares the TFDS build with moejax's reader.
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "tokamax",
+                 *TFDS],
     },
 )

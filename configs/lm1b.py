@@ -5,6 +5,13 @@ top-2, every other layer MoE (GShard / Switch layout), SentencePiece 32k.
         --config.data.data_dir=gs://bucket/tfds --config.mesh.expert=8
 
 Sized for one TPU v4-32 / 8 H100s; bfloat16 compute, float32 parameters.
+
+Routing groups are GShard's and Switch's: 1024 tokens, here two sequences of
+512 (group_by="sequence"), so top-2 with a capacity is non-causal in a decoder
+(a token's later choices can be dropped for the first choices of later
+tokens) and training warns NonCausalRoutingWarning: kept to match those
+papers' setup. For causal routing set --config.model.moe.group_by=batch
+(README "Routing causality in a decoder").
 """
 
 from moejax.train import config as config_lib

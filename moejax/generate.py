@@ -134,8 +134,27 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], options: SamplingOp
   `options.max_new_tokens` sampled ids (cut after the first `stop_id`).
 
   `model` is a `TransformerLM` (its routing as described in the module
-  docstring); every prompt must hold at least one token.
+  docstring); every prompt must hold at least one token. A model whose
+  parameters live on a mesh (`load(...).model`) decodes under that mesh
+  unless the caller made another one ambient (`parallel.activate`).
   """
+  mesh = _params_mesh(model)
+  if mesh is None or parallel.current_mesh() is not None:
+    return _generate_tokens(model, prompts, options, vocab_size, stop_id)
+  with parallel.activate(mesh):
+    return _generate_tokens(model, prompts, options, vocab_size, stop_id)
+
+
+def _params_mesh(model) -> Optional[jax.sharding.Mesh]:
+  """The mesh the model's parameters are laid out on (None: no mesh)."""
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      return sharding.mesh
+  return None
+
+
+def _generate_tokens(model, prompts, options, vocab_size, stop_id) -> list[list[int]]:
   options.check()
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")

@@ -69,7 +69,7 @@ def quantize_params(params: nnx.State, setting: Optional[str]) -> tuple[nnx.Stat
   """(params with every routed-expert kernel replaced by its dequantized
   `setting` QArray, the bytes of the expert kernels as stored). `setting`
   None leaves the parameters as they are (the float baseline)."""
-  pure = params.to_pure_dict()
+  pure = nnx.to_pure_dict(params)
   total = 0
 
   def convert(path, value):
@@ -97,7 +97,7 @@ def expert_weight_stats(params: nnx.State) -> dict[str, dict[str, list[float]]]:
   outliers would stretch a shared scale). Keys are parameter paths; with
   scanned layers the stacked units are listed as path + "/unit<u>"."""
   out = {}
-  for path, value in jax.tree_util.tree_leaves_with_path(params.to_pure_dict()):
+  for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(params)):
     name = _name(path)
     if not is_expert_kernel(name):
       continue

@@ -3,6 +3,8 @@
 import json
 import pathlib
 import re
+import subprocess
+import sys
 import time
 import types
 
@@ -12,6 +14,7 @@ import pytest
 
 from moejax import data
 from moejax.data import cache as cache_lib
+from moejax.data import corpora
 from moejax.data import text as text_lib
 from moejax.data import tokenizers
 
@@ -387,6 +390,49 @@ def test_tfds_errors(shakespeare_config, tmp_path):
   empty.mkdir()
   with pytest.raises(ValueError, match=r"config.data.manual_dir=.* lacks \['input.txt'\]"):
     _shakespeare(shakespeare_config, data_dir=str(tmp_path / "tfds"), manual_dir=str(empty))
+
+
+@needs_shakespeare
+def test_tiny_shakespeare_reads_the_tfds_splits_without_tfds(shakespeare_config, tmp_path):
+  # TFDS's own build (the dataset prepared in data_dir), then read with no
+  # manual_dir: TFDS; with a manual_dir: corpora.py. The same tokens.
+  tfds = text_lib.import_tfds(with_tensorflow=True)
+  tfds.builder("tiny_shakespeare", data_dir=str(tmp_path)).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(SHAKESPEARE_DIR)))
+  for split in ("train", "validation", "test"):
+    built = text_lib.prepare_builder("tiny_shakespeare", str(tmp_path), None)
+    read = text_lib.prepare_builder("tiny_shakespeare", None, str(SHAKESPEARE_DIR))
+    assert isinstance(read, corpora.Corpus) and not isinstance(built, corpora.Corpus)
+    assert read.info.full_name == built.info.full_name == "tiny_shakespeare/1.0.0"
+    assert ([d for b in text_lib.iter_documents(built, split, "text") for d in b]
+            == [d for b in text_lib.iter_documents(read, split, "text") for d in b])
+  via_tfds = _shakespeare(shakespeare_config, data_dir=str(tmp_path), manual_dir=None)
+  direct = _shakespeare(shakespeare_config)
+  assert via_tfds.info == {**direct.info, "cache_dir": via_tfds.info["cache_dir"]}
+  _assert_batches_equal(via_tfds.train_batch(5), direct.train_batch(5))
+  _assert_batches_equal(via_tfds.eval_batches(1)[0], direct.eval_batches(1)[0])
+
+
+@needs_shakespeare
+def test_tiny_shakespeare_with_a_manual_dir_imports_no_tensorflow(tmp_path):
+  code = ("import sys; from moejax import data; c = data.default_config(); "
+          f"c.update(name='tiny_shakespeare', manual_dir={str(SHAKESPEARE_DIR)!r}); "
+          "ds = data.make_dataset(c, seq_len=64, global_batch_size=4, seed=0, "
+          f"cache_dir={str(tmp_path)!r}); ds.train_batch(0); "
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('tensorflow', 'tensorflow_datasets')))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip() == "[]"
+
+
+def test_tfds_datasets_without_tfds_are_one_message(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+  with pytest.raises(ValueError, match=re.escape("pip install -e '.[tfds]'")):
+    data.validate_data_config(_config(name="lm1b"))
+  with pytest.raises(ValueError, match="is not the expected file"):
+    corpora._read_checked(__file__, 1115394, "0" * 64)
 
 
 # -- a damaged token cache (memory loader) -------------------------------------------------

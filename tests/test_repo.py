@@ -1,7 +1,13 @@
 """The README tells the truth about how CI installs and tests."""
 
+import importlib.util
 import pathlib
 import re
+
+import pytest
+
+from moejax import model as model_lib
+from moejax.nn import transformer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -87,3 +93,21 @@ def test_no_function_in_moejax_over_60_lines():
         if lines > 60:
           long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
   assert not long, "functions over 60 lines:\n" + "\n".join(sorted(long))
+
+
+def _shipped_configs():
+  return sorted((ROOT / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.stem)
+def test_shipped_configs_route_causally_or_say_why(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  reason = transformer.noncausal_routing_reason(config.model.moe.to_dict(),
+                                                model_lib.tokens_per_group(config))
+  if reason is not None:  # allowed only with the reason in the config's docstring
+    assert "non-causal" in module.__doc__ and "NonCausalRoutingWarning" in module.__doc__, (
+        path.name, reason)
+  assert path.stem != "shakespeare" or reason is None

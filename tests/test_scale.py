@@ -70,15 +70,15 @@ def test_scanned_layers_compute_the_unscanned_function(layout):
   for index in aux_a["layers"]:
     np.testing.assert_allclose(aux_b["layers"][index]["expert_load"],
                                aux_a["layers"][index]["expert_load"], atol=1e-6)
-  grads_b = convert_layout(grads_b.to_pure_dict(), scanned=False, router=router, **keys)
+  grads_b = convert_layout(nnx.to_pure_dict(grads_b), scanned=False, router=router, **keys)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5),
-               grads_a.to_pure_dict(), grads_b)
+               nnx.to_pure_dict(grads_a), grads_b)
   # The balancing bias moves layer by layer the same way in both layouts.
   unscanned.after_step(aux_a)
   scanned.after_step(aux_b)
-  back = convert_layout(nnx.state(scanned).to_pure_dict(), scanned=False, router=router, **keys)
+  back = convert_layout(nnx.to_pure_dict(nnx.state(scanned)), scanned=False, router=router, **keys)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6),
-               nnx.state(unscanned).to_pure_dict(), back)
+               nnx.to_pure_dict(nnx.state(unscanned)), back)
 
 
 def _layout_args(layout):
@@ -101,8 +101,8 @@ def test_a_seed_draws_the_same_weights_in_either_layout(layout, param_dtype):
   unscanned = nnx.state(TransformerLM(rngs=nnx.Rngs(5), **kwargs)).to_pure_dict()
   # Built as the trainer builds it: under jax.jit, its structure from eval_shape.
   build = lambda: TransformerLM(rngs=nnx.Rngs(5), scan_layers=True, **kwargs)
-  abstract = nnx.state(nnx.eval_shape(build)).to_pure_dict()
-  scanned = jax.jit(lambda: nnx.state(build()).to_pure_dict())()
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build)))
+  scanned = jax.jit(lambda: nnx.to_pure_dict(nnx.state(build())))()
   expected = convert_layout(unscanned, scanned=True, **_layout_args(layout))
   assert jax.tree.structure(scanned) == jax.tree.structure(expected)
   assert jax.tree.structure(abstract) == jax.tree.structure(expected)
@@ -153,7 +153,7 @@ def test_scan_layout_stacks_the_repeated_unit():
   assert scan_layout((True,) * 5, 1, 0) == (0, 1, 5)
   assert scan_layout((False,) * 3, 2, 1) == (0, 1, 3)  # no MoE: every layer is a unit
   _, scanned, _ = _pair(LAYOUTS[1])
-  shapes = jax.tree.map(jnp.shape, nnx.state(scanned, nnx.Param).to_pure_dict())
+  shapes = jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(scanned, nnx.Param)))
   assert shapes["stack"]["blocks"][1]["ffn"]["experts"]["wi"] == (2, 4, 16, 16)
   assert "experts" not in shapes["stack"]["blocks"][0]["ffn"]
   assert sorted(shapes["bottom"]) == [0] and sorted(shapes["top"]) == [0]
@@ -171,7 +171,7 @@ def test_remat_policies_change_no_number(scan):
   for remat in ("none", "full", "save_matmuls"):
     model = TransformerLM(rngs=nnx.Rngs(0), remat=remat, **kwargs)
     logits, _, grads = jax.jit(lambda m: _loss_grads(m))(model)
-    results.append((logits, grads.to_pure_dict()))
+    results.append((logits, nnx.to_pure_dict(grads)))
   for logits, grads in results[1:]:
     np.testing.assert_allclose(logits, results[0][0], atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6),
@@ -204,7 +204,7 @@ def test_bfloat16_parameters_keep_routers_and_norms_float32():
   model = TransformerLM(rngs=nnx.Rngs(0), vocab_size=50, d_model=16, num_heads=2,
                         num_layers=2, moe=MOE, scan_layers=True, param_dtype="bfloat16")
   flat = {"/".join(map(str, path)): v[...].dtype
-          for path, v in nnx.state(model).flat_state()}
+          for path, v in nnx.to_flat_state(nnx.state(model))}
   for name, dtype in flat.items():
     expected = jnp.float32 if ("router" in name or "norm" in name) else jnp.bfloat16
     assert dtype == expected, name

@@ -37,7 +37,7 @@ def _model(moe, **kwargs):
 
 
 def _pure(model):
-  return nnx.state(model).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 @pytest.mark.parametrize("moe, kwargs", [

@@ -2,7 +2,9 @@
 
 Keys of `config.data` (defaults in `DEFAULTS`):
   name          "synthetic_mixture" or a TFDS text dataset ("tiny_shakespeare",
-                "lm1b", "c4/en", ...; a config and version may follow the name)
+                "lm1b", "c4/en", ...; a config and version may follow the name).
+                TFDS is the optional `tfds` install; tiny_shakespeare with a
+                manual_dir is read without it (corpora.py, the same splits)
   data_dir      TFDS data_dir (None = TFDS's default)
   manual_dir    folder holding the files TFDS would download (offline builds)
   text_key      the TFDS feature holding the text
@@ -33,6 +35,7 @@ from typing import Any, Mapping, Optional, Union
 import ml_collections
 
 from moejax.data import base
+from moejax.data import corpora
 from moejax.data import synthetic
 from moejax.data import text
 from moejax.data import tokenizers
@@ -120,8 +123,12 @@ def parse_domains(domains: Any, num_domains: int) -> Optional[tuple[int, ...]]:
 
 
 def _validate_tfds(config: dict[str, Any]) -> None:
-  """TFDS names and features; constructs the builder (no download, no build)."""
+  """TFDS names and features; constructs the builder (no download, no build).
+  A corpus read without TFDS (`corpora`) is opened (its file checked) instead."""
   name = config["name"]
+  if corpora.reads(name, config["manual_dir"]):
+    text.check_text_key(corpora.open_corpus(name, config["manual_dir"]), config["text_key"])
+    return
   if text.base_name(name) not in text.known_tfds_names():
     raise ValueError(f"config.data.name={name!r} is not a known dataset; valid: "
                      f"{SYNTHETIC} or a TFDS text dataset such as tiny_shakespeare, "

@@ -1,4 +1,8 @@
-"""TFDS text datasets: build (offline from a manual dir), tokenize once, pack.
+"""Text datasets: build (TFDS, offline from a manual dir), tokenize once, pack.
+
+Reading. tiny_shakespeare with a manual dir is read by `corpora` without TFDS
+or TensorFlow (the same splits as TFDS's build); other names go to TFDS, an
+optional install (`pip install -e '.[tfds]'`).
 
 Building. `tfds.builder(name, data_dir=data_dir).download_and_prepare(
 download_config=DownloadConfig(manual_dir=manual_dir))`. TFDS's download
@@ -42,6 +46,7 @@ import numpy as np
 
 from moejax.data import base
 from moejax.data import cache as cache_lib
+from moejax.data import corpora
 from moejax.data import tokenizers as tokenizers_lib
 
 _PERMUTATION_STREAM = 3
@@ -56,11 +61,17 @@ def import_tfds(*, with_tensorflow: bool = False):
   TF is kept off accelerators (JAX owns their memory; big_vision does the same)
   and its C++ logging is quieted unless the user set TF_CPP_MIN_LOG_LEVEL.
   """
-  if with_tensorflow:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], "GPU")
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    if with_tensorflow:
+      os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(
+        f"TFDS datasets need TensorFlow Datasets ({e}): pip install -e '.[tfds]' "
+        "(synthetic_mixture, and tiny_shakespeare with config.data.manual_dir, need "
+        "neither)") from None
   return tfds
 
 
@@ -80,6 +91,11 @@ def is_local_path(path: str) -> bool:
 
 def check_text_key(builder, text_key: str) -> None:
   """Raises ValueError unless `text_key` is a Text feature of the dataset."""
+  if isinstance(builder, corpora.Corpus):
+    if text_key not in builder.info.features:
+      raise ValueError(f"config.data.text_key={text_key!r} is not a feature of "
+                       f"{builder.info.full_name}; features: {list(builder.info.features)}")
+    return
   tfds = import_tfds()
   features = builder.info.features
   names = sorted(features.keys())
@@ -106,7 +122,10 @@ def _check_manual_files(builder, manual_dir: str) -> None:
 
 
 def prepare_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str]):
-  """The TFDS builder of `name`, built into `data_dir` if it is not there yet."""
+  """The TFDS builder of `name`, built into `data_dir` if it is not there yet,
+  or the `corpora.Corpus` read from `manual_dir` without TFDS."""
+  if corpora.reads(name, manual_dir):
+    return corpora.open_corpus(name, manual_dir)
   tfds = import_tfds(with_tensorflow=True)
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
@@ -121,6 +140,9 @@ def prepare_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str
 
 def _check_split(builder, key: str, split: str) -> None:
   """Every split named in `split` ("train", "train[:90%]+validation") must exist."""
+  if isinstance(builder, corpora.Corpus):
+    builder.check_split(key, split)
+    return
   available = sorted(str(name) for name in builder.info.splits.keys())
   names = [part.split("[")[0].strip() for part in split.split("+")]
   if not all(name in available for name in names):
@@ -130,6 +152,9 @@ def _check_split(builder, key: str, split: str) -> None:
 
 def iter_documents(builder, split: str, text_key: str) -> Iterator[np.ndarray]:
   """Batches of documents of `split` in order: <object>[<= _READ_BATCH] of bytes."""
+  if isinstance(builder, corpora.Corpus):
+    yield from builder.documents(split, text_key)
+    return
   tfds = import_tfds(with_tensorflow=True)
   # One pass: TFDS's auto-cache (splits under 250 MiB) would keep every document
   # read in memory until the pass ends, for nothing.

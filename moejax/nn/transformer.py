@@ -613,7 +613,7 @@ def convert_layout(params: Mapping[str, Any], *, scanned: bool, num_layers: int,
   """The same weights in the other layer layout.
 
   Args:
-    params: a pure nested dict of the model's state (`nnx.State.to_pure_dict()`,
+    params: a pure nested dict of the model's state (`nnx.to_pure_dict(state)`,
       or a checkpoint's params) in the layout opposite to `scanned`.
     scanned: True maps unscanned (`layers/<i>`) -> scanned (`bottom`, `stack`,
       `top`); False maps back.

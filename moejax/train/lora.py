@@ -335,7 +335,7 @@ def attach(config: ml_collections.ConfigDict, vocab_size: int, mesh, graphdef, p
                           np.int32)}, parallel.batch_sharding(mesh))["inputs"]
   if scanned:  # to this run's unscanned layout
     pure = transformer_lib.convert_layout(
-        params.to_pure_dict(), scanned=False, num_layers=config.model.num_layers,
+        nnx.to_pure_dict(params), scanned=False, num_layers=config.model.num_layers,
         moe_every=config.model.moe_every,
         first_dense_layers=config.model.first_dense_layers, router=config.model.moe.router)
     graphdef, params = model_lib.abstract(config, vocab_size)

@@ -194,10 +194,10 @@ def upcycle(params: nnx.State, config: ml_collections.ConfigDict, vocab_size: in
     step, _, dense = run_lib.Run(workdir).restore_params(source, vocab_size, mesh)
   except checkpoints.IncompatibleCheckpointError as e:
     raise ValueError(f"config.init.upcycle_from={workdir!r}: {e}") from None
-  dense = dense.to_pure_dict()
+  dense = nnx.to_pure_dict(dense)
   if source.model.scan_layers:
     dense = transformer_lib.convert_layout(dense, scanned=False, **_layout_args(source))
-  fresh = params.to_pure_dict()
+  fresh = nnx.to_pure_dict(params)
   if config.model.scan_layers:
     fresh = transformer_lib.convert_layout(fresh, scanned=False, **_layout_args(config))
   moe = config.model.moe
@@ -206,7 +206,7 @@ def upcycle(params: nnx.State, config: ml_collections.ConfigDict, vocab_size: in
                           key=jax.random.fold_in(jax.random.key(config.seed), 0x0C1C1E))
   if config.model.scan_layers:
     mapped = transformer_lib.convert_layout(mapped, scanned=True, **_layout_args(config))
-  shardings = jax.tree.map(lambda x: x.sharding, params.to_pure_dict())
+  shardings = jax.tree.map(lambda x: x.sharding, nnx.to_pure_dict(params))
   mapped = jax.tree.map(lambda x, s: jax.device_put(x, s), mapped, shardings)
   state = jax.tree.map(lambda x: x, params)
   nnx.replace_by_pure_dict(state, mapped)
