@@ -111,3 +111,11 @@ def test_shipped_configs_route_causally_or_say_why(path):
     assert "non-causal" in module.__doc__ and "NonCausalRoutingWarning" in module.__doc__, (
         path.name, reason)
   assert path.stem != "shakespeare" or reason is None
+
+
+def test_readme_contents_lists_every_section():
+  readme = (ROOT / "README.md").read_text()
+  contents = readme[readme.index("## Contents"):readme.index("## Install")]
+  listed = re.findall(r"^\s*- \[(.+?)\]\(#", contents, flags=re.M)
+  headings = re.findall(r"^#{2,3} (.+)$", readme[readme.index("## Install"):], flags=re.M)
+  assert listed == headings

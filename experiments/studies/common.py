@@ -350,11 +350,24 @@ def _parse(text: str):
 # ----------------------------------------------------------------------------- CLI
 
 
+QUICK_NOTICE = ("scale=quick: a miniature of the study (few configurations, few steps) that "
+                "checks its pipeline end to end (train, evaluate, collect, plot). Its numbers "
+                "are noise-level and cannot show the claim; the verdict rests on the committed "
+                "full-scale results.")
+
+
+def announce_scale(scale: str) -> None:
+  """Says, in the output of a study run at scale=quick, what it can show."""
+  if scale == "quick":
+    print(QUICK_NOTICE, flush=True)
+
+
 def run(module: ModuleType, workdir: str, scale: str = "full", out: Optional[str] = None,
         shard: str = "0/1", extra: Optional[dict[str, Any]] = None) -> Optional[dict]:
   """Train, post-process and collect a study; returns summary.json's dict
   (None when this shard is not the last one to finish)."""
   check_scale(scale)
+  announce_scale(scale)
   points = train(module, workdir, scale, shard, extra)
   if any(run_status(workdir, p.name) == "missing" for p in points):
     logging.info("some runs are not finished (other shards or a preemption); collect "

@@ -115,6 +115,7 @@ def measure(path: str, config: ml_collections.ConfigDict, num_batches: int) -> d
 
 def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
   """Trains what is not finished, measures every run, writes and returns the summary."""
+  common.announce_scale(scale)
   setup = _SCALES[scale]
   rows, loads = [], {}
   for name, arm, seed, config in plan(workdir, scale):

@@ -96,6 +96,7 @@ def plan(workdir: str, scale: str) -> list[tuple[str, str, int, ml_collections.C
 
 def run_study(workdir: str, scale: str, out: str) -> dict[str, Any]:
   """Trains what is not finished, then writes and returns the summary."""
+  common.announce_scale(scale)
   runs = plan(workdir, scale)
   rows = []
   for name, arm, seed, config in runs:
