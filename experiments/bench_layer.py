@@ -7,7 +7,11 @@ r"""Forward+backward time of `MoELayer` per dispatcher, next to a dense FFN.
 
 Prints one JSON object per line: a result per (dispatch, E, k) (dropless: per
 grouped matmul too, its resolved name in "grouped_matmul") and a final
-summary. The yardstick is a dense FFN with the same active FLOPs (hidden
+summary; then the README's table of ratios (Markdown). A loaded machine is
+reported (on stderr, and as the summary's `load_warnings`): repeats of one
+timing that spread by more than 25% of their median, or an MoE layer timed
+faster than its dense yardstick, which it cannot be (it computes at least the
+same FFN FLOPs, plus routing). The yardstick is a dense FFN with the same active FLOPs (hidden
 k * expert_hidden), timed in the same process; `ratio_to_dense` is the MoE
 median time over the dense median time. Times are medians of --repeats runs
 after one compile-and-warm-up call.
@@ -23,6 +27,7 @@ parts explain where the layer's time goes as E grows at fixed k.
 import functools
 import json
 import statistics
+import sys
 import time
 
 from absl import app
@@ -58,18 +63,57 @@ _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
-  """Median seconds of `fn(*args)` after one compile-and-warm-up call."""
+# Repeats whose (max - min) / median exceeds this mean the machine was busy.
+_SPREAD_WARNING = 0.25
+_SPREADS: list[tuple[str, float]] = []  # (what was timed, its repeat spread)
+
+
+def _median_seconds(fn, *args, repeats: int, label: str = "") -> float:
+  """Median seconds of `fn(*args)` after one compile-and-warm-up call; the
+  spread of the repeats is kept for the load check (`load_warnings`)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  median = statistics.median(times)
+  _SPREADS.append((label, (max(times) - min(times)) / median))
+  return median
 
 
-def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
+def load_warnings(results: list[dict], spreads: list[tuple[str, float]]) -> list[str]:
+  """Signs that the machine was loaded, which make the ratios untrustworthy:
+  repeats that spread widely, or an MoE layer timed faster than the dense
+  FFN of the same active FLOPs (it computes at least that FFN, plus routing)."""
+  warnings = [f"{label}: repeats spread {spread:.0%} of their median (> "
+              f"{_SPREAD_WARNING:.0%})" for label, spread in spreads if spread > _SPREAD_WARNING]
+  warnings += [f"{r['dispatch']} E={r['num_experts']} k={r['top_k']}: ratio_to_dense "
+               f"{r['ratio_to_dense']} < 1 for a strictly larger computation"
+               for r in results if r["ratio_to_dense"] < 1]
+  return warnings
+
+
+def table(results: list[dict]) -> str:
+  """The README's table: MoE time / dense time per dispatch, k and E (Markdown)."""
+  experts = sorted({r["num_experts"] for r in results})
+  rows = {}
+  for r in results:
+    name = r["dispatch"] + (f" ({r['grouped_matmul']})" if "grouped_matmul" in r
+                            and r["dispatch"] == "dropless" else "")
+    rows.setdefault((name, r["top_k"]), {})[r["num_experts"]] = r["ratio_to_dense"]
+  last = f"E={experts[-1]} / E={experts[0]}"
+  lines = ["| dispatch | k | " + " | ".join(f"E={e}" for e in experts) + f" | {last} |",
+           "| --- | --- |" + " --- |" * (len(experts) + 1)]
+  for (name, top_k), ratios in rows.items():
+    cells = [f"{ratios[e]:.2f}x" if e in ratios else "—" for e in experts]
+    both = experts[0] in ratios and experts[-1] in ratios and len(experts) > 1
+    span = f"{ratios[experts[-1]] / ratios[experts[0]]:.2f}" if both else "—"
+    lines.append(f"| {name} | {top_k} | " + " | ".join(cells) + f" | {span} |")
+  return "\n".join(lines) + "\n"
+
+
+def _time_layer(layer: MoELayer, x: jax.Array, repeats: int, label: str = "") -> float:
   """Median seconds of one jitted forward+backward (grads of params and x)."""
   graphdef, params = nnx.split(layer)
   cotangent = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
@@ -81,7 +125,7 @@ def _time_layer(layer: MoELayer, x: jax.Array, repeats: int) -> float:
       return jnp.sum(y * cotangent) + aux["weighted_loss"]
     return jax.grad(loss, argnums=(0, 1))(params, x)
 
-  return _median_seconds(step, params, x, repeats=repeats)
+  return _median_seconds(step, params, x, repeats=repeats, label=label)
 
 
 def _time_dropless_block(layer: MoELayer, x: jax.Array, block_size: int) -> float:
@@ -130,9 +174,12 @@ def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
     return jax.tree.map(lambda p: p * 2.0, params)
 
   return {
-      "router": _median_seconds(router_step, kernel, tokens, repeats=repeats),
-      "experts": _median_seconds(experts_step, expert_params, buffer, repeats=repeats),
-      "param_memory_floor": _median_seconds(memory_floor, expert_params, repeats=repeats),
+      "router": _median_seconds(router_step, kernel, tokens, repeats=repeats,
+                                label="breakdown: router"),
+      "experts": _median_seconds(experts_step, expert_params, buffer, repeats=repeats,
+                                 label="breakdown: experts"),
+      "param_memory_floor": _median_seconds(memory_floor, expert_params, repeats=repeats,
+                                            label="breakdown: memory floor"),
       "capacity_rows_over_tokens": layer.num_experts * groups * capacity / (
           tokens.shape[0] * layer.top_k),
   }
@@ -146,7 +193,7 @@ def main(argv):
   results = []
   for top_k in map(int, _TOP_K.value):
     dense = MoELayer(num_experts=1, top_k=top_k, router="dense", rngs=nnx.Rngs(0), **common)
-    dense_seconds[top_k] = _time_layer(dense, x, _REPEATS.value)
+    dense_seconds[top_k] = _time_layer(dense, x, _REPEATS.value, f"dense k={top_k}")
     print(json.dumps({"layer": "dense", "top_k": top_k,
                       "hidden": top_k * _HIDDEN.value,
                       "seconds": round(dense_seconds[top_k], 5)}), flush=True)
@@ -162,7 +209,8 @@ def main(argv):
         layer = MoELayer(num_experts=num_experts, top_k=top_k, router="topk",
                          capacity_factor=capacity_factor, dispatch=dispatch,
                          rngs=nnx.Rngs(0), **options, **common)
-        seconds = _time_layer(layer, x, _REPEATS.value)
+        seconds = _time_layer(layer, x, _REPEATS.value,
+                              f"{dispatch} E={num_experts} k={top_k}")
         if _BREAKDOWN.value and dispatch == "gather":
           parts = _breakdown(layer, x, _REPEATS.value)
           print(json.dumps({"breakdown": True, "num_experts": num_experts, "top_k": top_k,
@@ -204,7 +252,13 @@ def main(argv):
     base = by_key.get((dispatch, min(map(int, _EXPERTS.value)), top_k))
     if base and num_experts != min(map(int, _EXPERTS.value)):
       summary[f"{dispatch}_k{top_k}_E{num_experts}_over_smallest_E"] = round(seconds / base, 3)
+  warnings = load_warnings(results, _SPREADS)
+  summary["max_repeat_spread"] = round(max(spread for _, spread in _SPREADS), 3)
+  summary["load_warnings"] = warnings
   print(json.dumps(summary), flush=True)
+  print("\n" + table(results), end="")
+  for warning in warnings:
+    print(f"WARNING (machine loaded? rerun when idle): {warning}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-r"""The router comparison table of a routers sweep (README "Routers compared").
+r"""The router comparison table of a routers sweep (README "Compare routers").
 
     python -m experiments.sweep --sweep=configs/sweeps/routers.py:tiny \
         --workdir=/tmp/routers
@@ -18,8 +18,6 @@ import os
 from absl import app
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "sweep workdir (holds points/)")
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object per row instead of Markdown")
 
 
 def _records(path: str) -> list[dict]:
@@ -50,14 +48,14 @@ def _fmt(value, digits=3) -> str:
   return "—" if value is None else f"{value:.{digits}f}"
 
 
-def main(argv):
+def main(argv, workdir_flag, json_flag):
   del argv
-  points = os.path.join(_WORKDIR.value, "points")
+  points = os.path.join(workdir_flag.value, "points")
   if not os.path.isdir(points):
     raise app.UsageError(f"{points} does not exist: run the sweep first")
   rows = [point_row(name, os.path.join(points, name)) for name in sorted(os.listdir(points))
           if os.path.exists(os.path.join(points, name, "done.json"))]
-  if _JSON.value:
+  if json_flag.value:
     for row in rows:
       print(json.dumps(row))
     return
@@ -70,5 +68,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: compare_routers imports this module and has
+  # its own --workdir.
+  _WORKDIR = flags.DEFINE_string("workdir", None, "sweep workdir (holds points/)")
+  _JSON = flags.DEFINE_bool("json", False, "print one JSON object per row instead of Markdown")
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(lambda argv: main(argv, _WORKDIR, _JSON))

@@ -78,7 +78,7 @@ def _resolve(path: str) -> str:
   return os.path.join(_REPO_ROOT, path)
 
 
-def _load_module(path: str, name: str):
+def load_module(path: str, name: str):
   path = _resolve(path)
   if not os.path.exists(path):
     raise ValueError(f"no such file: {path}")
@@ -90,7 +90,7 @@ def _load_module(path: str, name: str):
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file, as `ml_collections.config_flags` loads it."""
-  return _load_module(path, "sweep_base_config").get_config()
+  return load_module(path, "sweep_base_config").get_config()
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -176,7 +176,7 @@ def load_sweep(spec: str, extra: Optional[dict[str, Any]] = None) -> list[Point]
   path, sep, scale = spec.rpartition(":")
   if not sep or not path:
     raise ValueError(f"--sweep must be path/to/sweep.py:scale, got {spec!r}")
-  module = _load_module(path, "sweep_definition")
+  module = load_module(path, "sweep_definition")
   base = load_config_file(module.BASE_CONFIG)
   points = []
   for index, (name, overrides) in enumerate(module.get_sweep(scale)):
@@ -324,6 +324,22 @@ def run_sweep(points: Sequence[Point], workdir: str, shard: tuple[int, int] = (0
   return path
 
 
+def run_cli(body: Callable[[], Any]) -> Any:
+  """`body()` of a command that trains points: bad input or diverged points are
+  one message and exit status 1, Ctrl-C exit status 130 (the point's
+  checkpoint saved). After a point's stop checkpoint, a second SIGTERM must
+  not kill the command (exit 143) on its way to exit status 0."""
+  signals.hold_until_exit()
+  try:
+    return body()
+  except train_lib.Interrupted as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(train_lib.SIGINT_EXIT_STATUS)
+  except (ValueError, train_lib.NonFiniteLossError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
 _SWEEP = flags.DEFINE_string("sweep", None, "path/to/sweep.py:scale")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory: points/<name>/, "
                                "results.csv.")
@@ -336,21 +352,14 @@ _EXTRA = flags.DEFINE_multi_string("extra", [], "key=value override (dotted key 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # After a point's stop checkpoint, a second SIGTERM must not kill the sweep
-  # (exit 143) on its way to exit status 0.
-  signals.hold_until_exit()
-  try:
+
+  def body():
     points = load_sweep(_SWEEP.value, parse_extra(_EXTRA.value))
     shard = parse_shard(_SHARD.value)
     logging.info("Sweep %s: %d points, shard %d/%d", _SWEEP.value, len(points), *shard)
-    path = run_sweep(points, _WORKDIR.value, shard)
-  except train_lib.Interrupted as e:
-    print(f"stopped: {e}", file=sys.stderr)
-    sys.exit(train_lib.SIGINT_EXIT_STATUS)
-  except (ValueError, train_lib.NonFiniteLossError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  logging.info("Results: %s", path)
+    return run_sweep(points, _WORKDIR.value, shard)
+
+  logging.info("Results: %s", run_cli(body))
 
 
 if __name__ == "__main__":

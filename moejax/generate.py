@@ -235,9 +235,8 @@ class Generator:
     if self.tokenizer is None and any(not e for e in encoded):
       raise ValueError("a synthetic_mixture prompt needs at least one token id")
     stop = None if self.tokenizer is None else self.tokenizer.eos_id
-    with parallel.activate(self.mesh):
-      ids = generate_tokens(self.model, encoded, options, vocab_size=self.vocab_size,
-                            stop_id=stop)
+    ids = generate_tokens(self.model, encoded, options, vocab_size=self.vocab_size,
+                          stop_id=stop)
     return [self.decode(i) for i in ids]
 
 

@@ -39,9 +39,10 @@ def _outputs(notebook, output_type):
 def test_notebook_runs_in_quick_mode(path):
   notebook = _execute(path, quick=True)
   assert not _outputs(notebook, "error")
+  printed = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
+  assert "moejax's tests passed with jax" in printed, path.name  # the setup cell's versions
   if path.stem in STUDIES:  # the miniature drew its figures, and said what it is
     assert any("image/png" in o.get("data", {}) for o in _outputs(notebook, "display_data"))
-    printed = "".join(o.get("text", "") for o in _outputs(notebook, "stream"))
     assert "cannot show the claim" in printed, path.name
 
 

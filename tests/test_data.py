@@ -18,11 +18,8 @@ from moejax.data import corpora
 from moejax.data import text as text_lib
 from moejax.data import tokenizers
 
-SHAKESPEARE_DIR = (pathlib.Path(__file__).resolve().parents[1].parent
-                   / "shared" / "data" / "tiny_shakespeare")
-needs_shakespeare = pytest.mark.skipif(
-    not (SHAKESPEARE_DIR / "input.txt").exists(),
-    reason=f"no {SHAKESPEARE_DIR}/input.txt (the ../shared data folder beside the clone)")
+from shared_data import SHAKESPEARE_DIR, needs_shakespeare  # tests/shared_data.py
+
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:
@@ -425,6 +422,36 @@ def test_tiny_shakespeare_with_a_manual_dir_imports_no_tensorflow(tmp_path):
                         timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert done.stdout.strip() == "[]"
+
+
+def test_python_stdlib_is_this_interpreters_source_split_by_path(tmp_path):
+  import platform
+  import sysconfig
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  corpus = corpora.open_corpus("python_stdlib", None)
+  version = corpus.info.full_name.split("/")[1]
+  assert corpus.info.full_name.startswith(f"python_stdlib/{platform.python_version()}-")
+  assert corpora.open_corpus("python_stdlib", None).info == corpus.info  # deterministic
+  documents = {split: [d for b in corpus.documents(split, "text") for d in b]
+               for split in ("train", "validation", "test")}
+  assert all(documents.values())
+  assert sum(map(len, documents.values())) == len(corpora._stdlib_files(str(root)))
+  # a file's split is its path's hash bucket; tests and installed packages are out
+  assert (root / "json" / "decoder.py").read_bytes() in documents[
+      corpora._stdlib_split("json/decoder.py")]
+  files = corpora._stdlib_files(str(root))
+  assert "ast.py" in files and not any(
+      f.startswith(("test/", "site-packages/")) or "/tests/" in f for f in files)
+  assert 0.02 < len(documents["validation"]) / len(files) < 0.1
+  # a config names it like any dataset; a version of another Python is refused
+  stdlib = data.make_dataset(_config(name="python_stdlib", tokenizer="byte"), seq_len=32,
+                             global_batch_size=4, seed=0, cache_dir=str(tmp_path))
+  assert stdlib.train_batch(0)["inputs"].shape == (4, 32)
+  assert (tmp_path / "python_stdlib" / version).is_dir()
+  with pytest.raises(ValueError, match="this machine's corpus is python_stdlib/"):
+    corpora.open_corpus("python_stdlib:2.7.18-00000000", None)
+  with pytest.raises(ValueError, match="leave manual_dir unset"):
+    data.validate_data_config(_config(name="python_stdlib", manual_dir=str(tmp_path)))
 
 
 def test_tfds_datasets_without_tfds_are_one_message(monkeypatch):

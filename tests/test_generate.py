@@ -19,8 +19,10 @@ from moejax.nn import TransformerLM
 from moejax.train import config as config_lib
 from moejax import train as trainer
 
+import shared_data  # tests/shared_data.py
+from shared_data import SHAKESPEARE_DIR
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE_DIR = pathlib.Path(REPO).parent / "shared" / "data" / "tiny_shakespeare"
 
 # Every router (dense included) with group_by="batch", the decode-time grouping;
 # token-choice routers with a capacity (2 of them tight enough to drop) and
@@ -172,8 +174,7 @@ def test_bad_sampling_options_name_the_option(options, message):
 
 @pytest.fixture(scope="module")
 def shakespeare_run(tmp_path_factory):
-  if not (SHAKESPEARE_DIR / "input.txt").exists():
-    pytest.skip(f"no {SHAKESPEARE_DIR}/input.txt (the ../shared data folder beside the clone)")
+  shared_data.skip_without_shakespeare()
   base = tmp_path_factory.mktemp("gen")
   config = config_lib.default_config()
   config.data.update(name="tiny_shakespeare", data_dir=str(base / "tfds"),

@@ -19,8 +19,9 @@ import sys
 
 import pytest
 
+from shared_data import SHAKESPEARE_DIR  # tests/shared_data.py
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE_DIR = REPO.parent / "shared" / "data" / "tiny_shakespeare"
 
 # config file -> (mesh data x expert, the keys shrunk for the CPU)
 CONFIGS = {

@@ -61,7 +61,7 @@ def test_stacked_layers_get_scales_per_unit_and_expert():
 def test_quantize_params_touches_only_routed_experts_and_counts_their_storage():
   model = TransformerLM(vocab_size=40, num_layers=2, d_model=16, num_heads=2,
                         moe=dict(num_experts=4, top_k=2, expert_hidden=32,
-                                 num_shared_experts=1, activation="swiglu"),
+                                 num_shared_experts=1, activation="swiglu", group_by="batch"),
                         moe_every=2, rngs=nnx.Rngs(0))
   params = nnx.state(model)
   quantized, stored = quantize.quantize_params(params, "int8")

@@ -98,7 +98,7 @@ def test_a_seed_draws_the_same_weights_in_either_layout(layout, param_dtype):
   # kernel last; "pairs" has a dense bottom layer, 2 units and a top layer.
   kwargs = dict(vocab_size=50, d_model=16, num_heads=2, tie_embeddings=False,
                 param_dtype=param_dtype, **layout)
-  unscanned = nnx.state(TransformerLM(rngs=nnx.Rngs(5), **kwargs)).to_pure_dict()
+  unscanned = nnx.to_pure_dict(nnx.state(TransformerLM(rngs=nnx.Rngs(5), **kwargs)))
   # Built as the trainer builds it: under jax.jit, its structure from eval_shape.
   build = lambda: TransformerLM(rngs=nnx.Rngs(5), scan_layers=True, **kwargs)
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build)))

@@ -14,20 +14,16 @@ from moejax.data import cache as cache_lib
 from moejax.data import streaming
 from moejax.data import tokenizers
 from moejax import train as trainer
+import shared_data  # tests/shared_data.py
+from shared_data import SHAKESPEARE_DIR, needs_shakespeare
 from test_train import REPO, checkpoint_steps, cli, read_metrics, small_config, train_losses
 
-SHAKESPEARE_DIR = (pathlib.Path(__file__).resolve().parents[1].parent
-                   / "shared" / "data" / "tiny_shakespeare")
-needs_shakespeare = pytest.mark.skipif(
-    not (SHAKESPEARE_DIR / "input.txt").exists(),
-    reason=f"no {SHAKESPEARE_DIR}/input.txt (the ../shared data folder beside the clone)")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   """tiny_shakespeare built once, offline, into a temporary TFDS data_dir."""
-  if not (SHAKESPEARE_DIR / "input.txt").exists():
-    pytest.skip(f"no {SHAKESPEARE_DIR}/input.txt")
+  shared_data.skip_without_shakespeare()
   return str(tmp_path_factory.mktemp("tfds"))
 
 

@@ -64,7 +64,7 @@ def test_points_validate_and_match_the_built_model(name, scale):
 
 @pytest.mark.parametrize("name", SWEEPS)
 def test_unknown_scale_lists_the_valid_ones(name):
-  module = sweep._load_module(os.path.join(ROOT, "configs", "sweeps", f"{name}.py"), name)
+  module = sweep.load_module(os.path.join(ROOT, "configs", "sweeps", f"{name}.py"), name)
   assert module.BASE_CONFIG == "configs/default.py"
   with pytest.raises(ValueError, match=r"valid scales: \['medium', 'small', 'tiny'\]"):
     module.get_sweep("huge")

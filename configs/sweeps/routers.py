@@ -14,11 +14,22 @@ Every point runs an FFN hidden width of 2 H per token (H = expert_hidden):
                  of hidden H per group of S tokens (Puigcerver et al. 2023);
   topk_lossfree  top-2 with auxiliary-loss-free balancing (Wang et al. 2024):
                  bias_update_rate = 1e-3, aux_loss_type = none;
-  deepseek_v3    top-2 with sigmoid scores, the bias and a sequence-wise loss
-                 of weight 1e-4 (DeepSeek-V3's recipe at this scale).
+  deepseek_v3    DeepSeek-V3's gate at this scale: sigmoid scores, the
+                 selection bias, a sequence-wise loss of weight 1e-4, and
+                 group-limited routing over 4 groups of 2 experts, top-2 of
+                 the 2 best groups. (DeepSeek-V3's own num_groups=8,
+                 top_groups=4, top_k=8 needs num_experts >= 16, a multiple of
+                 8; it uses 256.)
+
+One corpus, one seed:
 
     python -m experiments.sweep --sweep=configs/sweeps/routers.py:tiny \
         --workdir=/tmp/routers
+
+Every corpus of `CORPORA` with several seeds, and the table with mean ± std
+(the README's "Compare routers"):
+
+    python -m experiments.compare_routers --workdir=/tmp/compare_routers
 
 All points group tokens by batch position (group_by="batch"), the causal
 grouping that expert choice and top-2 with a capacity need in a decoder
@@ -30,10 +41,20 @@ from moejax.scaling.sweeps import scale_setup, schedule
 
 BASE_CONFIG = "configs/default.py"
 
+# The data overrides of each corpus the routers are compared on. tiny_shakespeare
+# also needs config.data.manual_dir (the folder of its input.txt).
+CORPORA = {
+    "tiny_shakespeare": {"data.name": "tiny_shakespeare", "data.tokenizer": "byte",
+                         "data.eval_split": "validation"},
+    "python_stdlib": {"data.name": "python_stdlib", "data.tokenizer": "byte",
+                      "data.eval_split": "validation"},
+    "synthetic_mixture": {},
+}
+
 _SCALES = {
     "tiny": {"model.d_model": 64, "model.num_layers": 2, "model.num_heads": 4,
              "model.moe.num_experts": 8, "train.seq_len": 64, "train.batch_size": 16,
-             "train.steps": 300, "train.log_every": 25},
+             "train.steps": 300, "train.log_every": 25, "train.eval_batches": 16},
     "small": {"model.d_model": 256, "model.num_layers": 6, "model.num_heads": 8,
               "model.moe.num_experts": 16, "train.seq_len": 256, "train.batch_size": 64,
               "train.steps": 8000, "train.log_every": 100},
@@ -73,5 +94,6 @@ def get_sweep(scale: str) -> list[tuple[str, dict]]:
                        "model.moe.expert_hidden": hidden, "model.moe.score_fn": "sigmoid",
                        "model.moe.bias_update_rate": 1e-3,
                        "model.moe.aux_loss_type": "sequence",
-                       "model.moe.aux_loss_weight": 1e-4}),
+                       "model.moe.aux_loss_weight": 1e-4, "model.moe.num_groups": 4,
+                       "model.moe.top_groups": 2}),
   ]

@@ -1,10 +1,12 @@
 """`config.data` -> dataset: one validation pass, one factory.
 
 Keys of `config.data` (defaults in `DEFAULTS`):
-  name          "synthetic_mixture" or a TFDS text dataset ("tiny_shakespeare",
-                "lm1b", "c4/en", ...; a config and version may follow the name).
-                TFDS is the optional `tfds` install; tiny_shakespeare with a
-                manual_dir is read without it (corpora.py, the same splits)
+  name          "synthetic_mixture", "python_stdlib" (this interpreter's standard
+                library source, corpora.py) or a TFDS text dataset
+                ("tiny_shakespeare", "lm1b", "c4/en", ...; a config and version
+                may follow the name). TFDS is the optional `tfds` install;
+                tiny_shakespeare with a manual_dir is read without it
+                (corpora.py, the same splits)
   data_dir      TFDS data_dir (None = TFDS's default)
   manual_dir    folder holding the files TFDS would download (offline builds)
   text_key      the TFDS feature holding the text
@@ -131,7 +133,7 @@ def _validate_tfds(config: dict[str, Any]) -> None:
     return
   if text.base_name(name) not in text.known_tfds_names():
     raise ValueError(f"config.data.name={name!r} is not a known dataset; valid: "
-                     f"{SYNTHETIC} or a TFDS text dataset such as tiny_shakespeare, "
+                     f"{SYNTHETIC}, python_stdlib or a TFDS text dataset such as tiny_shakespeare, "
                      "lm1b, c4")
   tfds = text.import_tfds()
   try:

@@ -1,7 +1,7 @@
 """Text datasets: build (TFDS, offline from a manual dir), tokenize once, pack.
 
-Reading. tiny_shakespeare with a manual dir is read by `corpora` without TFDS
-or TensorFlow (the same splits as TFDS's build); other names go to TFDS, an
+Reading. tiny_shakespeare with a manual dir and python_stdlib are read by
+`corpora` without TFDS or TensorFlow (the same splits as TFDS's build); other names go to TFDS, an
 optional install (`pip install -e '.[tfds]'`).
 
 Building. `tfds.builder(name, data_dir=data_dir).download_and_prepare(
@@ -70,8 +70,8 @@ def import_tfds(*, with_tensorflow: bool = False):
   except ImportError as e:
     raise ValueError(
         f"TFDS datasets need TensorFlow Datasets ({e}): pip install -e '.[tfds]' "
-        "(synthetic_mixture, and tiny_shakespeare with config.data.manual_dir, need "
-        "neither)") from None
+        "(synthetic_mixture, python_stdlib, and tiny_shakespeare with "
+        "config.data.manual_dir, need neither)") from None
   return tfds
 
 
@@ -85,8 +85,7 @@ def known_tfds_names() -> list[str]:
   return sorted(import_tfds().list_builders(with_community_datasets=False))
 
 
-def is_local_path(path: str) -> bool:
-  return "://" not in path
+is_local_path = corpora.is_local_path
 
 
 def check_text_key(builder, text_key: str) -> None:

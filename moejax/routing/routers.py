@@ -322,8 +322,14 @@ class TokenChoiceRouter(LogitRouter):
       raise ValueError(f"top_groups={cfg.top_groups} exceeds num_groups={cfg.num_groups}")
     eligible = cfg.top_groups * cfg.experts // cfg.num_groups
     if cfg.k > eligible:
-      raise ValueError(f"top_k={cfg.k} exceeds the {eligible} experts of the top_groups="
-                       f"{cfg.top_groups} best groups")
+      # The fewest experts, a multiple of num_groups, whose top_groups best
+      # groups hold top_k experts (DeepSeek-V3's 8 groups, top 4, top-8: 16).
+      needed = cfg.num_groups * -(-cfg.k // cfg.top_groups)
+      experts = "num_experts * granularity" if cfg.granularity > 1 else "num_experts"
+      raise ValueError(
+          f"top_k={cfg.k} exceeds the {eligible} experts of the top_groups={cfg.top_groups} "
+          f"best of num_groups={cfg.num_groups} groups: it needs {experts} >= {needed}, "
+          "a multiple of num_groups")
 
   @classmethod
   def capacity(cls, cfg: MoEConfig, num_tokens: int, capacity_factor: float) -> int:
