@@ -9,7 +9,7 @@ Prints one JSON object per line: a result per (dispatch, E, k) (dropless: per
 grouped matmul too, its resolved name in "grouped_matmul") and a final
 summary; then the README's table of ratios (Markdown). A loaded machine is
 reported (on stderr, and as the summary's `load_warnings`): repeats of one
-timing that spread by more than 25% of their median, or an MoE layer timed
+timing whose interquartile range exceeds 20% of their median, or an MoE layer timed
 faster than its dense yardstick, which it cannot be (it computes at least the
 same FFN FLOPs, plus routing). The yardstick is a dense FFN with the same active FLOPs (hidden
 k * expert_hidden), timed in the same process; `ratio_to_dense` is the MoE
@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -63,14 +64,17 @@ _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
 
 
-# Repeats whose (max - min) / median exceeds this mean the machine was busy.
-_SPREAD_WARNING = 0.25
+# Repeats whose interquartile range exceeds this fraction of their median mean
+# the machine was busy (an idle 2-core machine stays below ~0.1).
+_SPREAD_WARNING = 0.2
 _SPREADS: list[tuple[str, float]] = []  # (what was timed, its repeat spread)
 
 
-def _median_seconds(fn, *args, repeats: int, label: str = "") -> float:
-  """Median seconds of `fn(*args)` after one compile-and-warm-up call; the
-  spread of the repeats is kept for the load check (`load_warnings`)."""
+def _median_seconds(fn, *args, repeats: int, label: Optional[str] = None) -> float:
+  """Median seconds of `fn(*args)` after one compile-and-warm-up call; with a
+  label (the table's layer timings) the spread of the repeats is kept for the
+  load check (`load_warnings`). The breakdown's parts take milliseconds, and
+  their repeats spread even on an idle machine, so they are not checked."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -78,7 +82,9 @@ def _median_seconds(fn, *args, repeats: int, label: str = "") -> float:
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
-  _SPREADS.append((label, (max(times) - min(times)) / median))
+  if label is not None:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median] * 3
+    _SPREADS.append((label, (quartiles[2] - quartiles[0]) / median))
   return median
 
 
@@ -86,8 +92,9 @@ def load_warnings(results: list[dict], spreads: list[tuple[str, float]]) -> list
   """Signs that the machine was loaded, which make the ratios untrustworthy:
   repeats that spread widely, or an MoE layer timed faster than the dense
   FFN of the same active FLOPs (it computes at least that FFN, plus routing)."""
-  warnings = [f"{label}: repeats spread {spread:.0%} of their median (> "
-              f"{_SPREAD_WARNING:.0%})" for label, spread in spreads if spread > _SPREAD_WARNING]
+  warnings = [f"{label}: repeats spread (interquartile range) {spread:.0%} of their median "
+              f"(> {_SPREAD_WARNING:.0%})" for label, spread in spreads
+              if spread > _SPREAD_WARNING]
   warnings += [f"{r['dispatch']} E={r['num_experts']} k={r['top_k']}: ratio_to_dense "
                f"{r['ratio_to_dense']} < 1 for a strictly larger computation"
                for r in results if r["ratio_to_dense"] < 1]
@@ -98,7 +105,8 @@ def table(results: list[dict]) -> str:
   """The README's table: MoE time / dense time per dispatch, k and E (Markdown)."""
   experts = sorted({r["num_experts"] for r in results})
   rows = {}
-  for r in results:
+  order = list(dict.fromkeys(r["dispatch"] for r in results))
+  for r in sorted(results, key=lambda r: (order.index(r["dispatch"]), r["top_k"])):
     name = r["dispatch"] + (f" ({r['grouped_matmul']})" if "grouped_matmul" in r
                             and r["dispatch"] == "dropless" else "")
     rows.setdefault((name, r["top_k"]), {})[r["num_experts"]] = r["ratio_to_dense"]
@@ -113,7 +121,8 @@ def table(results: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _time_layer(layer: MoELayer, x: jax.Array, repeats: int, label: str = "") -> float:
+def _time_layer(layer: MoELayer, x: jax.Array, repeats: int,
+                label: Optional[str] = None) -> float:
   """Median seconds of one jitted forward+backward (grads of params and x)."""
   graphdef, params = nnx.split(layer)
   cotangent = jax.random.normal(jax.random.key(7), x.shape, x.dtype)
@@ -174,12 +183,9 @@ def _breakdown(layer: MoELayer, x: jax.Array, repeats: int) -> dict[str, float]:
     return jax.tree.map(lambda p: p * 2.0, params)
 
   return {
-      "router": _median_seconds(router_step, kernel, tokens, repeats=repeats,
-                                label="breakdown: router"),
-      "experts": _median_seconds(experts_step, expert_params, buffer, repeats=repeats,
-                                 label="breakdown: experts"),
-      "param_memory_floor": _median_seconds(memory_floor, expert_params, repeats=repeats,
-                                            label="breakdown: memory floor"),
+      "router": _median_seconds(router_step, kernel, tokens, repeats=repeats),
+      "experts": _median_seconds(experts_step, expert_params, buffer, repeats=repeats),
+      "param_memory_floor": _median_seconds(memory_floor, expert_params, repeats=repeats),
       "capacity_rows_over_tokens": layer.num_experts * groups * capacity / (
           tokens.shape[0] * layer.top_k),
   }

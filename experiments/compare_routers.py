@@ -145,10 +145,12 @@ def table(workdir: str, corpora: Sequence[str]) -> list[dict]:
 
 
 def _cell(row: dict, key: str) -> str:
+  """mean ± std over seeds; the mean alone for one seed."""
   if row[key] is None:
     return "—"
   digits = 0 if key == "tokens_per_sec" else 3
-  return f"{row[key]:.{digits}f} ± {row[f'{key}_std']:.{digits}f}"
+  spread = f" ± {row[f'{key}_std']:.{digits}f}" if row["seeds"] > 1 else ""
+  return f"{row[key]:.{digits}f}{spread}"
 
 
 def loss_table(rows: Sequence[dict]) -> str:

@@ -9,7 +9,8 @@ glob of any of these. Runs whose configs differ only in `seed` (and in keys
 that do not change training: logging, checkpoint and evaluation intervals,
 mesh, peak FLOP/s, data paths) are one configuration, drawn as its mean curve
 with a band of one standard deviation across seeds; configurations are
-labelled by the keys in which they differ.
+labelled by the keys in which they differ, or by their folder name where that
+names each configuration alone (a sweep's points over seeds).
 
 Writes:
   OUT/compare.png          train and eval loss against steps, tokens and training
@@ -166,10 +167,18 @@ def _is_run(path: str) -> bool:
 
 def group_runs(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
   """[(label, runs)] of configurations in first-seen order; a label names
-  the keys (without `config.`) whose values differ between configurations."""
+  the keys (without `config.`) whose values differ between configurations,
+  or, where every configuration's runs share one folder name that no other
+  configuration uses (a sweep's points over seeds: `seed*/points/<name>`),
+  that name."""
   groups: dict[tuple, list[Run]] = {}
   for run in runs:
     groups.setdefault(run.key, []).append(run)
+  folders = [{os.path.basename(os.path.normpath(run.path)) for run in members}
+             for members in groups.values()]
+  if len(groups) > 1 and all(len(names) == 1 for names in folders) and len(
+      set.union(*folders)) == len(groups):
+    return [(names.pop(), members) for names, members in zip(folders, groups.values())]
   configs = [dict(key) for key in groups]
   names = dict.fromkeys(name for config in configs for name in config)
   differing = [name for name in names if len({c.get(name) for c in configs}) > 1]

@@ -39,11 +39,6 @@ _SHARED_DIR = os.path.join(os.path.dirname(_REPO), "shared", "data", "tiny_shake
 # the machine counts as idle while it ran (the load average lags by a minute).
 _IDLE_LOAD = 0.3
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "folder of the runs (resumed, never deleted)")
-_SHAKESPEARE = flags.DEFINE_string("shakespeare_dir", _SHARED_DIR,
-                                   "folder holding tiny_shakespeare's input.txt")
-_OUT = flags.DEFINE_string("out", None, "write the numbers as JSON here")
-_CHECK = flags.DEFINE_bool("check", False, "exit 1 unless README.md states every number")
 
 # name -> argv after the interpreter; {w}: the command's workdir, {runs}: the
 # parent folder, {shakespeare_dir}: the manual dir.
@@ -216,11 +211,12 @@ def unstated(readme: str, sentences: dict[str, str]) -> list[str]:
   return [name for name, text in sentences.items() if _words(text) not in words]
 
 
-def main(argv):
+def main(argv, parsed: dict):
   del argv
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  timings = run_all(os.path.abspath(_WORKDIR.value), os.path.abspath(_SHAKESPEARE.value))
-  numbers = collect(os.path.abspath(_WORKDIR.value), timings)
+  workdir = os.path.abspath(parsed["workdir"].value)
+  os.makedirs(workdir, exist_ok=True)
+  timings = run_all(workdir, os.path.abspath(parsed["shakespeare_dir"].value))
+  numbers = collect(workdir, timings)
   for name, timing in timings.items():
     print(f"{name}: {timing['wall_seconds']} s, peak {timing['peak_rss_mb']} MB, load before "
           f"{timing['load_before']}, other CPU load {timing['other_cpu_load']}"
@@ -237,16 +233,25 @@ def main(argv):
     print(f"  {'ok  ' if name not in missing else 'DIFF'} {name}: {text!r}")
   for section, source in SOURCES.items():
     print(f"README '{section}': {source}")
-  if _OUT.value:
-    with open(_OUT.value, "w") as f:
+  if parsed["out"].value:
+    with open(parsed["out"].value, "w") as f:
       json.dump(numbers, f, indent=1)
       f.write("\n")
-  if _CHECK.value and missing:
+  if parsed["check"].value and missing:
     print(f"README.md does not state: {missing}")
     return 1
   return 0
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import this module beside experiments.sweep.
+  _PARSED = {
+      "workdir": flags.DEFINE_string("workdir", None, "folder of the runs (resumed, never "
+                                     "deleted)"),
+      "shakespeare_dir": flags.DEFINE_string("shakespeare_dir", _SHARED_DIR, "folder holding "
+                                             "tiny_shakespeare's input.txt"),
+      "out": flags.DEFINE_string("out", None, "write the numbers as JSON here"),
+      "check": flags.DEFINE_bool("check", False, "exit 1 unless README.md states every number"),
+  }
   flags.mark_flag_as_required("workdir")
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv, _PARSED)))

@@ -23,7 +23,8 @@ def test_table_and_load_warnings():
       "| gather | 1 | 1.29x | 3.33x | 2.58 |\n"
       "| dropless | 2 | 0.66x | — | — |\n")
   warnings = bench_layer.load_warnings(results, [("dense k=1", 0.05), ("gather E=8 k=1", 0.4)])
-  assert warnings == ["gather E=8 k=1: repeats spread 40% of their median (> 25%)",
+  assert warnings == ["gather E=8 k=1: repeats spread (interquartile range) 40% of their "
+                      "median (> 20%)",
                       "dropless E=8 k=2: ratio_to_dense 0.66 < 1 for a strictly larger "
                       "computation"]
   assert bench_layer.load_warnings(results[:2], [("dense k=1", 0.05)]) == []

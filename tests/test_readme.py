@@ -176,3 +176,12 @@ def test_readme_quick_shell_commands_run(module, tmp_path):
                           text=True, timeout=300, env=host_devices.subprocess_env(1))
     assert done.returncode == 0, f"python -m {' '.join(command)}:\n{done.stderr[-3000:]}"
     assert "| " in done.stdout  # each prints a Markdown table
+
+
+def test_readme_numbers_times_a_command_and_reports_a_failure():
+  from experiments import readme_numbers  # pylint: disable=import-outside-toplevel
+  timing = readme_numbers.run_command("sleep", ["-c", "import time; time.sleep(0.3)"])
+  assert timing["wall_seconds"] >= 0.3 and timing["peak_rss_mb"] > 0
+  assert timing["cpus"] >= 1 and isinstance(timing["idle"], bool)
+  with pytest.raises(SystemExit, match="fails failed"):
+    readme_numbers.run_command("fails", ["-c", "raise SystemExit(3)"])

@@ -374,6 +374,20 @@ def test_z_loss_instability_criteria():
   assert row([6.0, 4.0, 3.0, 2.5], 2.4)["router_logit_max_peak"] == 6.0
 
 
+def test_compare_runs_labels_a_sweeps_points_over_seeds_by_name(tmp_path):
+  for seed in (0, 1):
+    _fake_run(tmp_path / f"seed{seed}" / "points" / "slow", seed, 1e-3, 2.0 + seed, (3, 2))
+    _fake_run(tmp_path / f"seed{seed}" / "points" / "fast", seed, 3e-3, 1.5 + seed, (3, 2))
+  rows = compare_runs.compare([str(tmp_path / "seed*")], str(tmp_path / "out"))
+  assert {row["config"]: row["seeds"] for row in rows} == {"slow": 2, "fast": 2}
+  # one name for two configurations: labelled by the keys again
+  _fake_run(tmp_path / "other" / "points" / "slow", 0, 1e-2, 2.0, (3, 2))
+  rows = compare_runs.compare([str(tmp_path / "seed*"), str(tmp_path / "other")],
+                              str(tmp_path / "out2"))
+  assert {row["config"] for row in rows} == {"learning_rate=0.001", "learning_rate=0.003",
+                                             "learning_rate=0.01"}
+
+
 def test_compare_runs_reads_a_committed_study(tmp_path):
   rows = compare_runs.compare([os.path.join(REPO, "experiments", "results", "capacity")],
                               str(tmp_path))

@@ -22,6 +22,7 @@ SMALL = {
     "train.checkpoint_every": 4, "model.num_layers": 2, "model.d_model": 32,
     "model.num_heads": 2, "model.moe.num_experts": 4, "model.moe.expert_hidden": 32,
     "data.vocab_size": 64, "data.num_domains": 2,
+    "model.moe.group_by": "batch",  # causal routing, as configs/default.py
 }
 
 

@@ -19,9 +19,9 @@ Routing is grouped by batch position: top-k (k = G > 1) with a finite capacity
 would otherwise let tokens see later ones through routing (Wang et al. 2024,
 §5.2) and the loss would not be a language-modelling loss.
 
-Scales: "tiny" runs on 2 CPU cores in 8 minutes (16 points of 25-44 s each,
-compilation included, measured on shared cores); "small" and "medium" are
-accelerator sizes.
+Scales: "tiny" runs on 2 idle CPU cores in 7.8 minutes (16 points of 16-55 s
+each, compilation included; README "Scaling-law sweeps" says what its fit can
+and cannot show); "small" and "medium" are accelerator sizes.
 """
 
 from moejax.scaling.sweeps import scale_setup, schedule
