@@ -340,7 +340,7 @@ def test_tokenizers_round_trip_and_separate_documents():
 
 @pytest.mark.parametrize("overrides, message", [
     (dict(name="foo"), "config.data.name='foo' is not a known dataset; valid: "
-                       "synthetic_mixture or a TFDS text dataset"),
+                       "synthetic_mixture, python_stdlib or a TFDS text dataset"),
     (dict(manual_dir="/nonexistent/x"), "config.data.manual_dir='/nonexistent/x' does not exist"),
     (dict(tokenizer="wordpiece"), "config.data.tokenizer='wordpiece' is not a known tokenizer"),
     (dict(vocab_size=0), "config.data.vocab_size must be an integer >= "),

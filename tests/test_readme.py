@@ -19,6 +19,7 @@ from moejax import train as train_lib
 
 import host_devices  # tests/host_devices.py: the environment of N host devices
 import shared_data  # tests/shared_data.py
+from shared_data import SHAKESPEARE_DIR
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RUNS = {"/tmp/shakespeare": "shakespeare"}  # a README path -> the config that writes it

@@ -133,8 +133,8 @@ def _validate_tfds(config: dict[str, Any]) -> None:
     return
   if text.base_name(name) not in text.known_tfds_names():
     raise ValueError(f"config.data.name={name!r} is not a known dataset; valid: "
-                     f"{SYNTHETIC}, python_stdlib or a TFDS text dataset such as tiny_shakespeare, "
-                     "lm1b, c4")
+                     f"{SYNTHETIC}, python_stdlib or a TFDS text dataset such as "
+                     "tiny_shakespeare, lm1b, c4")
   tfds = text.import_tfds()
   try:
     builder = tfds.builder(name, data_dir=config["data_dir"])
