@@ -52,6 +52,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SHARED_DIR = os.path.join(os.path.dirname(_REPO), "shared", "data", "tiny_shakespeare")
 _COLUMNS = (("eval_loss", "eval loss"), ("max_violation_last_quarter", "MaxVio (last 25%)"),
             ("dropped_fraction", "dropped"), ("tokens_per_sec", "tokens/s"))
+# The corpus table's columns: the above, with the paired difference to dense second.
+_TABLE_COLUMNS = (_COLUMNS[0], ("vs_dense", "eval loss − dense (paired)"), *_COLUMNS[1:])
 
 # --workdir and --extra are the sweep runner's own flags (sweep.py defines them at import).
 _WORKDIR = sweep_lib._WORKDIR  # pylint: disable=protected-access
@@ -122,10 +124,12 @@ def _seed_dirs(workdir: str, corpus: str) -> list[str]:
 
 
 def table(workdir: str, corpora: Sequence[str]) -> list[dict]:
-  """Per corpus and router (the sweep's order): mean and std over finished seeds."""
+  """Per corpus and router (the sweep's order): mean and std over finished
+  seeds, and the eval loss minus dense's paired by seed (`vs_dense`: over the
+  seeds where both finished)."""
   rows = []
   for corpus in corpora:
-    per_router: dict[str, list[dict]] = {}
+    per_router: dict[str, dict[str, dict]] = {}  # router -> seed folder -> row
     for seed_dir in _seed_dirs(workdir, corpus):
       points = os.path.join(seed_dir, "points")
       for name in os.listdir(points) if os.path.isdir(points) else []:
@@ -133,24 +137,37 @@ def table(workdir: str, corpora: Sequence[str]) -> list[dict]:
         if os.path.exists(done):
           row = router_table.point_row(name, os.path.join(points, name))
           row["index"] = run_lib.read_json(done)["index"]
-          per_router.setdefault(name, []).append(row)
-    for name, seeds in sorted(per_router.items(), key=lambda item: item[1][0]["index"]):
+          per_router.setdefault(name, {})[seed_dir] = row
+    dense = per_router.get("dense", {})
+    for name, by_seed in sorted(per_router.items(),
+                                key=lambda item: next(iter(item[1].values()))["index"]):
+      seeds = list(by_seed.values())
       row = {"corpus": corpus, "router": name, "seeds": len(seeds)}
       for key, _ in _COLUMNS:
-        values = np.array([s[key] for s in seeds if s[key] is not None], np.float64)
-        row[key] = float(values.mean()) if values.size else None
-        row[f"{key}_std"] = float(compare_runs.sample_std(values)) if values.size else None
+        row.update(_mean_std(key, [s[key] for s in seeds]))
+      if name != "dense":
+        row.update(_mean_std("vs_dense", [r["eval_loss"] - dense[d]["eval_loss"]
+                                          for d, r in by_seed.items() if d in dense]))
+        row["vs_dense_seeds"] = sum(d in dense for d in by_seed)
       rows.append(row)
   return rows
 
 
+def _mean_std(key: str, values: Sequence[Optional[float]]) -> dict:
+  values = np.array([v for v in values if v is not None], np.float64)
+  return {key: float(values.mean()) if values.size else None,
+          f"{key}_std": float(compare_runs.sample_std(values)) if values.size else None}
+
+
 def _cell(row: dict, key: str) -> str:
   """mean ± std over seeds; the mean alone for one seed."""
-  if row[key] is None:
+  if row.get(key) is None:
     return "—"
   digits = 0 if key == "tokens_per_sec" else 3
-  spread = f" ± {row[f'{key}_std']:.{digits}f}" if row["seeds"] > 1 else ""
-  return f"{row[key]:.{digits}f}{spread}"
+  seeds = row["vs_dense_seeds"] if key == "vs_dense" else row["seeds"]
+  spread = f" ± {row[f'{key}_std']:.{digits}f}" if seeds > 1 else ""
+  sign = "+" if key == "vs_dense" else ""
+  return f"{row[key]:{sign}.{digits}f}{spread}"
 
 
 def loss_table(rows: Sequence[dict]) -> str:
@@ -166,13 +183,13 @@ def loss_table(rows: Sequence[dict]) -> str:
 
 
 def corpus_table(rows: Sequence[dict], corpus: str) -> str:
-  """One corpus: every column of `_COLUMNS`, mean ± std over seeds (Markdown)."""
-  lines = ["| router | seeds | " + " | ".join(title for _, title in _COLUMNS) + " |",
-           "| --- | --- |" + " --- |" * len(_COLUMNS)]
+  """One corpus: every column of `_TABLE_COLUMNS`, mean ± std over seeds (Markdown)."""
+  lines = ["| router | seeds | " + " | ".join(title for _, title in _TABLE_COLUMNS) + " |",
+           "| --- | --- |" + " --- |" * len(_TABLE_COLUMNS)]
   for row in rows:
     if row["corpus"] == corpus:
       lines.append(f"| {row['router']} | {row['seeds']} | "
-                   + " | ".join(_cell(row, key) for key, _ in _COLUMNS) + " |")
+                   + " | ".join(_cell(row, key) for key, _ in _TABLE_COLUMNS) + " |")
   return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,14 @@ def test_one_command_trains_every_corpus_and_seed_and_tabulates(tmp_path):
       (c, r, 2) for c in options.corpora for r in ("dense", "hash")]
   for row in rows:  # two seeds train differently: a spread, and a mean between them
     assert row["eval_loss"] > 0 and row["eval_loss_std"] > 0
+  by_key = {(r["corpus"], r["router"]): r for r in rows}
+  for corpus in options.corpora:  # hash minus dense, paired by seed
+    diffs = [json.loads((tmp_path / corpus / f"seed{s}" / "points" / r / "done.json"
+                         ).read_text())["eval_loss"] for s in (0, 1) for r in ("hash", "dense")]
+    paired = [diffs[0] - diffs[1], diffs[2] - diffs[3]]
+    assert by_key[(corpus, "hash")]["vs_dense"] == pytest.approx(sum(paired) / 2)
+    assert by_key[(corpus, "hash")]["vs_dense_seeds"] == 2
+    assert "vs_dense" not in by_key[(corpus, "dense")]
   stdlib = json.loads((tmp_path / "python_stdlib" / "seed0" / "points" / "dense"
                        / "config.json").read_text())["data"]
   assert stdlib["name"] == "python_stdlib" and stdlib["tokenizer"] == "byte"

@@ -88,6 +88,9 @@ def test_readme_router_table_is_the_measured_one():
   readme = (REPO / "README.md").read_text()
   assert compare_routers.loss_table(rows) in readme
   assert compare_routers.corpus_table(rows, "tiny_shakespeare") in readme
+  longer = json.loads((REPO / "experiments" / "results" / "routers_1500_steps"
+                       / "router_table.json").read_text())
+  assert compare_routers.corpus_table(longer, "tiny_shakespeare") in readme
   assert {row["seeds"] for row in rows} == {3}
   assert {row["corpus"] for row in rows} == {"tiny_shakespeare", "python_stdlib",
                                              "synthetic_mixture"}
