@@ -32,6 +32,8 @@ from typing import Optional
 from absl import app
 from absl import flags
 
+from experiments import compare_runs
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _README = os.path.join(_REPO, "README.md")
 _SHARED_DIR = os.path.join(os.path.dirname(_REPO), "shared", "data", "tiny_shakespeare")
@@ -116,8 +118,12 @@ def run_all(workdir: str, shakespeare_dir: str) -> dict:
 
 
 def _records(run_dir: str) -> list[dict]:
-  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """metrics.jsonl's records (compare_runs' reader); a damaged line is an error."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  records, bad = compare_runs.read_metrics(path)
+  if bad:
+    raise ValueError(f"{path}: line {bad[0][0]} is {bad[0][1]}")
+  return records
 
 
 def _series(records: list[dict], key: str) -> list[tuple[int, float]]:
