@@ -54,10 +54,16 @@ setuptools.setup(
         # Pallas grouped-matmul kernels of dropless. Optional: it needs jax>=0.9.2
         # and pins typeguard==2.13.3.
         "tokamax": ["tokamax"],
+        # python -m moejax.aot: the XLA:TPU compiler (libtpu, 0.7 GB) and the
+        # XLA:GPU one (the CUDA plugin without CUDA libraries, 0.2 GB), to compile
+        # for TPU and GPU topologies on a host without them. Both must match the
+        # installed jax version.
+        "aot": ["jax[tpu]", "jax-cuda12-plugin"],
         # nbclient/ipykernel: tests/test_colabs.py executes the notebooks;
-        # tokamax: tests/test_grouped_matmul.py checks its kernels (XLA on CPU).
-        # tfds: tests/test_data.py compares the TFDS build with moejax's reader.
+        # tokamax: tests/test_grouped_matmul.py checks its kernels (XLA on CPU);
+        # jax[tpu] (libtpu): tests/test_aot.py compiles for a TPU topology (the
+        # CUDA plugin is left out: it logs to stderr at every jax import).
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "tokamax",
-                 *TFDS],
+                 "jax[tpu]", *TFDS],
     },
 )

@@ -59,6 +59,9 @@ _DROPLESS_BLOCK = flags.DEFINE_list(
     "matmul (for grouped_matmul=auto: 1 = jax.lax.ragged_dot, larger = the blocked loop; "
     "for xla/tokamax only the padding of each expert's rows changes); default: the "
     "grouped matmul's own (`dispatch.dropless.default_block_size`).")
+_FORCE_BALANCE = flags.DEFINE_bool(
+    "force_balance", False, "Every expert gets the same load (config.model.moe.force_balance):"
+    " times the kernels without routing skew.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Profile the gather layer's parts.")
 _EINSUM_MAX_EXPERTS = flags.DEFINE_integer(
     "einsum_max_experts", 64, "Skip einsum above this E (its cost is O(T*E*C*D)).")
@@ -214,7 +217,8 @@ def main(argv):
         options = {} if grouped_matmul is None else {"grouped_matmul": grouped_matmul}
         layer = MoELayer(num_experts=num_experts, top_k=top_k, router="topk",
                          capacity_factor=capacity_factor, dispatch=dispatch,
-                         rngs=nnx.Rngs(0), **options, **common)
+                         force_balance=_FORCE_BALANCE.value, rngs=nnx.Rngs(0), **options,
+                         **common)
         seconds = _time_layer(layer, x, _REPEATS.value,
                               f"{dispatch} E={num_experts} k={top_k}")
         if _BREAKDOWN.value and dispatch == "gather":
@@ -227,6 +231,7 @@ def main(argv):
                 flush=True)
         result = {"layer": "moe", "dispatch": dispatch, "num_experts": num_experts,
                   "top_k": top_k, "capacity_factor": capacity_factor,
+                  "force_balance": _FORCE_BALANCE.value,
                   "seconds": round(seconds, 5),
                   "ratio_to_dense": round(seconds / dense_seconds[top_k], 3)}
         if grouped_matmul is not None:  # the implementation that ran ("auto" resolved)

@@ -266,7 +266,7 @@ def _device_mesh(config, mesh: str, batch_size: int) -> jax.sharding.Mesh:
   mesh_only = ml_collections.ConfigDict(config.to_dict())
   mesh_only.mesh.update(sizes)
   resolved = parallel.validate_mesh_config(sizes, num_devices=jax.device_count())
-  mesh_only.train.batch_size = resolved["data"] * resolved["expert"]
+  mesh_only.train.batch_size = parallel.mesh.batch_shards(resolved)
   return model_lib.make_mesh(mesh_only, training=False)
 
 

@@ -17,9 +17,7 @@ are off unless --verbosity is given (--verbosity=0 shows them).
 """
 
 import os
-import re
 import sys
-from typing import Optional
 
 from absl import app
 from absl import flags
@@ -72,51 +70,7 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # auto-detects TPU pods and SLURM
 
 
-def _config_file_arg(argv: list[str]) -> str:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1]
-  return "?"
-
-
-def _unknown_override(argv: list[str]) -> Optional[str]:
-  """The first --config.KEY override that names no key of the config."""
-  known = config_lib.key_paths(config_lib.default_config())
-  sections = {path.rsplit(".", i)[0] for path in known for i in range(1, path.count("."))}
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      key = "config." + arg[len("--config."):].split("=", 1)[0]
-      if key not in known and key not in sections:
-        return config_lib.unknown_key_message(key, known)
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad --config file or override exits 1 with one line."""
-  try:
-    remaining = flags.FLAGS(argv)
-    # ml_collections defers a config file that failed to load to its first use.
-    _ = _CONFIG.value.keys()
-    return remaining
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError) as e:
-    message = _unknown_override(argv) or f"a --config override is invalid ({e})"
-  except SyntaxError as e:
-    message = (f"--config={_config_file_arg(argv)}: syntax error at line {e.lineno}: "
-               f"{e.msg}")
-  except OSError as e:
-    found = re.search(r"\[Errno \d+\] ([^:\n]+)", str(e))
-    reason = found.group(1) if found else "not found or not readable"
-    message = f"--config={_config_file_arg(argv)}: cannot load the config file ({reason})"
-  except Exception as e:  # pylint: disable=broad-except
-    # The config file itself raised (a NameError in get_config, ...).
-    message = (f"--config={_config_file_arg(argv)}: loading the config file failed: "
-               f"{type(e).__name__}: {e}")
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+parse_flags = config_lib.flags_parser(_CONFIG)
 
 
 def main(argv):

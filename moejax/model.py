@@ -110,10 +110,10 @@ def make_mesh(config: ml_collections.ConfigDict,
       config.mesh, num_devices=len(devices),
       num_experts=moe.num_experts * moe.granularity if routed else None,
       num_heads=model.num_heads, expert_hidden=moe.expert_hidden // moe.granularity)
-  batch_shards = sizes["data"] * sizes["expert"]
+  batch_shards = parallel.mesh.batch_shards(sizes)
   if config.train.batch_size % batch_shards:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
-                     f"by config.mesh.data * config.mesh.expert = {batch_shards}")
+                     f"by {parallel.mesh.batch_shards_name(sizes)} = {batch_shards}")
   if training and routed:
     parallel.check_routing_groups(sizes, moe, config.train)
   return parallel.make_mesh(config.mesh, devices=devices)
@@ -132,11 +132,11 @@ def _reader_sizes(config, batch_size: int, num_devices: int) -> Optional[dict[st
   rest = num_devices // data
   moe = config.model.moe
   if config.model.num_heads % rest == 0 and (moe.expert_hidden // moe.granularity) % rest == 0:
-    return {"data": data, "expert": 1, "model": rest}
+    return {"data": data, "fsdp": 1, "expert": 1, "model": rest}
   if (routing.get_router(moe.router).routed
       and (moe.num_experts * moe.granularity) % rest == 0
       and batch_size % num_devices == 0):  # the batch splits over expert too
-    return {"data": data, "expert": rest, "model": 1}
+    return {"data": data, "fsdp": 1, "expert": rest, "model": 1}
   return None
 
 

@@ -15,6 +15,10 @@ process, removed at its end) that every xdist worker and every subprocess
 inherits through JAX_COMPILATION_CACHE_DIR, so a program compiled once loads
 from disk afterwards. Entries are keyed by the program, jax/XLA versions and
 flags, and device layout, so results are those of a fresh compile.
+
+The test install has libtpu (tests/test_aot.py compiles for a TPU topology);
+jax would try to start a TPU backend at every import, and log its failure, so
+the run and its subprocesses compute on CPU (JAX_PLATFORMS=cpu unless set).
 """
 
 import os
@@ -31,6 +35,7 @@ _QUICK_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def pytest_configure(config):
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   flags = os.environ.get("XLA_FLAGS", "")
   if not hasattr(config, "workerinput") and "xla_backend_optimization_level" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {_QUICK_COMPILE}".strip()

@@ -40,7 +40,9 @@ NUM_EXPERTS, D_MODEL, HIDDEN, BATCH, LENGTH = 8, 12, 16, 8, 16
 
 
 def mesh_config(shape):
-  return dict(zip(parallel.AXES, shape))
+  """(data, expert, model) or (data, fsdp, expert, model) -> config.mesh."""
+  names = parallel.AXES if len(shape) == 4 else ("data", "expert", "model")
+  return dict(zip(names, shape))
 
 
 def max_rel_error(a, b) -> float:

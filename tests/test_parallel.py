@@ -27,7 +27,7 @@ import host_devices  # noqa: E402
 import parallel_worker  # noqa: E402  (the case names; it runs in the subprocess)
 
 WORKER = os.path.join(os.path.dirname(__file__), "parallel_worker.py")
-MESH_2x4x2 = AbstractMesh((2, 4, 2), parallel.AXES)
+MESH_2x4x2 = AbstractMesh((2, 1, 4, 2), parallel.AXES)  # data, fsdp, expert, model
 
 
 def mesh(data=-1, expert=1, model=1):
@@ -46,7 +46,7 @@ def mesh(data=-1, expert=1, model=1):
 def test_validate_mesh_config_resolves(config, devices, expected):
   sizes = parallel.validate_mesh_config(config, num_devices=devices, num_experts=8,
                                         num_heads=4, expert_hidden=16)
-  assert sizes == dict(zip(parallel.AXES, expected))
+  assert sizes == {"fsdp": 1, **dict(zip(("data", "expert", "model"), expected))}
 
 
 @pytest.mark.parametrize("config,kwargs,message", [
@@ -94,7 +94,7 @@ def test_check_routing_groups(sizes, batch_size, group_by, message):
   config = _lm1b()
   config.train.batch_size = batch_size
   config.model.moe.group_by = group_by
-  sizes = {"data": sizes[0], "expert": sizes[1], "model": 1}
+  sizes = {"data": sizes[0], "fsdp": 1, "expert": sizes[1], "model": 1}
   if message is None:
     parallel.check_routing_groups(sizes, config.model.moe, config.train)
     return
@@ -108,7 +108,7 @@ def test_check_routing_groups(sizes, batch_size, group_by, message):
 def test_make_mesh_and_activate(axis_types, expected):
   mesh_ = parallel.make_mesh(mesh(), axis_types=axis_types)
   assert mesh_.axis_names == parallel.AXES
-  assert dict(mesh_.shape) == {"data": 1, "expert": 1, "model": 1}
+  assert dict(mesh_.shape) == {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
   assert set(mesh_.axis_types) == {expected}
   assert parallel.current_mesh() is None
   with parallel.activate(mesh_):
@@ -137,14 +137,14 @@ def chex_tree_close(a, b):
 # --- sharding rules -----------------------------------------------------------
 
 def test_logical_rules_map_to_mesh_axes():
-  assert parallel.LOGICAL_RULES["batch"] == ("data", "expert")
+  assert parallel.LOGICAL_RULES["batch"] == ("data", "fsdp", "expert")
   spec = lambda *axes: parallel.logical_to_spec(axes, MESH_2x4x2)
   assert spec("expert", "embed", "mlp") == P("expert", None, "model")
   assert spec("embed", "qkv", "heads", "head_dim") == P(None, None, "model", None)
   assert spec("vocab", "embed") == P(None, None)
   assert spec("batch") == P(("data", "expert"))
   # Axes of size 1 are dropped: splitting over one device is replicating.
-  one_model = AbstractMesh((2, 4, 1), parallel.AXES)
+  one_model = AbstractMesh((2, 1, 4, 1), parallel.AXES)
   assert parallel.logical_to_spec(("expert", "embed", "mlp"), one_model) == P(
       "expert", None, None)
   with pytest.raises(ValueError, match="unknown logical axis 'hidden'"):

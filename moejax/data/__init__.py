@@ -8,15 +8,15 @@
 """
 
 from moejax.data.base import Batch, Dataset, StepIterator
-from moejax.data.pipeline import (DEFAULTS, SYNTHETIC, default_config, make_dataset,
-                                  validate_data_config)
+from moejax.data.pipeline import (DEFAULTS, SYNTHETIC, batch_spec, default_config,
+                                  make_dataset, validate_data_config, vocab_size)
 from moejax.data.synthetic import MarkovMixture, SyntheticMixtureDataset
 from moejax.data.text import TextDataset
 from moejax.data.tokenizers import (TOKENIZERS, ByteTokenizer, SentencePieceTokenizer,
                                     train_sentencepiece)
 
 __all__ = [
-    "Batch", "ByteTokenizer", "DEFAULTS", "Dataset", "MarkovMixture", "SYNTHETIC",
+    "Batch", "ByteTokenizer", "DEFAULTS", "Dataset", "batch_spec", "vocab_size", "MarkovMixture", "SYNTHETIC",
     "SentencePieceTokenizer", "StepIterator", "SyntheticMixtureDataset", "TOKENIZERS",
     "TextDataset", "default_config", "make_dataset", "train_sentencepiece",
     "validate_data_config",

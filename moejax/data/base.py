@@ -49,6 +49,19 @@ def lm_batch(windows: np.ndarray, weights: Optional[np.ndarray] = None) -> Batch
           "weights": np.asarray(weights, np.float32)}
 
 
+def batch_spec(global_batch_size: int, seq_len: int, sharding: Any = None
+               ) -> dict[str, Any]:
+  """The shapes, dtypes and layout of a global training batch (`lm_batch`'s
+  fields), with nothing read or allocated: what a step is lowered with ahead
+  of time (`moejax.aot`). `sharding` (e.g. `parallel.batch_sharding(mesh)`)
+  lays every field out; None leaves the layout to the compiler."""
+  import jax  # pylint: disable=import-outside-toplevel (batches are numpy)
+  shape = (global_batch_size, seq_len)
+  return {"inputs": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding),
+          "targets": jax.ShapeDtypeStruct(shape, np.int32, sharding=sharding),
+          "weights": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)}
+
+
 class StepIterator:
   """Training batches from step `step` on; the whole state is the next step.
 

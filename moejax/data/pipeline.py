@@ -202,6 +202,29 @@ def validate_data_config(data_config: DataConfig) -> None:
   _validate_tfds(config)
 
 
+def vocab_size(data_config: DataConfig) -> int:
+  """The model's vocabulary size for `config.data`, without reading or
+  tokenizing anything: the byte tokenizer's 257, else `vocab_size` (the
+  synthetic vocabulary, or the SentencePiece model's size)."""
+  validate_data_config(data_config)
+  config = _resolved(data_config)
+  if config["name"] != SYNTHETIC and config["tokenizer"] == "byte":
+    return tokenizers.ByteTokenizer.vocab_size
+  return int(config["vocab_size"])
+
+
+def batch_spec(data_config: DataConfig, *, seq_len: int, global_batch_size: int,
+               sharding: Any = None) -> dict[str, Any]:
+  """The global training batch of `config.data` as `jax.ShapeDtypeStruct`s
+  (`base.batch_spec`, plus synthetic_mixture's "domain" <int32>[B]): what
+  `make_dataset(...).train_iterator()` yields, with nothing read."""
+  spec = base.batch_spec(global_batch_size, seq_len, sharding)
+  if _resolved(data_config)["name"] == SYNTHETIC:
+    import jax  # pylint: disable=import-outside-toplevel (batches are numpy)
+    spec["domain"] = jax.ShapeDtypeStruct((global_batch_size,), "int32", sharding=sharding)
+  return spec
+
+
 def make_dataset(data_config: DataConfig, *, seq_len: int, global_batch_size: int,
                  seed: int, process_index: int = 0, process_count: int = 1,
                  cache_dir: Optional[str] = None) -> base.Dataset:

@@ -66,7 +66,8 @@ def tokamax_module():
 
 
 def resolve_grouped_matmul(name: str) -> str:
-  """The implementation `name` runs on the default backend ("auto" resolved).
+  """The implementation `name` runs on the ambient mesh's platform ("auto"
+  resolved; `parallel.mesh.platform`: the default backend without a mesh).
 
   "auto" is "blocked" on CPU (XLA:CPU's ragged_dot costs ~34x a dense matmul,
   see DESIGN.md) and a ragged kernel on GPU/TPU: tokamax's when it imports,
@@ -75,7 +76,9 @@ def resolve_grouped_matmul(name: str) -> str:
   check_grouped_matmul(name)
   if name != "auto":
     return name
-  if jax.default_backend() == "cpu":
+  # moejax.parallel imports this module (collectives use vary_like).
+  from moejax.parallel.mesh import platform  # pylint: disable=import-outside-toplevel
+  if platform() == "cpu":
     return "blocked"
   return "xla" if isinstance(_import_tokamax(), ImportError) else "tokamax"
 

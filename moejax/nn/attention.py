@@ -13,6 +13,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec
 
+from moejax.parallel.rules import gather_fsdp
+
 
 def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:
   """The PartitionSpec in the type of `x` on a mesh with Explicit axes
@@ -46,11 +48,12 @@ def weight(param, dtype) -> jax.Array:
   storage differs. Kernels enter their matmul as this value, unsliced and
   unreshaped, so that qwix's interception (LoRA, PTQ: `moejax.train.lora`)
   recognises the parameter; a weight qwix has quantized (a `WithAux` in
-  place of the variable) passes through as is, for qwix to find.
+  place of the variable) passes through as is, for qwix to find. A weight
+  split over the "fsdp" mesh axis is gathered here, for this layer's use.
   """
   if not isinstance(param, nnx.Variable):
     return param
-  value = param[...]
+  value = gather_fsdp(param[...])
   return value if getattr(value, "dtype", dtype) == dtype else value.astype(dtype)
 
 

@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec
 
 from moejax import routing as routing_lib
 from moejax.nn.attention import CausalSelfAttention, explicit_spec
+from moejax.parallel.rules import gather_fsdp
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
 from moejax.nn.config import (COMPUTE_DTYPES, PARAM_DTYPES, REMAT_POLICIES, check_finite_above,
@@ -532,18 +533,21 @@ class TransformerLM(nnx.Module):
     """<int>[B, L] -> <float32>[B, L, D]."""
     # The gather [V, D][tokens] is laid out like the tokens (batch-sharded)
     # with D replicated; on an Explicit mesh its type must say so.
+    # A table split over "fsdp" is gathered for this use (`gather_fsdp`).
+    take = lambda table, ids: jnp.take(table, ids, axis=0)  # noqa: E731
     spec = explicit_spec(tokens)
-    x = self.embed(tokens, out_sharding=None if spec is None else PartitionSpec(*spec, None))
-    return x.astype(jnp.float32)
+    if spec is not None:
+      take = jax.sharding.auto_axes(take, out_sharding=PartitionSpec(*spec, None))
+    return take(gather_fsdp(self.embed.embedding[...]), tokens).astype(jnp.float32)
 
   def _logits(self, x: jax.Array) -> jax.Array:
     """<float32>[B, L, D] residual stream -> <float32>[B, L, V] logits."""
     batch, length, _ = x.shape
     hidden = self.final_norm(x).reshape(batch * length, self.d_model).astype(self.dtype)
     if self.tie_embeddings:
-      kernel = self.embed.embedding[...].astype(self.dtype).T  # [D, V]
+      kernel = gather_fsdp(self.embed.embedding[...]).astype(self.dtype).T  # [D, V]
     else:
-      kernel = self.output_kernel[...].astype(self.dtype)
+      kernel = gather_fsdp(self.output_kernel[...]).astype(self.dtype)
     # 2-D [B*L, D] x [D, V] dot, accumulated and returned in float32.
     logits = jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)
     return logits.reshape(batch, length, self.vocab_size)

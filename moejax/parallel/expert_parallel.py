@@ -62,7 +62,7 @@ from moejax.dispatch import permute
 from moejax.dispatch.grouped_matmul import vary_like
 from moejax.parallel import collectives
 from moejax.parallel import rules
-from moejax.parallel.mesh import current_mesh
+from moejax.parallel.mesh import current_mesh, platform
 from moejax.routing import Routing
 
 # Values of `dropless_exchange` (see the module docstring); "auto" picks one.
@@ -71,11 +71,12 @@ EXCHANGES = DROPLESS_EXCHANGES[1:]
 
 
 def resolve_exchange(name: str) -> str:
-  """"auto" -> "ragged" where XLA implements ragged_all_to_all, else "padded"."""
+  """"auto" -> "ragged" where XLA implements ragged_all_to_all (the ambient
+  mesh's platform is GPU or TPU, `mesh.platform`), else "padded"."""
   if name not in DROPLESS_EXCHANGES:
     raise ValueError(f"unknown dropless_exchange {name!r}; valid: {list(DROPLESS_EXCHANGES)}")
   if name == "auto":
-    return "ragged" if jax.default_backend() in ("gpu", "tpu") else "padded"
+    return "ragged" if platform() in ("gpu", "tpu") else "padded"
   return name
 
 

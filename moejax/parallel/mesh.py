@@ -1,9 +1,11 @@
 """Device meshes from `config.mesh`, and the ambient mesh the layers read.
 
-A mesh has the three axes of `AXES`: "data" (batch), "expert" (routed experts,
-and a second batch axis for everything else) and "model" (attention heads and
-expert hidden units). `config.mesh` gives their sizes; -1 fills the devices
-left over by the other two.
+A mesh has the four axes of `AXES`: "data" (batch), "fsdp" (batch, and the
+parameters and optimizer state split along their model width, gathered for
+each layer's use: ZeRO-3 / FSDP), "expert" (routed experts, and a further batch
+axis for everything else) and "model" (attention heads and expert hidden
+units). `config.mesh` gives their sizes (fsdp 1 when absent); -1 fills the
+devices left over by the others.
 
 The one mechanism for layers to find the mesh is JAX's *ambient* mesh: the
 trainer enters `activate(mesh)` (which is `jax.set_mesh(mesh)`), and
@@ -18,11 +20,15 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import jax
 from jax.sharding import AxisType
 
-AXES = ("data", "expert", "model")
+AXES = ("data", "fsdp", "expert", "model")
+# Axes a config may leave out (recorded by an older moejax), and their size.
+OPTIONAL_AXES = {"fsdp": 1}
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 
 
 def _get(mesh_config: Any, key: str) -> Any:
+  if key in OPTIONAL_AXES and key not in _keys(mesh_config):
+    return OPTIONAL_AXES[key]
   if isinstance(mesh_config, Mapping):
     return mesh_config[key]
   return getattr(mesh_config, key)
@@ -43,6 +49,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
   Args:
     mesh_config: a mapping (dict or ConfigDict) with the integer keys of
       `AXES`; -1 (at most one) means "the devices left over".
+      "fsdp" may be absent (1).
     num_devices: devices the mesh must cover exactly.
     num_experts: routed experts after granularity (E), or None (no check).
     num_heads: attention heads (N), or None.
@@ -51,7 +58,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
       it, so they divide too.
 
   Returns:
-    {"data": ..., "expert": ..., "model": ...} with -1 resolved.
+    {"data": ..., "fsdp": ..., "expert": ..., "model": ...} with -1 resolved.
 
   Raises:
     ValueError naming the config keys involved.
@@ -70,11 +77,13 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
   if len(fill) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got "
                      f"{', '.join(f'config.mesh.{axis}' for axis in fill)}")
-  formula = "*".join(AXES)
+  # Messages name fsdp only where it is used (size != 1).
+  shown = [axis for axis in AXES if axis not in OPTIONAL_AXES or sizes[axis] != 1]
+  formula = "*".join(shown)
   if fill:
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if num_devices % fixed:
-      others = [axis for axis in AXES if axis != fill[0]]
+      others = [axis for axis in shown if axis != fill[0]]
       raise ValueError(
           f"config.mesh: the {num_devices} devices are not divisible by "
           f"{'*'.join(others)} = {'*'.join(str(sizes[a]) for a in others)} = {fixed} "
@@ -83,7 +92,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
   total = math.prod(sizes.values())
   if total != num_devices:
     raise ValueError(f"config.mesh: {formula} = "
-                     f"{'*'.join(str(sizes[a]) for a in AXES)} = {total} does not match "
+                     f"{'*'.join(str(sizes[a]) for a in shown)} = {total} does not match "
                      f"the {num_devices} devices")
   _check_model_divides(sizes, num_experts=num_experts, num_heads=num_heads,
                        expert_hidden=expert_hidden)
@@ -104,6 +113,18 @@ def _check_model_divides(sizes: Mapping[str, int], **widths: Optional[int]) -> N
                        f"{sizes[axis]}")
 
 
+def batch_shards(sizes: Mapping[str, int]) -> int:
+  """Devices a batch is split over (`rules.LOGICAL_RULES["batch"]`): data *
+  fsdp * expert of resolved `sizes`."""
+  return sizes["data"] * sizes.get("fsdp", 1) * sizes["expert"]
+
+
+def batch_shards_name(sizes: Mapping[str, int]) -> str:
+  """The config keys of `batch_shards`, for messages (fsdp where used)."""
+  axes = ("data", "fsdp", "expert") if sizes.get("fsdp", 1) != 1 else ("data", "expert")
+  return " * ".join(f"config.mesh.{axis}" for axis in axes)
+
+
 def check_routing_groups(sizes: Mapping[str, int], moe: Any, train: Any) -> None:
   """ValueError, one line naming the keys, when the routing groups of a
   training batch do not split over the batch devices (`sizes`, as
@@ -116,7 +137,7 @@ def check_routing_groups(sizes: Mapping[str, int], moe: Any, train: Any) -> None
   groups; groups at one position (group_by="batch") when the seq_len *
   batch_size / group_size groups divide over the shards.
   """
-  shards = sizes["data"] * sizes["expert"]
+  shards = batch_shards(sizes)
   batch, length = train.batch_size, train.seq_len
   if moe.group_by == "batch":
     groups = length * (batch // (moe.group_size or batch))
@@ -127,8 +148,7 @@ def check_routing_groups(sizes: Mapping[str, int], moe: Any, train: Any) -> None
         f"config.model.moe.group_size={moe.group_size} (group_by={moe.group_by!r}) makes "
         f"{groups} routing groups of config.train.batch_size={batch} x "
         f"config.train.seq_len={length} tokens, which do not split over "
-        f"config.mesh.data * config.mesh.expert = {shards} devices (a group never spans "
-        f"devices)")
+        f"{batch_shards_name(sizes)} = {shards} devices (a group never spans devices)")
 
 
 def _axis_type(axis_types: Any) -> AxisType:
@@ -187,3 +207,18 @@ def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
   """The ambient mesh (see `activate`), or None when none is set."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty else mesh
+
+
+def platform() -> str:
+  """"cpu", "gpu" or "tpu": the platform of the ambient mesh's devices, inside
+  jit too, else (no mesh) of the default backend.
+
+  Every "auto" choice that depends on the hardware (the grouped matmul, the
+  dropless exchange) asks this, so a step traced on a mesh of compile-only TPU
+  or GPU devices (`moejax.aot`) gets the kernels and collectives of that
+  hardware, not those of the host that compiles it.
+  """
+  mesh = current_mesh()
+  device = getattr(mesh, "abstract_device", None)
+  name = getattr(device, "platform", None) or jax.default_backend()
+  return "gpu" if name in ("cuda", "rocm") else name

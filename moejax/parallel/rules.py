@@ -27,11 +27,11 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     # Activations: a batch row (and a routing group) lives on one device of
     # every (data, expert) pair; the "expert" axis doubles as a batch axis for
     # everything but the routed experts (GShard, Lepikhin et al. 2020, §3.2).
-    "batch": ("data", "expert"),
+    "batch": ("data", "fsdp", "expert"),
     "expert": "expert",   # routed experts [E, ...]
     "mlp": "model",       # hidden units of experts and dense FFNs
     "heads": "model",     # attention heads (Megatron-LM, Shoeybi et al. 2019)
-    "embed": None,
+    "embed": None,        # activations; parameters split it over "fsdp" (`param_spec`)
     "vocab": None,
     "head_dim": None,
     "qkv": None,
@@ -176,14 +176,60 @@ def param_logical_axes(params_state: Any) -> Any:
   return jax.tree_util.tree_map_with_path(_leaf_axes, params_state, is_leaf=_is_param)
 
 
+# The mesh axis that splits parameters and optimizer state (FSDP / ZeRO-3).
+FSDP_AXIS = "fsdp"
+
+
+def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
+               mesh: Any) -> PartitionSpec:
+  """PartitionSpec of a parameter: `logical_to_spec` of its axes, plus, on a
+  mesh whose "fsdp" axis has size > 1, its "embed" (model width) dimension
+  split over "fsdp" when the parameter has rank >= 2 and the width divides
+  (MaxText's FSDP rule). Vectors (norm scales, router biases) stay whole. A
+  layer gathers such a weight before its matmul (`gather_fsdp`), and its
+  gradient is reduce-scattered back: per-device parameter and optimizer bytes
+  fall by the fsdp size, traded for one all-gather per weight and step.
+  """
+  spec = logical_to_spec(logical_axes, mesh)
+  fsdp = mesh.shape.get(FSDP_AXIS, 1) if mesh is not None else 1
+  if fsdp == 1 or len(shape) < 2 or "embed" not in logical_axes:
+    return spec
+  dim = list(logical_axes).index("embed")
+  if shape[dim] % fsdp:
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  entries[dim] = FSDP_AXIS
+  return PartitionSpec(*entries)
+
+
+def gather_fsdp(x: jax.Array) -> jax.Array:
+  """`x` with its "fsdp" split undone (an all-gather; its transpose, in the
+  backward pass, a reduce-scatter). A no-op unless `x` is typed as split over
+  "fsdp" on an Explicit mesh; on an Auto mesh GSPMD inserts the gather itself."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  if spec is None or not any(FSDP_AXIS in _entry_axes(e) for e in spec):
+    return x
+  kept = [tuple(a for a in _entry_axes(e) if a != FSDP_AXIS) for e in spec]
+  return jax.sharding.reshard(
+      x, PartitionSpec(*[None if not a else a[0] if len(a) == 1 else a for a in kept]))
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def param_shardings(params_state: Any, mesh: jax.sharding.Mesh) -> Any:
-  """NamedSharding of every parameter on `mesh`, via `LOGICAL_RULES`.
+  """NamedSharding of every parameter on `mesh`, via `LOGICAL_RULES` (and the
+  fsdp split of `param_spec`).
 
   Returns the structure of `params_state` with a NamedSharding in place of
   each parameter (a valid `jax.device_put` / `out_shardings` prefix tree).
   """
   def sharding(path, leaf):
-    return NamedSharding(mesh, logical_to_spec(_leaf_axes(path, leaf), mesh))
+    return NamedSharding(mesh, param_spec(_leaf_axes(path, leaf),
+                                          tuple(getattr(leaf, "shape", ())), mesh))
   return jax.tree_util.tree_map_with_path(sharding, params_state, is_leaf=_is_param)
 
 

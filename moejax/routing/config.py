@@ -71,6 +71,14 @@ class MoEConfig:
       in training (Switch Transformer §2.4).
     sinkhorn_iterations: Sinkhorn rounds of router="sinkhorn".
     hash_seed: seed of router="hash"'s token-id -> expert map.
+    force_balance: a benchmark mode, never for quality: token-choice routers
+      still compute their scores, but token s of each group is sent to
+      experts (s K + j) mod E, j < K, so every expert gets the same load
+      (exactly, when E divides S K): step and layer timings then measure the
+      kernels and collectives, not routing skew (MaxText's
+      `use_random_routing`, Megatron-Core's
+      `moe_router_force_load_balancing`). The weights are the router's
+      scores at those experts, so gradients still flow.
   """
 
   num_experts: int = 8
@@ -104,6 +112,7 @@ class MoEConfig:
   expert_dropout: float = 0.0
   sinkhorn_iterations: int = 8
   hash_seed: int = 0
+  force_balance: bool = False
 
   @classmethod
   def from_mapping(cls, options: Mapping[str, Any]) -> "MoEConfig":

@@ -103,11 +103,22 @@ def validate(cfg: MoEConfig) -> None:
   cls = get_router(cfg.router)
   validate_common(cfg)
   cls.validate(cfg)
+  if cfg.force_balance and (not issubclass(cls, TokenChoiceRouter) or cls.uses_token_ids):
+    raise ValueError(f"force_balance applies to the learned token-choice routers "
+                     f"({', '.join(learned_token_choice())}); router={cfg.router!r} "
+                     f"assigns its own way (expert choice and Soft MoE are balanced by "
+                     f"construction)")
   if cls.routed:
     dispatch = resolve_dispatch(cfg)
     if dispatch not in cls.dispatchers:
       raise ValueError(f"router={cfg.router!r} supports dispatch {list(cls.dispatchers)}, "
                        f"got dispatch={cfg.dispatch!r}")
+
+
+def learned_token_choice() -> list[str]:
+  """Registered routers that select top-K on learned scores (`force_balance`)."""
+  return [name for name, cls in sorted(ROUTERS.items())
+          if issubclass(cls, TokenChoiceRouter) and not cls.uses_token_ids]
 
 
 def resolve_dispatch(cfg: MoEConfig) -> str:
@@ -376,6 +387,8 @@ class TokenChoiceRouter(LogitRouter):
   def route_logits(cls, logits, cfg, ctx, bias=None):
     num_tokens = logits.shape[1]
     selection = cls.select(logits, cfg, ctx, bias)
+    if cfg.force_balance:
+      selection = balanced_selection(selection, cfg)
     routing = token_choice(
         selection.experts, selection.weights, selection.priority,
         num_experts=cfg.experts, capacity=cls.capacity(cfg, num_tokens, ctx.capacity_factor),
@@ -386,6 +399,24 @@ class TokenChoiceRouter(LogitRouter):
             metrics_lib.router_entropy(selection.scores, ctx.mask))})
     return _balancing_loss(routing, selection.scores,
                            _choices(selection.experts, cfg.experts), cfg, ctx)
+
+
+def balanced_selection(selection: scores_lib.Selection,
+                       cfg: MoEConfig) -> scores_lib.Selection:
+  """`cfg.force_balance`: token s of a group takes experts (s K + j) mod E,
+  j < K (distinct for K <= E; every expert gets S K / E tokens when E divides
+  S K), weighted by the router's scores there (renormalized and scaled as the
+  router's own weights)."""
+  num_groups, num_tokens, _ = selection.scores.shape
+  slots = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * cfg.k + jnp.arange(cfg.k)
+  experts = jnp.broadcast_to(slots % cfg.experts, (num_groups, num_tokens, cfg.k))
+  weights = jnp.take_along_axis(selection.scores, experts, axis=-1)
+  priority = weights[..., 0]
+  if cfg.renormalize_weights:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights * cfg.routed_scaling_factor
+  return selection._replace(experts=experts.astype(jnp.int32),
+                            weights=weights.astype(jnp.float32), priority=priority)
 
 
 class SwitchRouter(TokenChoiceRouter):

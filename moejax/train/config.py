@@ -8,7 +8,13 @@ offending key.
 
 import dataclasses
 import difflib
+import functools
 import math
+import re
+import sys
+from typing import Callable, Optional
+
+from absl import flags
 
 import ml_collections
 
@@ -97,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                   # -1 = all remaining devices
+  config.mesh.fsdp = 1                    # parameters + optimizer state split (FSDP)
   config.mesh.expert = 1
   config.mesh.model = 1
 
@@ -161,7 +168,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _check_init(config.init)
   ModelConfig.from_mapping(config.model)  # every config.model check, in one place
   _check_group_size(config)
-  for key in ("data", "expert", "model"):
+  for key in ("data", "fsdp", "expert", "model"):
     value = config.mesh[key]
     _require(_is_int(value) and (value == -1 or value > 0),
              f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
@@ -244,3 +251,56 @@ def _check_group_size(config: ml_collections.ConfigDict) -> None:
     _require(tokens % moe.group_size == 0,
              f"config.model.moe.group_size={moe.group_size} does not divide the {tokens} "
              f"tokens of a batch (config.train.batch_size x config.train.seq_len)")
+
+
+def _config_file_arg(argv: list[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "?"
+
+
+def _unknown_override(argv: list[str]) -> Optional[str]:
+  """The first --config.KEY override that names no key of the config."""
+  known = key_paths(default_config())
+  sections = {path.rsplit(".", i)[0] for path in known for i in range(1, path.count("."))}
+  for arg in argv[1:]:
+    if arg.startswith("--config."):
+      key = "config." + arg[len("--config."):].split("=", 1)[0]
+      if key not in known and key not in sections:
+        return unknown_key_message(key, known)
+  return None
+
+
+def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
+  """The absl `flags_parser` of a command with a `--config` file flag
+  (`config_flag`, from `config_flags.DEFINE_config_file`): a bad --config
+  file or override exits 1 with one line naming it."""
+  return functools.partial(_parse_flags, config_flag)
+
+
+def _parse_flags(config_flag, argv: list[str]) -> list[str]:
+  try:
+    remaining = flags.FLAGS(argv)
+    # ml_collections defers a config file that failed to load to its first use.
+    _ = config_flag.value.keys()
+    return remaining
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(argv) or f"a --config override is invalid ({e})"
+  except SyntaxError as e:
+    message = (f"--config={_config_file_arg(argv)}: syntax error at line {e.lineno}: "
+               f"{e.msg}")
+  except OSError as e:
+    found = re.search(r"\[Errno \d+\] ([^:\n]+)", str(e))
+    reason = found.group(1) if found else "not found or not readable"
+    message = f"--config={_config_file_arg(argv)}: cannot load the config file ({reason})"
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file itself raised (a NameError in get_config, ...).
+    message = (f"--config={_config_file_arg(argv)}: loading the config file failed: "
+               f"{type(e).__name__}: {e}")
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)

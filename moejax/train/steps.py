@@ -117,11 +117,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
 
   With `frozen` (a LoRA run, `moejax.train.lora`): `params` are the adapters
   only and `frozen` the rest of the model's state, which no step changes
-  (router state included: `after_step` does not run)."""
-  base_key = jax.random.key(seed)
-
+  (router state included: `after_step` does not run). The router-noise key
+  is made inside the step (no array exists before the step is traced), so
+  the step can be lowered for compile-only devices (`moejax.aot`)."""
   def train_step(params, frozen, opt_state, batch, step):
-    rng = jax.random.fold_in(base_key, step)
+    rng = jax.random.fold_in(jax.random.key(seed), step)
     (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(graphdef, params, batch, rng,
                                                                 frozen)
     updates, opt_state = tx.update(grads, opt_state, weights)
@@ -161,10 +161,8 @@ def make_health_check(graphdef, seed: int, frozen: Any = None):
   without training. Pass -inf when the entropy is unknown (alive = a gradient).
   The check costs one forward and backward pass per save (and one compilation).
   """
-  base_key = jax.random.key(seed)
-
   def health_check(params, frozen, opt_state, batch, step, unigram_entropy):
-    rng = jax.random.fold_in(base_key, step)
+    rng = jax.random.fold_in(jax.random.key(seed), step)
     (total, (ce, _)), grads, _, _ = _loss_and_grads(graphdef, params, batch, rng, frozen)
     grad_norm = optax.tree.norm(grads)
     finite = (_all_finite(params) & _all_finite(opt_state) & jnp.isfinite(total)
