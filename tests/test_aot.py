@@ -25,7 +25,10 @@ from moejax import parallel  # noqa: E402
 from moejax.nn import MoELayer  # noqa: E402
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
-HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+try:
+  HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+except ModuleNotFoundError:  # no jax_plugins namespace at all
+  HAS_CUDA_PLUGIN = False
 NO_LIBTPU = "libtpu is not installed (pip install -e '.[aot]' or '.[test]')"
 NO_CUDA = ("the CUDA compiler plugin is not installed (pip install -e '.[aot]'; the test "
            "install leaves it out)")
