@@ -42,7 +42,7 @@ It prints one JSON line:
 These are compiler figures and a bound, not measured step times.
 
 A step that does not fit exits 1 with one line: the bytes needed and
-available per device and the largest buffers. `--dump=DIR` writes the
+available per device and the largest arguments. `--dump=DIR` writes the
 optimized HLO of both steps there.
 """
 
@@ -104,7 +104,6 @@ from moejax.train import config as config_lib  # pylint: disable=wrong-import-po
 from moejax.train import evaluator as evaluator_lib  # pylint: disable=wrong-import-position
 from moejax.train import optim  # pylint: disable=wrong-import-position
 from moejax.train import steps as steps_lib  # pylint: disable=wrong-import-position
-from moejax.train import trainer  # pylint: disable=wrong-import-position
 
 GiB = 2**30
 COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-reduce", "all-gather",
@@ -218,16 +217,11 @@ def parse_topology(name: str) -> Topology:
     sizes = sorted(n * (2 if chip.megacore else 1) for n in shapes)
     raise AotError(f"--topology={name}: no {kind} slice of that size; valid sizes: "
                    f"{', '.join(f'{kind}-{n}' for n in sizes)}")
-  return Topology(name, chip, chips, max(1, chips // _chips_per_host(kind, chips)), kind)
-
-
-def _chips_per_host(kind: str, chips: int) -> int:
-  if CHIPS[kind].megacore:
-    return min(chips, 4)
-  return min(chips, 8 if chips <= 8 else 4)
+  return Topology(name, chip, chips, chips // math.prod(_host_bounds(kind, chips)), kind)
 
 
 def _host_bounds(kind: str, chips: int) -> tuple[int, int, int]:
+  """The chips of one host (Cloud TPU: 4 per host, 8 on single-host v5e/v6e)."""
   if CHIPS[kind].megacore or chips > 8:
     return (2, 2, 1) if chips >= 4 else (chips, 1, 1)
   return {1: (1, 1, 1), 4: (2, 2, 1), 8: (2, 4, 1)}[chips]
@@ -364,13 +358,6 @@ def roofline(chip: Chip, *, flops: float, bytes_accessed: Optional[float],
   return {**parts, "estimated_step_seconds": max(parts.values())}
 
 
-def _largest_from_error(text: str, limit: int = 3) -> list[str]:
-  """The largest allocations XLA lists in an out-of-memory message."""
-  found = re.findall(r"(?m)^\s*\d+\.\s*Size:\s*([\d.]+[KMGT]?i?B?).*?\n(?:.*\n){0,3}?"
-                     r"\s*Shape:\s*(\S+)", text)
-  return [f"{shape} ({size})" for size, shape in found[:limit]]
-
-
 def _largest_arguments(abstract_tree, limit: int = 3) -> list[str]:
   """The largest per-device arrays among a step's arguments."""
   sized = []
@@ -400,7 +387,14 @@ def _parse_oom(text: str) -> tuple[Optional[float], Optional[float]]:
           float(found.group(3)) * units[found.group(4)])
 
 
+def _does_not_fit(what: str, amount: str, topology: Topology, abstract_args) -> DoesNotFit:
+  largest = "; ".join(_largest_arguments(abstract_args))
+  return DoesNotFit(f"the {what} {amount} on {topology.name} ({topology.chip.name}); "
+                    f"largest arguments: {largest}")
+
+
 def _compile(lowered, what: str, topology: Topology, abstract_args) -> tuple[Any, float]:
+  """(compiled, seconds); DoesNotFit when XLA runs out of device memory."""
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -410,15 +404,41 @@ def _compile(lowered, what: str, topology: Topology, abstract_args) -> tuple[Any
       raise AotError(f"compiling the {what} for {topology.name} failed: "
                      f"{text.strip().splitlines()[0][:400]}") from None
     needed, available = _parse_oom(text)
-    listed = _largest_from_error(text)
-    largest = (f"largest buffers: {'; '.join(listed)}" if listed else
-               f"largest arguments: {'; '.join(_largest_arguments(abstract_args))}")
     kind = " of temporaries" if "temporaries" in text else ""
     amount = (f"needs {needed / GiB:.2f} GiB{kind} per device, {available / GiB:.2f} GiB "
               f"available" if needed else "does not fit in device memory")
-    raise DoesNotFit(f"the {what} {amount} on {topology.name} ({topology.chip.name}); "
-                     f"{largest}") from None
+    raise _does_not_fit(what, amount, topology, abstract_args) from None
   return compiled, time.perf_counter() - start
+
+
+def lower_steps(config, devices: list) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+  """(mesh, {"train step": lowered, "eval step": lowered}, abstract arguments)
+  of `config` on `devices`, built as `moejax.main` builds them, abstractly."""
+  train = config.train
+  vocab_size = data_lib.vocab_size(config.data)
+  model_lib.check(config, vocab_size)
+  mesh = model_lib.make_mesh(config, devices)
+  tx = optim.make_optimizer(train)
+  graphdef, params, opt_state = model_lib.abstract_state(config, vocab_size, mesh, tx)
+  batch = data_lib.batch_spec(config.data, seq_len=train.seq_len,
+                              global_batch_size=train.batch_size,
+                              sharding=parallel.batch_sharding(mesh))
+  with parallel.activate(mesh):
+    train_step = steps_lib.make_train_step(graphdef, tx, optim.learning_rate_schedule(train),
+                                           config.seed)
+    lowered = {
+        "train step": train_step.lower(params, opt_state, batch,
+                                       jax.ShapeDtypeStruct((), jnp.int32)),
+        "eval step": evaluator_lib.make_eval_step(graphdef).lower(params, batch)}
+  return mesh, lowered, {"params": params, "opt_state": opt_state}
+
+
+def _dump(dump_dir: str, topology: Topology, programs: dict[str, str]) -> None:
+  os.makedirs(dump_dir, exist_ok=True)
+  for what, program in programs.items():
+    name = what.replace(" ", "_")
+    with open(os.path.join(dump_dir, f"{name}.{topology.name}.hlo.txt"), "w") as f:
+      f.write(program)
 
 
 def compile_for(config, topology_name: str, *, num_slices: int = 1,
@@ -429,49 +449,36 @@ def compile_for(config, topology_name: str, *, num_slices: int = 1,
     raise AotError(f"--num_slices={num_slices} must be >= 1")
   topology = parse_topology(topology_name)
   devices = topology_devices(topology, num_slices)
-  train = config.train
-  vocab_size = data_lib.vocab_size(config.data)
-  model_lib.check(config, vocab_size)
-  mesh = model_lib.make_mesh(config, devices)
-  tx = optim.make_optimizer(train)
-  graphdef, params, opt_state = trainer.abstract_state(config, vocab_size, mesh, tx)
-  batch = data_lib.batch_spec(config.data, seq_len=train.seq_len,
-                              global_batch_size=train.batch_size,
-                              sharding=parallel.batch_sharding(mesh))
-  step = jax.ShapeDtypeStruct((), jnp.int32)
-  with parallel.activate(mesh):
-    train_step = steps_lib.make_train_step(graphdef, tx, optim.learning_rate_schedule(train),
-                                           config.seed)
-    lowered = train_step.lower(params, opt_state, batch, step)
-    eval_lowered = evaluator_lib.make_eval_step(graphdef).lower(params, batch)
-  compiled, compile_seconds = _compile(lowered, "train step", topology,
-                                       {"params": params, "opt_state": opt_state})
-  eval_compiled, eval_seconds = _compile(eval_lowered, "eval step", topology,
-                                         {"params": params})
+  mesh, lowered, arguments = lower_steps(config, devices)
+  compiled, compile_seconds = _compile(lowered["train step"], "train step", topology,
+                                       arguments)
+  eval_compiled, eval_seconds = _compile(lowered["eval step"], "eval step", topology,
+                                         {"params": arguments["params"]})
   hlo = compiled.as_text()
   if dump_dir:
-    os.makedirs(dump_dir, exist_ok=True)
-    for name, program in (("train_step", hlo), ("eval_step", eval_compiled.as_text())):
-      with open(os.path.join(dump_dir, f"{name}.{topology.name}.hlo.txt"), "w") as f:
-        f.write(program)
+    _dump(dump_dir, topology, {"train step": hlo, "eval step": eval_compiled.as_text()})
   memory, cost = _memory(compiled), _cost(compiled)
   counts, moved = collectives(hlo)
-  num_devices = len(devices)
-  kwargs = model_lib.architecture(config, vocab_size)
-  model_flops = (accounting.train_flops_per_token(**kwargs, seq_len=train.seq_len)
-                 * train.batch_size * train.seq_len / num_devices)
+  train = config.train
+  architecture = model_lib.architecture(config, data_lib.vocab_size(config.data))
+  model_flops = (accounting.train_flops_per_token(**architecture, seq_len=train.seq_len)
+                 * train.batch_size * train.seq_len / len(devices))
   cross_host = num_slices > 1 or (topology.platform == "gpu" and topology.hosts > 1)
   estimate = roofline(topology.chip, flops=cost["flops"] or model_flops,
                       bytes_accessed=cost["bytes"], collective_bytes=moved,
                       cross_host=cross_host)
   capacity = int(topology.chip.hbm_bytes)
-  record = {
+  if memory["peak"] is not None and memory["peak"] > capacity:
+    raise _does_not_fit("train step", f"needs {memory['peak'] / GiB:.2f} GiB per device, "
+                        f"{capacity / GiB:.2f} GiB available", topology, arguments)
+  mfu = model_flops / topology.chip.peak_flops / estimate["estimated_step_seconds"]
+  return {
       "topology": topology.name, "platform": topology.platform,
-      "device_kind": devices[0].device_kind, "devices": num_devices,
+      "device_kind": devices[0].device_kind, "devices": len(devices),
       "hosts": topology.hosts * num_slices, "num_slices": num_slices,
       "mesh": dict(mesh.shape),
       "peak_memory_bytes": memory["peak"], "memory_capacity_bytes": capacity,
-      "fits": memory["peak"] is not None and memory["peak"] <= capacity,
+      "fits": memory["peak"] is not None,
       "argument_bytes_per_device": memory["arguments"],
       "temp_bytes_per_device": memory["temp"],
       "eval_peak_memory_bytes": _memory(eval_compiled)["peak"],
@@ -481,20 +488,13 @@ def compile_for(config, topology_name: str, *, num_slices: int = 1,
       "compile_seconds": round(compile_seconds, 2),
       "eval_compile_seconds": round(eval_seconds, 2),
       **{k: float(f"{v:.4g}") for k, v in estimate.items()},
-      "estimated_mfu": float(f"{model_flops / topology.chip.peak_flops / estimate['estimated_step_seconds']:.4g}")
-      if estimate["estimated_step_seconds"] > 0 else None,
+      "estimated_mfu": float(f"{mfu:.4g}"),
       "peak_flops_per_device": topology.chip.peak_flops,
       "dispatch": config.model.moe.dispatch,
       "grouped_matmul": config.model.moe.grouped_matmul,
       "batch_size": train.batch_size, "seq_len": train.seq_len,
       "jax": jax.__version__,
   }
-  if not record["fits"] and memory["peak"] is not None:
-    largest = _largest_arguments({"params": params, "opt_state": opt_state})
-    raise DoesNotFit(f"the train step needs {memory['peak'] / GiB:.2f} GiB per device, "
-                     f"{capacity / GiB:.2f} GiB available on {topology.name} "
-                     f"({topology.chip.name}); largest buffers: {'; '.join(largest)}")
-  return record
 
 
 def main(argv):

@@ -6,6 +6,7 @@ evaluator, generation, upcycling, LoRA, the studies and the benchmarks):
     cfg = model.model_config(config)                 # the typed ModelConfig
     mesh = model.make_mesh(config)                   # validated against the model
     graphdef, params = model.init_params(config, vocab_size, mesh)
+    graphdef, params, opt_state = model.abstract_state(config, vocab_size, mesh, tx)
 
 Initialization is a function of `config.seed` only: threefry random bits do
 not depend on the sharding or on `scan_layers`, so every mesh and either layer
@@ -25,6 +26,7 @@ from moejax import routing
 from moejax.nn.config import ModelConfig
 from moejax.nn.transformer import TransformerLM
 from moejax.scaling import accounting
+from moejax.train import steps
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -94,6 +96,18 @@ def restore_target(config: ml_collections.ConfigDict, vocab_size: int,
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), variable),
       shardings, shapes)
   return graphdef, target
+
+
+def abstract_state(config: ml_collections.ConfigDict, vocab_size: int,
+                   mesh: jax.sharding.Mesh, tx) -> tuple[Any, Any, Any]:
+  """(graphdef, parameters, optimizer state of `tx`) of a fresh run on
+  `mesh`, as `jax.ShapeDtypeStruct`s carrying their shardings: nothing is
+  allocated or computed, so `mesh` may hold compile-only devices
+  (`moejax.aot`). The shapes and shardings are those the trainer creates."""
+  graphdef, params = restore_target(config, vocab_size, mesh)
+  with parallel.activate(mesh):
+    opt_state = jax.eval_shape(lambda p: tx.init(steps.trainable(p)), params)
+  return graphdef, params, opt_state
 
 
 def make_mesh(config: ml_collections.ConfigDict,

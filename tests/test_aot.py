@@ -181,7 +181,7 @@ FSDP_SCRIPT = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from moejax import data as data_lib, model as model_lib, parallel
-from moejax.train import config as config_lib, optim, steps as steps_lib, trainer
+from moejax.train import config as config_lib, optim, steps as steps_lib
 
 def run(mesh):
   c = config_lib.default_config()
@@ -190,7 +190,7 @@ def run(mesh):
   c.mesh.update(mesh)
   m = model_lib.make_mesh(c, jax.devices()[:int(np.prod(list(mesh.values())))])
   tx = optim.make_optimizer(c.train)
-  g, abstract_params, abstract_opt = trainer.abstract_state(c, 512, m, tx)
+  g, abstract_params, abstract_opt = model_lib.abstract_state(c, 512, m, tx)
   ds = data_lib.make_dataset(c.data, seq_len=32, global_batch_size=16, seed=0)
   with parallel.activate(m):
     g, p = model_lib.init_params(c, 512, m)

@@ -294,15 +294,3 @@ def _train(loop: loop_lib.Loop, vocab_size: int, finetune_record, state, iterato
 
 def _abstract(x):
   return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-
-
-def abstract_state(config: ml_collections.ConfigDict, vocab_size: int,
-                   mesh: jax.sharding.Mesh, tx) -> tuple[Any, Any, Any]:
-  """(graphdef, parameters, optimizer state) of a fresh run on `mesh`, as
-  `jax.ShapeDtypeStruct`s carrying their shardings: nothing is allocated or
-  computed, so `mesh` may hold compile-only devices (`moejax.aot`). The
-  shapes and shardings are those `train_and_evaluate` creates."""
-  graphdef, params = model_lib.restore_target(config, vocab_size, mesh)
-  with parallel.activate(mesh):
-    opt_state = jax.eval_shape(lambda p: tx.init(steps_lib.trainable(p)), params)
-  return graphdef, params, opt_state
