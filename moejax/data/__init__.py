@@ -16,8 +16,8 @@ from moejax.data.tokenizers import (TOKENIZERS, ByteTokenizer, SentencePieceToke
                                     train_sentencepiece)
 
 __all__ = [
-    "Batch", "ByteTokenizer", "DEFAULTS", "Dataset", "batch_spec", "vocab_size", "MarkovMixture", "SYNTHETIC",
+    "Batch", "ByteTokenizer", "DEFAULTS", "Dataset", "MarkovMixture", "SYNTHETIC",
     "SentencePieceTokenizer", "StepIterator", "SyntheticMixtureDataset", "TOKENIZERS",
-    "TextDataset", "default_config", "make_dataset", "train_sentencepiece",
-    "validate_data_config",
+    "TextDataset", "batch_spec", "default_config", "make_dataset", "train_sentencepiece",
+    "validate_data_config", "vocab_size",
 ]

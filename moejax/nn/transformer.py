@@ -48,9 +48,9 @@ from jax.sharding import PartitionSpec
 
 from moejax import routing as routing_lib
 from moejax.nn.attention import CausalSelfAttention, explicit_spec
-from moejax.parallel.rules import gather_fsdp
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
+from moejax.parallel.rules import gather_fsdp
 from moejax.nn.config import (COMPUTE_DTYPES, PARAM_DTYPES, REMAT_POLICIES, check_finite_above,
                               check_int, moe_layer_flags, resolve_head_dim, scan_layout)
 

@@ -12,8 +12,8 @@ and batch shardings (GSPMD / sharding-in-types).
 
 from moejax.parallel import collectives, expert_parallel
 from moejax.parallel.mesh import (AXES, AXIS_TYPES, activate, check_routing_groups,
-                                  current_mesh, platform, make_mesh, validate_mesh_config,
-                                  with_auto_axes)
+                                  current_mesh, make_mesh, platform,
+                                  validate_mesh_config, with_auto_axes)
 from moejax.parallel.rules import (LOGICAL_RULES, PARAM_AXES, batch_sharding,
                                    logical_to_spec, mesh_axes, param_logical_axes,
                                    param_shardings, shard_like)
@@ -21,4 +21,5 @@ from moejax.parallel.rules import (LOGICAL_RULES, PARAM_AXES, batch_sharding,
 __all__ = ["AXES", "AXIS_TYPES", "LOGICAL_RULES", "PARAM_AXES", "activate",
            "batch_sharding", "check_routing_groups", "current_mesh", "expert_parallel",
            "logical_to_spec", "make_mesh", "mesh_axes", "param_logical_axes",
-           "param_shardings", "platform", "shard_like", "validate_mesh_config", "with_auto_axes"]
+           "param_shardings", "platform", "shard_like", "validate_mesh_config",
+           "with_auto_axes"]

@@ -77,8 +77,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
   if len(fill) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1 (fill), got "
                      f"{', '.join(f'config.mesh.{axis}' for axis in fill)}")
-  # Messages name fsdp only where it is used (size != 1).
-  shown = [axis for axis in AXES if axis not in OPTIONAL_AXES or sizes[axis] != 1]
+  shown = _named(AXES, sizes)
   formula = "*".join(shown)
   if fill:
     fixed = math.prod(size for size in sizes.values() if size != -1)
@@ -119,10 +118,17 @@ def batch_shards(sizes: Mapping[str, int]) -> int:
   return sizes["data"] * sizes.get("fsdp", 1) * sizes["expert"]
 
 
+def _named(axes: Sequence[str], sizes: Mapping[str, int]) -> list[str]:
+  """The axes a message names: an optional axis (fsdp) only where it is used
+  (size != 1)."""
+  return [axis for axis in axes
+          if axis not in OPTIONAL_AXES or sizes.get(axis, OPTIONAL_AXES[axis]) != 1]
+
+
 def batch_shards_name(sizes: Mapping[str, int]) -> str:
-  """The config keys of `batch_shards`, for messages (fsdp where used)."""
-  axes = ("data", "fsdp", "expert") if sizes.get("fsdp", 1) != 1 else ("data", "expert")
-  return " * ".join(f"config.mesh.{axis}" for axis in axes)
+  """The config keys of `batch_shards`, for messages."""
+  return " * ".join(f"config.mesh.{axis}"
+                    for axis in _named(("data", "fsdp", "expert"), sizes))
 
 
 def check_routing_groups(sizes: Mapping[str, int], moe: Any, train: Any) -> None:

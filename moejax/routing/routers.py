@@ -410,13 +410,22 @@ def balanced_selection(selection: scores_lib.Selection,
   num_groups, num_tokens, _ = selection.scores.shape
   slots = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * cfg.k + jnp.arange(cfg.k)
   experts = jnp.broadcast_to(slots % cfg.experts, (num_groups, num_tokens, cfg.k))
+  return selection_at(selection, experts, cfg)
+
+
+def selection_at(selection: scores_lib.Selection, experts: jax.Array,
+                 cfg: MoEConfig) -> scores_lib.Selection:
+  """`selection` sending each token to `experts` <int>[G, S, K] chosen
+  otherwise than by its top-K (Sinkhorn's balanced assignment,
+  `force_balance`): weighted by the router's scores there, the first as the
+  priority, renormalized and scaled as the router's own weights."""
   weights = jnp.take_along_axis(selection.scores, experts, axis=-1)
   priority = weights[..., 0]
   if cfg.renormalize_weights:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   weights = weights * cfg.routed_scaling_factor
-  return selection._replace(experts=experts.astype(jnp.int32),
-                            weights=weights.astype(jnp.float32), priority=priority)
+  return selection._replace(experts=experts.astype(jnp.int32), weights=weights,
+                            priority=priority)
 
 
 class SwitchRouter(TokenChoiceRouter):
@@ -465,13 +474,7 @@ class SinkhornRouter(TokenChoiceRouter):
     from moejax.routing import sinkhorn  # pylint: disable=g-import-not-at-top
     balanced = sinkhorn.sinkhorn_scores(logits, cfg.sinkhorn_iterations, ctx.mask)
     _, experts = jax.lax.top_k(balanced, cfg.k)
-    weights = jnp.take_along_axis(selection.scores, experts, axis=-1)
-    priority = weights[..., 0]
-    if cfg.renormalize_weights:
-      weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights * cfg.routed_scaling_factor
-    return selection._replace(experts=experts.astype(jnp.int32), weights=weights,
-                              priority=priority)
+    return selection_at(selection, experts, cfg)
 
 
 class ExpertChoiceRouter(LogitRouter):
