@@ -430,6 +430,11 @@ def cases():
   yield "layer/2x4x1/swiglu_shared_batch/explicit", lambda: layer_case(
       (2, 4, 1), ROUTERS["topk"], "explicit", activation="swiglu", num_shared_experts=1,
       group_by="batch")
+  # group_by="batch" with groups of S sequences, S dividing each device's
+  # rows: the groups are the device's own rows, so no transpose of the batch
+  # is added (the check of the expert exchange's all-to-all count applies).
+  yield "layer/2x2x2/local_position_groups/explicit", lambda: layer_case(
+      (2, 2, 2), ROUTERS["topk"], "explicit", group_by="batch", group_size=2)
   yield "lm/2x4x1/auto", lambda: lm_case("auto")
   yield "lm/2x4x1/explicit", lambda: lm_case("explicit")
   yield "lm/2x2x2/auto", lambda: lm_case("auto", (2, 2, 2))

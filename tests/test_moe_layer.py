@@ -243,3 +243,22 @@ def test_router_logit_max_is_the_largest_logit_magnitude(router):
   real = np.asarray(x, np.float32)[:, :2].reshape(-1, D_MODEL) @ np.asarray(
       layer.router.kernel[...])
   np.testing.assert_allclose(masked["router_logit_max"], np.abs(real).max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 4, None])
+def test_batch_groups_are_chunks_of_sequences_at_one_position(group_size):
+  """group_by="batch": each group holds the S sequences of one chunk at one
+  position, groups ordered (chunk, position), and the inverse restores [B, L]."""
+  layer = MoELayer(d_model=8, num_experts=4, top_k=1, expert_hidden=8, group_by="batch",
+                   group_size=group_size, rngs=nnx.Rngs(0))
+  batch, length = 4, 3
+  size = layer.group_size(batch, length)
+  ids = jnp.arange(batch * length).reshape(batch, length)  # id = row * L + position
+  groups = np.asarray(layer._to_groups(ids, size, ()))
+  chunks = batch // size
+  assert groups.shape == (chunks * length, size)
+  for index, group in enumerate(groups):
+    chunk, position = divmod(index, length)
+    rows = np.arange(chunk * size, (chunk + 1) * size)
+    np.testing.assert_array_equal(group, rows * length + position)
+  np.testing.assert_array_equal(layer._from_groups(jnp.asarray(groups), batch, length, ()), ids)

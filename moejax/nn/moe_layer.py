@@ -15,6 +15,7 @@ the same function per device in `jax.shard_map` with the same outputs,
 losses and metrics as on one device.
 """
 
+import math
 from typing import Any, Callable, Optional
 
 import jax
@@ -98,6 +99,31 @@ def _reshape(a: jax.Array, shape: tuple[int, ...], axes, dim: int = 0) -> jax.Ar
   entries = [None] * len(shape)
   entries[dim] = axes
   return a.reshape(shape, out_sharding=PartitionSpec(*entries))
+
+
+def _axis_devices(axes) -> int:
+  """Devices of a PartitionSpec entry on the ambient mesh (1 for None)."""
+  if not axes:
+    return 1
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _whole_chunks(chunks: int, axes) -> bool:
+  """Whether `chunks` blocks of rows split evenly over the devices of `axes`."""
+  return chunks % _axis_devices(axes) == 0
+
+
+def _split_rows(a: jax.Array, chunks: int) -> jax.Array:
+  """[B, ...] -> [chunks, B / chunks, ...], on an Explicit mesh keeping the
+  rows' split on the chunks where each device holds whole chunks (local),
+  else on the rows within a chunk."""
+  shape = (chunks, a.shape[0] // chunks) + a.shape[1:]
+  spec = explicit_spec(a)
+  if spec is None:
+    return a.reshape(shape)
+  return _reshape(a, shape, spec[0], dim=0 if _whole_chunks(chunks, spec[0]) else 1)
 
 
 class MoELayer(nnx.Module):
@@ -194,14 +220,20 @@ class MoELayer(nnx.Module):
   def _to_groups(self, a: jax.Array, group_size: int, axes) -> jax.Array:
     """[B, L, ...] -> [G, S, ...] in this layer's grouping.
 
+    group_by="batch" groups S = group_size sequences at one position, ordered
+    (chunk of S sequences, position): [B, L] -> [B/S, S, L] -> [B/S, L, S].
+
     On an Explicit mesh the groups are laid out split over the mesh axes
     `axes` (`expert_parallel.routing_group_axes`): where each device's batch
-    rows hold whole groups (group_by="sequence", S dividing its tokens) the
-    reshape is local, otherwise (group_by="batch", or groups repeated on some
-    devices) XLA moves the tokens.
+    rows hold whole groups the reshape is local (group_by="sequence" with S
+    dividing its tokens; group_by="batch" with its rows holding whole chunks,
+    i.e. S dividing the per-device batch). Otherwise (a group of the tokens
+    at one position across devices, or groups repeated on some devices) XLA
+    moves the tokens: one transpose of the batch.
     """
     if self.cfg.group_by == "batch":
-      a = jnp.swapaxes(a, 0, 1)
+      a = jnp.swapaxes(_split_rows(a, a.shape[0] // group_size), 1, 2)
+      return _reshape(a, (-1, group_size) + a.shape[3:], axes)
     return _reshape(a, (-1, group_size) + a.shape[2:], axes)
 
   def group_size(self, batch: int, length: int) -> int:
@@ -260,8 +292,11 @@ class MoELayer(nnx.Module):
     """[G, S, ...] -> [B, L, ...], on an Explicit mesh with B split over
     `batch_axes` (a PartitionSpec entry: the layout of the layer's input)."""
     if self.cfg.group_by == "batch":
-      a = _reshape(a, (length, batch) + a.shape[2:], batch_axes, dim=1)
-      return jnp.swapaxes(a, 0, 1)
+      chunks, group_size = batch // a.shape[1], a.shape[1]
+      dim = 0 if _whole_chunks(chunks, batch_axes) else 2
+      a = _reshape(a, (chunks, length, group_size) + a.shape[2:], batch_axes, dim=dim)
+      a = jnp.swapaxes(a, 1, 2)  # [B/S, S, L, ...]
+      return _reshape(a, (batch, length) + a.shape[3:], batch_axes)
     return _reshape(a, (batch, length) + a.shape[2:], batch_axes)
 
   def after_step(self, aux: dict[str, jax.Array]) -> None:
