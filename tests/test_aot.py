@@ -242,6 +242,7 @@ def test_param_spec_splits_the_model_width_of_matrices_only():
   spec = parallel.rules.param_spec
   assert spec(("expert", "embed", "mlp"), (8, 64, 32), mesh) == jax.P("expert", "fsdp", None)
   assert spec(("embed",), (64,), mesh) == jax.P(None)           # a norm scale stays whole
+  assert spec(("layers", "embed"), (4, 64), mesh) == jax.P(None, None)  # also stacked
   assert spec(("vocab", "embed"), (100, 6), mesh) == jax.P(None, None)  # 6 % 4: whole
   assert spec(("embed", "router"), (64, 8), mesh) == jax.P("fsdp", None)
 

@@ -184,7 +184,8 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
                mesh: Any) -> PartitionSpec:
   """PartitionSpec of a parameter: `logical_to_spec` of its axes, plus, on a
   mesh whose "fsdp" axis has size > 1, its "embed" (model width) dimension
-  split over "fsdp" when the parameter has rank >= 2 and the width divides
+  split over "fsdp" when the parameter is a matrix or more (not counting
+  scan_layers' "layers" axis) and the width divides
   (MaxText's FSDP rule). Vectors (norm scales, router biases) stay whole. A
   layer gathers such a weight before its matmul (`gather_fsdp`), and its
   gradient is reduce-scattered back: per-device parameter and optimizer bytes
@@ -192,7 +193,9 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
   """
   spec = logical_to_spec(logical_axes, mesh)
   fsdp = mesh.shape.get(FSDP_AXIS, 1) if mesh is not None else 1
-  if fsdp == 1 or len(shape) < 2 or "embed" not in logical_axes:
+  # The stacked layers of scan_layers do not make a vector a matrix.
+  rank = sum(axis != "layers" for axis in logical_axes)
+  if fsdp == 1 or rank < 2 or "embed" not in logical_axes:
     return spec
   dim = list(logical_axes).index("embed")
   if shape[dim] % fsdp:
