@@ -91,6 +91,8 @@ def table(records: list[dict]) -> str:
   for record in records:
     by_point.setdefault((record["label"], record["topology"]), []).append(record)
   for (label, topology), tries in by_point.items():
+    # The grid's own batch first, then its doublings (larger batch overrides).
+    tries = sorted(tries, key=lambda t: t["overrides"].get("train.batch_size", 0))
     first = tries[0]
     fit = [t for t in tries if "error" not in t]
     largest = max((t["batch_size"] for t in fit), default=None)

@@ -23,7 +23,8 @@ It prints one JSON line:
   argument_bytes_per_device  parameters, optimizer state and batch per device
   temp_bytes_per_device    the step's temporaries (activations, ...)
   flops_per_device, bytes_accessed_per_device  XLA's cost analysis (null
-                           where XLA gives none: XLA:GPU)
+                           where XLA gives none: XLA:GPU); with scan_layers
+                           (cost_counts_loop_bodies_once) one layer unit's
   model_flops_per_device   moejax's accounting (6N + attention) for the step
   collectives              HLO op name -> count in the optimized program
                            (all-to-all, ragged-all-to-all, all-reduce,
@@ -464,9 +465,13 @@ def compile_for(config, topology_name: str, *, num_slices: int = 1,
   model_flops = (accounting.train_flops_per_token(**architecture, seq_len=train.seq_len)
                  * train.batch_size * train.seq_len / len(devices))
   cross_host = num_slices > 1 or (topology.platform == "gpu" and topology.hosts > 1)
-  estimate = roofline(topology.chip, flops=cost["flops"] or model_flops,
-                      bytes_accessed=cost["bytes"], collective_bytes=moved,
-                      cross_host=cross_host)
+  # XLA costs a loop body once: with scan_layers its FLOPs and bytes cover one
+  # layer unit, so the roofline takes moejax's FLOPs and no memory term.
+  loops = bool(config.model.scan_layers)
+  estimate = roofline(topology.chip,
+                      flops=model_flops if loops else (cost["flops"] or model_flops),
+                      bytes_accessed=None if loops else cost["bytes"],
+                      collective_bytes=moved, cross_host=cross_host)
   capacity = int(topology.chip.hbm_bytes)
   if memory["peak"] is not None and memory["peak"] > capacity:
     raise _does_not_fit("train step", f"needs {memory['peak'] / GiB:.2f} GiB per device, "
@@ -483,6 +488,7 @@ def compile_for(config, topology_name: str, *, num_slices: int = 1,
       "temp_bytes_per_device": memory["temp"],
       "eval_peak_memory_bytes": _memory(eval_compiled)["peak"],
       "flops_per_device": cost["flops"], "bytes_accessed_per_device": cost["bytes"],
+      "cost_counts_loop_bodies_once": loops,
       "model_flops_per_device": model_flops,
       "collectives": counts, "collective_bytes_per_device": moved,
       "compile_seconds": round(compile_seconds, 2),
