@@ -59,11 +59,14 @@ setuptools.setup(
         # for TPU and GPU topologies on a host without them. Both must match the
         # installed jax version.
         "aot": ["jax[tpu]", "jax-cuda12-plugin"],
+        # moejax.hf: Hugging Face checkpoints (safetensors read with numpy) and
+        # their tokenizers (tokenizer.json); no torch.
+        "hf": ["safetensors>=0.4", "tokenizers"],
         # nbclient/ipykernel: tests/test_colabs.py executes the notebooks;
         # tokamax: tests/test_grouped_matmul.py checks its kernels (XLA on CPU);
         # jax[tpu] (libtpu): tests/test_aot.py compiles for a TPU topology (the
         # CUDA plugin is left out: it logs to stderr at every jax import).
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "tokamax",
-                 "jax[tpu]", *TFDS],
+                 "jax[tpu]", "safetensors>=0.4", "tokenizers", *TFDS],
     },
 )

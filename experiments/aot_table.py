@@ -16,6 +16,7 @@ Compiler figures and a roofline estimate, not measured step times.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -35,12 +36,18 @@ GRID = (
      {"mesh.fsdp": 4, "mesh.expert": 8}),
     ("mixtral_8x7b", "configs/mixtral_8x7b.py", "v5e-256",
      {"mesh.fsdp": 32, "mesh.expert": 8, "train.batch_size": 256}),
+    # v5e-256 (16x16, no wraparound) has no ragged all-to-all: the padded exchange.
+    ("mixtral_8x7b", "configs/mixtral_8x7b.py", "v5e-256",
+     {"mesh.fsdp": 32, "mesh.expert": 8, "train.batch_size": 256,
+      "model.moe.dropless_exchange": "padded"}),
     ("mixtral_8x7b", "configs/mixtral_8x7b.py", "h100-8",
      {"mesh.fsdp": 8, "train.batch_size": 8}),
     ("deepseek_v3", "configs/deepseek_v3.py", "v5p-64",
      {"mesh.fsdp": 4, "mesh.expert": 8, "train.batch_size": 64}),
     ("deepseek_v3", "configs/deepseek_v3.py", "v5p-512",
      {"mesh.fsdp": 4, "mesh.expert": 64}),
+    ("deepseek_v3", "configs/deepseek_v3.py", "v5p-512",
+     {"mesh.fsdp": 4, "mesh.expert": 64, "train.seq_len": 1024}),
 )
 
 _OUT = flags.DEFINE_string("out", "experiments/results/aot", "Folder of compiles.jsonl.")
@@ -80,6 +87,14 @@ def _gib(value) -> str:
   return "-" if value is None else f"{value / 2**30:.3g}"
 
 
+def _short_error(error: str) -> str:
+  """The reason of a failed point, without compiler source locations."""
+  found = re.search(r"RET_CHECK failure \([^)]*\)\s*\S*\s*(.*)", error)
+  if found:
+    return "XLA refuses: " + found.group(1)
+  return error.split(" on ")[0].removeprefix("the train step ")
+
+
 def table(records: list[dict]) -> str:
   """Markdown: one row per grid point (the batch the grid names)."""
   rows = ["| config | topology | mesh (data·fsdp·expert·model) | batch | peak / HBM GiB "
@@ -89,8 +104,13 @@ def table(records: list[dict]) -> str:
           "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|---:|"]
   by_point: dict = {}
   for record in records:
-    by_point.setdefault((record["label"], record["topology"]), []).append(record)
-  for (label, topology), tries in by_point.items():
+    others = tuple(sorted((k, v) for k, v in record["overrides"].items()
+                          if k != "train.batch_size" and not k.startswith("mesh.")))
+    by_point.setdefault((record["label"], record["topology"], others), []).append(record)
+  for (label, topology, others), tries in by_point.items():
+    # Settings beyond the mesh and the batch, e.g. "deepseek_v3 (seq_len=1024)".
+    if others:
+      label += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in others) + ")"
     # The grid's own batch first, then its doublings (larger batch overrides).
     tries = sorted(tries, key=lambda t: t["overrides"].get("train.batch_size", 0))
     first = tries[0]
@@ -98,7 +118,7 @@ def table(records: list[dict]) -> str:
     largest = max((t["batch_size"] for t in fit), default=None)
     if "error" in first:
       rows.append(f"| {label} | {topology} | {first['mesh_text']} | {first['batch']} | "
-                  f"{first['error'].split(' on ')[0].removeprefix('the train step ')} | no "
+                  f"{_short_error(first['error'])} | no "
                   f"| | | | | - | {first['wall_seconds']:.0f} |")
       continue
     c = first["collectives"]

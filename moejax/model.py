@@ -53,7 +53,8 @@ def build(config: ml_collections.ConfigDict, vocab_size: int,
     cfg = model_config(config)
     kwargs = cfg.architecture(vocab_size, tokens_per_group(config))
     kwargs["moe"] = cfg.moe
-    return TransformerLM(**kwargs, rope_base=cfg.rope_base, dtype=cfg.dtype,
+    return TransformerLM(**kwargs, rope_base=cfg.rope_base, rms_norm_eps=cfg.rms_norm_eps,
+                         dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
                          remat=cfg.remat, rngs=rngs)
   except (ValueError, TypeError) as e:
@@ -123,7 +124,8 @@ def make_mesh(config: ml_collections.ConfigDict,
   sizes = parallel.validate_mesh_config(
       config.mesh, num_devices=len(devices),
       num_experts=moe.num_experts * moe.granularity if routed else None,
-      num_heads=model.num_heads, expert_hidden=moe.expert_hidden // moe.granularity)
+      num_heads=model.num_heads, num_kv_heads=model.get("num_kv_heads"),
+      expert_hidden=moe.expert_hidden // moe.granularity)
   batch_shards = parallel.mesh.batch_shards(sizes)
   if config.train.batch_size % batch_shards:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
@@ -145,7 +147,9 @@ def _reader_sizes(config, batch_size: int, num_devices: int) -> Optional[dict[st
   data = math.gcd(num_devices, batch_size)
   rest = num_devices // data
   moe = config.model.moe
-  if config.model.num_heads % rest == 0 and (moe.expert_hidden // moe.granularity) % rest == 0:
+  heads = (config.model.num_heads, config.model.get("num_kv_heads") or config.model.num_heads)
+  if (all(n % rest == 0 for n in heads)
+      and (moe.expert_hidden // moe.granularity) % rest == 0):
     return {"data": data, "fsdp": 1, "expert": 1, "model": rest}
   if (routing.get_router(moe.router).routed
       and (moe.num_experts * moe.granularity) % rest == 0

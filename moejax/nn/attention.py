@@ -1,7 +1,13 @@
 """Causal multi-head self-attention with rotary position embeddings.
 
-Letters: B batch, L sequence (queries), M sequence (keys), N heads, P head
-dim, D model width, T = B*L tokens. Kernels (stored in float32 or bfloat16) are cast
+Multi-head (every query head has its own key and value head) or grouped-query
+attention (GQA, Ainslie et al. 2023: K key/value heads, each shared by N / K
+consecutive query heads), with an optional RMSNorm of queries and keys
+(`QK_NORMS`).
+
+Letters: B batch, L sequence (queries), M sequence (keys), N heads, K
+key/value heads, G = N / K query heads per key/value head, P head dim, D
+model width, T = B*L tokens. Kernels (stored in float32 or bfloat16) are cast
 to the compute dtype at use; the softmax is always float32.
 """
 
@@ -13,7 +19,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec
 
-from moejax.parallel.rules import gather_fsdp
+from moejax.nn.config import QK_NORMS  # "head": each head's P features (Qwen3);
+from moejax.parallel.rules import gather_fsdp  # "projection": all N P (K P) (OLMoE)
 
 
 def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:
@@ -55,6 +62,15 @@ def weight(param, dtype) -> jax.Array:
     return param
   value = gather_fsdp(param[...])
   return value if getattr(value, "dtype", dtype) == dtype else value.astype(dtype)
+
+
+
+
+def rms_norm(features: int, epsilon: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """An RMSNorm over the last axis (`features` wide) with a float32 scale;
+  it normalizes in float32 whatever the compute dtype (consumers cast)."""
+  return nnx.RMSNorm(features, epsilon=epsilon, dtype=jnp.float32,
+                     param_dtype=jnp.float32, rngs=rngs)
 
 
 def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
@@ -99,7 +115,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(P) + causal mask) v, heads-major.
 
   Args:
-    q, k, v: [B, N, L, P] (head axis before the sequence axis).
+    q: [B, N, L, P] (head axis before the sequence axis).
+    k, v: [B, N, L, P], or [B, K, L, P] with K dividing N (grouped-query:
+      query head n reads key/value head n // (N / K)).
 
   Returns:
     [B, N, L, P] in the dtype of v.
@@ -111,38 +129,86 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   layout) and 25 ms / 23 ms for the same einsum in [B, L, N, P] layout.
   """
   length = q.shape[-2]
-  scores = jnp.einsum("bnlp,bnmp->bnlm", q, k).astype(jnp.float32)
-  scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # key m <= query l
-  scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+  return _attend(q, k, v, causal)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(P), keys where `visible` <bool>[L, M]) v.
+
+  q [B, N, L, P]; k, v [B, K, M, P] -> [B, N, L, P] in v's dtype. With
+  K < N the query heads are viewed as [B, K, G, L, P] (head n = k G + g, the
+  order of Hugging Face's `repeat_kv`), so no key or value is copied.
+  """
+  batch, num_heads, length, head_dim = q.shape
+  groups = num_heads // k.shape[1]
+  scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+  if groups == 1:
+    scores = jnp.einsum("bnlp,bnmp->bnlm", q, k).astype(jnp.float32) * scale
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnlm,bnmp->bnlp", weights, v)
+  q = q.reshape(batch, k.shape[1], groups, length, head_dim)
+  scores = jnp.einsum("bkglp,bkmp->bkglm", q, k).astype(jnp.float32) * scale
+  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnlm,bnmp->bnlp", weights, v)
+  context = jnp.einsum("bkglm,bkmp->bkglp", weights, v)
+  return context.reshape(batch, num_heads, length, head_dim)
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention with RoPE on queries and keys.
+  """Multi-head or grouped-query causal self-attention with RoPE on queries
+  and keys.
 
-  Parameters: `qkv` <float32>[D, 3, N, P] (query, key, value projections) and
-  `out` <float32>[N, P, D]; no biases (as in PaLM / LLaMA).
+  Parameters (no biases, as in PaLM / LLaMA): multi-head (K = N), `qkv`
+  <float32>[D, 3, N, P] (query, key, value projections); grouped-query
+  (K < N), `query` [D, N, P] and `kv` [D, 2, K, P]; and `out` [N, P, D].
+  With qk_norm, `query_norm` and `key_norm` RMSNorm scales ([P] per head, or
+  [N P] and [K P] over the projection).
   """
 
   def __init__(self, *, d_model: int, num_heads: int, head_dim: int,
-               rope_base: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs):
+               rope_base: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs,
+               num_kv_heads: Optional[int] = None, qk_norm: str = "none",
+               norm_epsilon: float = 1e-6):
     rope_frequencies(head_dim, rope_base)  # validates head_dim
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
+        or num_kv_heads < 1 or num_heads % num_kv_heads):
+      raise ValueError(f"num_kv_heads must be a positive integer dividing num_heads="
+                       f"{num_heads}, got {num_kv_heads!r}")
+    if qk_norm not in QK_NORMS:
+      raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {qk_norm!r}")
     self.d_model = d_model
     self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
     self.rope_base = rope_base
+    self.qk_norm = qk_norm
     self.dtype = dtype
-    # Fan-in scaling over the contracted axes (D for qkv, N*P for out).
-    qkv_init = nnx.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2, 3))
+    # Fan-in scaling over the contracted axes (D for the projections, N*P for out).
+    def projection(*shape):
+      init = nnx.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=tuple(range(1, len(shape))))
+      return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    self.qkv = self.query = self.kv = nnx.data(None)
+    if num_kv_heads == num_heads:
+      self.qkv = projection(d_model, 3, num_heads, head_dim)
+    else:
+      self.query = projection(d_model, num_heads, head_dim)
+      self.kv = projection(d_model, 2, num_kv_heads, head_dim)
     out_init = nnx.initializers.variance_scaling(
         1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
-    self.qkv = nnx.Param(qkv_init(rngs.params(), (d_model, 3, num_heads, head_dim),
-                                  jnp.float32))
     self.out = nnx.Param(out_init(rngs.params(), (num_heads, head_dim, d_model),
                                   jnp.float32))
+    self.query_norm = self.key_norm = nnx.data(None)
+    if qk_norm != "none":
+      per_head = qk_norm == "head"
+      self.query_norm = rms_norm(head_dim if per_head else num_heads * head_dim,
+                                 norm_epsilon, rngs)
+      self.key_norm = rms_norm(head_dim if per_head else num_kv_heads * head_dim,
+                               norm_epsilon, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l.
@@ -164,7 +230,7 @@ class CausalSelfAttention(nnx.Module):
 
     Args:
       x: [B, L, D] the new tokens' inputs.
-      cache: (keys, values), each [B, N, M, P] (M >= index + L), holding the
+      cache: (keys, values), each [B, K, M, P] (M >= index + L), holding the
         rotated keys and the values of positions < index.
       index: <int32>[] the position of x's first token.
 
@@ -185,34 +251,49 @@ class CausalSelfAttention(nnx.Module):
     keys, values = (cache_like(part, k) for part in cache)
     keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, index, 0))
     values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, index, 0))
-    scores = jnp.einsum("bnlp,bnmp->bnlm", q, keys.astype(q.dtype)).astype(jnp.float32)
-    scores = scores * (1.0 / jnp.sqrt(jnp.float32(q.shape[-1])))
     visible = jnp.arange(keys.shape[2])[None, :] <= positions[:, None]  # [L, M]
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    context = jnp.einsum("bnlm,bnmp->bnlp", weights, values.astype(v.dtype))
+    context = _attend(q, keys.astype(q.dtype), values.astype(v.dtype), visible)
     return self._output(context, tokens, x.shape), (keys, values)
 
   def _project(self, x: jax.Array, positions: jax.Array):
-    """q, k (rotated to `positions`), v as [B, N, L, P], and x as [T, D]."""
+    """q [B, N, L, P] and k, v [B, K, L, P] (q and k normalized if qk_norm,
+    then rotated to `positions`), and x as [T, D]."""
     batch, length, d_model = x.shape
-    num_heads, head_dim = self.num_heads, self.head_dim
     tokens = x.reshape(batch * length, d_model).astype(self.dtype)  # [T, D]
-    # One einsum on the parameter itself (no slicing or reshaping of it), so
+    # One einsum on each parameter itself (no slicing or reshaping of it), so
     # that a weight interceptor (qwix LoRA / PTQ, moejax.train.lora) sees the
     # `qkv` parameter as the operand: q, k and v then get their own LoRA B.
     # Forward+backward ran as fast as the three 2-D dots it replaced: 47-51
     # vs 46-48 ms (best of 30; B=32, L=128, D=128, N=4, float32, 2 cores).
-    qkv = checkpoint_name(jnp.einsum("td,dcnp->tcnp", tokens, weight(self.qkv, self.dtype)),
-                          "qkv")  # [T, 3, N, P], kept by remat="save_matmuls"
+    # Named "qkv", kept by remat="save_matmuls".
+    if self.qkv is not None:
+      qkv = checkpoint_name(jnp.einsum("td,dcnp->tcnp", tokens, weight(self.qkv, self.dtype)),
+                            "qkv")  # [T, 3, N, P]
+      q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    else:
+      q = checkpoint_name(jnp.einsum("td,dnp->tnp", tokens, weight(self.query, self.dtype)),
+                          "qkv")  # [T, N, P]
+      kv = checkpoint_name(jnp.einsum("td,dcnp->tcnp", tokens, weight(self.kv, self.dtype)),
+                           "qkv")  # [T, 2, K, P]
+      k, v = kv[:, 0], kv[:, 1]
+    if self.query_norm is not None:
+      q, k = self._normalized(q, self.query_norm), self._normalized(k, self.key_norm)
 
-    def heads(index):  # -> [B, L, N, P]
-      return qkv[:, index].reshape(batch, length, num_heads, head_dim)
+    def heads(t):  # [T, heads, P] -> [B, L, heads, P]
+      return t.reshape(batch, length, t.shape[1], self.head_dim)
 
-    q = apply_rope(heads(0), positions, self.rope_base)  # [B, L, N, P]
-    k = apply_rope(heads(1), positions, self.rope_base)
-    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, heads(2)))  # [B, N, L, P]
+    q = apply_rope(heads(q), positions, self.rope_base)  # [B, L, N, P]
+    k = apply_rope(heads(k), positions, self.rope_base)  # [B, L, K, P]
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, heads(v)))  # heads-major
     return q, k, v, tokens
+
+  def _normalized(self, t: jax.Array, norm: nnx.RMSNorm) -> jax.Array:
+    """[T, heads, P] through qk_norm's RMSNorm (over P, or over heads x P),
+    normalized in float32, returned in t's dtype."""
+    if self.qk_norm == "head":
+      return norm(t).astype(t.dtype)
+    flat = norm(t.reshape(t.shape[0], -1))
+    return flat.reshape(t.shape).astype(t.dtype)
 
   def _output(self, context: jax.Array, tokens: jax.Array, shape) -> jax.Array:
     """[B, N, L, P] attention context -> [B, L, D] through the out projection."""

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Optional
 from moejax import routing as routing_lib
 from moejax.routing import MoEConfig
 
+# RMSNorm of queries and keys (`attention.QK_NORMS`).
+QK_NORMS = ("none", "head", "projection")
 # The compute dtypes a run config may name; `TransformerLM` also takes float16.
 DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -106,6 +108,14 @@ class ModelConfig:
     d_model: D, the residual width.
     num_heads: N, attention heads.
     head_dim: P; None = d_model // num_heads (`attention_head_dim`).
+    num_kv_heads: K key/value heads (grouped-query attention, Ainslie et al.
+      2023: each serves N / K query heads; the decode cache holds K heads);
+      None = num_heads (multi-head).
+    qk_norm: RMSNorm of queries and keys before RoPE, one of QK_NORMS:
+      "head" (each head's P features, one [P] scale: Qwen3) or "projection"
+      (the token's whole query and key projections: OLMoE).
+    rms_norm_eps: epsilon of every RMSNorm (1e-6 as T5; Llama, Mixtral and
+      OLMoE use 1e-5).
     moe_every, first_dense_layers: the layer layout (`layer_flags`).
     tie_embeddings: the output projection is the transposed embedding.
     rope_base: RoPE base (RoFormer, Su et al. 2021).
@@ -122,6 +132,9 @@ class ModelConfig:
   d_model: int = 128
   num_heads: int = 4
   head_dim: Optional[int] = None
+  num_kv_heads: Optional[int] = None
+  qk_norm: str = "none"
+  rms_norm_eps: float = 1e-6
   moe_every: int = 1
   first_dense_layers: int = 0
   tie_embeddings: bool = True
@@ -166,8 +179,16 @@ class ModelConfig:
     elif not is_int(self.head_dim) or self.head_dim < 1:
       raise ValueError(f"config.model.head_dim must be a positive integer or None, got "
                        f"{self.head_dim!r}")
+    if self.num_kv_heads is not None:
+      if not is_int(self.num_kv_heads) or self.num_kv_heads < 1:
+        raise ValueError(f"config.model.num_kv_heads must be a positive integer or None, "
+                         f"got {self.num_kv_heads!r}")
+      if self.num_heads % self.num_kv_heads:
+        raise ValueError(f"config.model.num_kv_heads={self.num_kv_heads} does not divide "
+                         f"config.model.num_heads={self.num_heads}")
+    check_finite_above("config.model.rms_norm_eps", self.rms_norm_eps, 0)
     for key, allowed in (("dtype", DTYPES), ("param_dtype", PARAM_DTYPES),
-                         ("remat", REMAT_POLICIES)):
+                         ("remat", REMAT_POLICIES), ("qk_norm", QK_NORMS)):
       if getattr(self, key) not in allowed:
         raise ValueError(f"config.model.{key} must be one of {list(allowed)}, got "
                          f"{getattr(self, key)!r}")
@@ -203,6 +224,7 @@ class ModelConfig:
     """The keywords the accounting (`scaling.accounting`) takes."""
     return dict(vocab_size=vocab_size, num_layers=self.num_layers, d_model=self.d_model,
                 num_heads=self.num_heads, head_dim=self.attention_head_dim,
+                num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
                 moe=dataclasses.asdict(self.moe), moe_every=self.moe_every,
                 first_dense_layers=self.first_dense_layers,
                 tie_embeddings=self.tie_embeddings, tokens_per_group=tokens_per_group)

@@ -47,7 +47,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from moejax import routing as routing_lib
-from moejax.nn.attention import CausalSelfAttention, explicit_spec
+from moejax.nn.attention import QK_NORMS, CausalSelfAttention, explicit_spec, rms_norm
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
 from moejax.parallel.rules import gather_fsdp
@@ -65,7 +65,6 @@ MATMUL_NAMES = ("qkv", "attention_out", "ffn_hidden", "ffn_out")
 # Parameters that stay float32 whatever param_dtype: routers (and their
 # balancing bias) and norm scales.
 _FLOAT32_PARAMS = re.compile(r"(^|/)(router/|[a-z_]*norm/)")
-_RMS_EPSILON = 1e-6
 
 
 class NonCausalRoutingWarning(UserWarning):
@@ -99,24 +98,21 @@ def noncausal_routing_reason(moe: Any, tokens_per_group: Optional[int] = None
   return cls.noncausal_reason(cfg, tokens_per_group or cfg.group_size)
 
 
-def _rms_norm(d_model: int, rngs: nnx.Rngs) -> nnx.RMSNorm:
-  # Normalizes in float32 whatever the compute dtype: the consumers cast (the
-  # router keeps float32, attention and experts cast to `dtype`).
-  return nnx.RMSNorm(d_model, epsilon=_RMS_EPSILON, dtype=jnp.float32,
-                     param_dtype=jnp.float32, rngs=rngs)
-
-
 class DecoderBlock(nnx.Module):
   """Pre-norm block: x + attention(norm(x)), then x + ffn(norm(x))."""
 
   def __init__(self, *, d_model: int, num_heads: int, head_dim: int,
                moe: MoEConfig, rope_base: float, dtype, rngs: nnx.Rngs,
-               tokens_per_group: Optional[int] = None):
-    self.attention_norm = _rms_norm(d_model, rngs)
+               tokens_per_group: Optional[int] = None, num_kv_heads: Optional[int] = None,
+               qk_norm: str = "none", rms_norm_eps: float = 1e-6):
+    # The norms normalize in float32 whatever the compute dtype: the consumers
+    # cast (the router keeps float32, attention and experts cast to `dtype`).
+    self.attention_norm = rms_norm(d_model, rms_norm_eps, rngs)
     self.attention = CausalSelfAttention(d_model=d_model, num_heads=num_heads,
                                          head_dim=head_dim, rope_base=rope_base,
-                                         dtype=dtype, rngs=rngs)
-    self.ffn_norm = _rms_norm(d_model, rngs)
+                                         dtype=dtype, rngs=rngs, num_kv_heads=num_kv_heads,
+                                         qk_norm=qk_norm, norm_epsilon=rms_norm_eps)
+    self.ffn_norm = rms_norm(d_model, rms_norm_eps, rngs)
     self.ffn = MoELayer(d_model=d_model, moe=moe, tokens_per_group=tokens_per_group,
                         dtype=dtype, rngs=rngs)
     self.is_moe = self.ffn.routed
@@ -381,7 +377,7 @@ def _checked_dtype(name: str, value: Any, allowed: tuple[str, ...]) -> jnp.dtype
 
 
 def _checked_options(*, vocab_size, d_model, num_heads, head_dim, moe, rope_base, dtype,
-                     scan_layers, remat, param_dtype):
+                     scan_layers, remat, param_dtype, num_kv_heads, qk_norm, rms_norm_eps):
   """Validates `TransformerLM`'s keywords (ValueError naming the first bad
   one) -> (head_dim, compute dtype, storage dtype, MoEConfig)."""
   check_int("vocab_size", vocab_size, 1)
@@ -393,6 +389,13 @@ def _checked_options(*, vocab_size, d_model, num_heads, head_dim, moe, rope_base
   check_int("num_heads", num_heads, 1)
   head_dim = resolve_head_dim(d_model, num_heads, head_dim)
   check_finite_above("rope_base", rope_base, 1)
+  check_finite_above("rms_norm_eps", rms_norm_eps, 0)
+  if num_kv_heads is not None:
+    check_int("num_kv_heads", num_kv_heads, 1)
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_kv_heads={num_kv_heads} does not divide num_heads={num_heads}")
+  if qk_norm not in QK_NORMS:
+    raise ValueError(f"qk_norm must be one of {list(QK_NORMS)}, got {qk_norm!r}")
   compute_dtype = _checked_dtype("dtype", dtype, COMPUTE_DTYPES)
   if not isinstance(moe, (Mapping, MoEConfig)) and not hasattr(moe, "keys"):
     raise ValueError(f"moe must be an MoEConfig or a dict of its fields, got "
@@ -433,6 +436,10 @@ class TransformerLM(nnx.Module):
     param_dtype: storage dtype of the matmul weights (attention, experts,
       dense FFNs, embedding, output kernel): "float32" or "bfloat16"; routers
       and norms stay float32.
+    num_kv_heads: K key/value heads (grouped-query attention; the decode
+      cache holds K heads); None = N (multi-head).
+    qk_norm: RMSNorm of queries and keys, one of `attention.QK_NORMS`.
+    rms_norm_eps: the epsilon of every RMSNorm.
 
   Warns NonCausalRoutingWarning when the MoE routing lets a token see later
   tokens (see `noncausal_routing_reason`).
@@ -443,17 +450,21 @@ class TransformerLM(nnx.Module):
                moe_every: int = 1, first_dense_layers: int = 0,
                tie_embeddings: bool = True, rope_base: float = 10000.0,
                dtype=jnp.float32, rngs: nnx.Rngs, tokens_per_group: Optional[int] = None,
-               scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32):
+               scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32,
+               num_kv_heads: Optional[int] = None, qk_norm: str = "none",
+               rms_norm_eps: float = 1e-6):
     head_dim, compute_dtype, storage_dtype, moe = _checked_options(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, head_dim=head_dim,
         moe=moe, rope_base=rope_base, dtype=dtype, scan_layers=scan_layers, remat=remat,
-        param_dtype=param_dtype)
+        param_dtype=param_dtype, num_kv_heads=num_kv_heads, qk_norm=qk_norm,
+        rms_norm_eps=rms_norm_eps)
     flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                             first_dense_layers=first_dense_layers, router=moe.router)
 
     # V, D, N, P, and how the blocks compute (read by decode, LoRA, quantize).
     self.vocab_size, self.d_model, self.num_heads, self.head_dim = (
         vocab_size, d_model, num_heads, head_dim)
+    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     self.tie_embeddings, self.moe_layers, self.moe = tie_embeddings, flags, moe
     self.dtype, self.param_dtype = compute_dtype, storage_dtype
     self.scan_layers, self.remat = scan_layers, remat
@@ -464,11 +475,13 @@ class TransformerLM(nnx.Module):
     # same weights whatever scan_layers.
     blocks = [DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
                            moe=moe if is_moe else moe.dense(), rope_base=rope_base,
-                           dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group)
+                           dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group,
+                           num_kv_heads=num_kv_heads, qk_norm=qk_norm,
+                           rms_norm_eps=rms_norm_eps)
               for is_moe in flags]
     for name, module in self.layout.modules(blocks).items():
       setattr(self, name, module)
-    self.final_norm = _rms_norm(d_model, rngs)
+    self.final_norm = rms_norm(d_model, rms_norm_eps, rngs)
     self.output_kernel = nnx.data(None)
     if not tie_embeddings:
       init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -555,8 +568,9 @@ class TransformerLM(nnx.Module):
   def init_cache(self, batch: int, max_length: int) -> dict[str, jax.Array]:
     """An empty decoding cache for `batch` sequences of up to `max_length`
     tokens: {"index": <int32>[] positions filled, "keys", "values":
-    [num_layers, B, N, max_length, P] in the compute dtype}."""
-    zeros = jnp.zeros((len(self.moe_layers), batch, self.num_heads, max_length,
+    [num_layers, B, K, max_length, P] in the compute dtype (K key/value
+    heads)}."""
+    zeros = jnp.zeros((len(self.moe_layers), batch, self.num_kv_heads, max_length,
                        self.head_dim), self.dtype)
     return {"index": jnp.zeros((), jnp.int32), "keys": zeros, "values": zeros}
 
@@ -580,7 +594,7 @@ class TransformerLM(nnx.Module):
       del in_scan  # decoding keeps no activations for a backward pass
       return block.decode(x, layer_cache, index, tokens)
 
-    # Per-layer inputs and outputs: layer i's (keys, values), each [B, N, max_len, P].
+    # Per-layer inputs and outputs: layer i's (keys, values), each [B, K, max_len, P].
     x, caches = self.layout.walk(self, layer, self._embed(tokens),
                                  list(zip(cache["keys"], cache["values"])))
     return self._logits(x), {"index": index + tokens.shape[1],

@@ -43,6 +43,7 @@ def _keys(mesh_config: Any) -> list[str]:
 def validate_mesh_config(mesh_config: Any, *, num_devices: int,
                          num_experts: Optional[int] = None,
                          num_heads: Optional[int] = None,
+                         num_kv_heads: Optional[int] = None,
                          expert_hidden: Optional[int] = None) -> dict[str, int]:
   """Resolves `config.mesh` against the devices and checks the model divides.
 
@@ -53,6 +54,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
     num_devices: devices the mesh must cover exactly.
     num_experts: routed experts after granularity (E), or None (no check).
     num_heads: attention heads (N), or None.
+    num_kv_heads: key/value heads of grouped-query attention (K), or None.
     expert_hidden: hidden width of one expert after granularity (H), or None.
       The dense FFN and the shared experts have widths that are multiples of
       it, so they divide too.
@@ -94,7 +96,7 @@ def validate_mesh_config(mesh_config: Any, *, num_devices: int,
                      f"{'*'.join(str(sizes[a]) for a in shown)} = {total} does not match "
                      f"the {num_devices} devices")
   _check_model_divides(sizes, num_experts=num_experts, num_heads=num_heads,
-                       expert_hidden=expert_hidden)
+                       num_kv_heads=num_kv_heads, expert_hidden=expert_hidden)
   return sizes
 
 
@@ -103,10 +105,11 @@ def _check_model_divides(sizes: Mapping[str, int], **widths: Optional[int]) -> N
   checks = (
       ("num_experts", "config.model.moe.num_experts (x granularity)", "expert"),
       ("num_heads", "config.model.num_heads", "model"),
+      ("num_kv_heads", "config.model.num_kv_heads", "model"),
       ("expert_hidden", "config.model.moe.expert_hidden (/ granularity)", "model"),
   )
   for key, name, axis in checks:
-    value = widths[key]
+    value = widths.get(key)
     if value is not None and value % sizes[axis]:
       raise ValueError(f"{name} = {value} is not divisible by config.mesh.{axis} = "
                        f"{sizes[axis]}")

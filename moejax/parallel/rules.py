@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "expert": "expert",   # routed experts [E, ...]
     "mlp": "model",       # hidden units of experts and dense FFNs
     "heads": "model",     # attention heads (Megatron-LM, Shoeybi et al. 2019)
+    "kv_heads": "model",  # key/value heads of grouped-query attention
     "embed": None,        # activations; parameters split it over "fsdp" (`param_spec`)
     "vocab": None,
     "head_dim": None,
@@ -53,9 +54,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(^|/)router/slot_params$", ("embed", "router", None)),    # [D, E, P] Soft MoE
     (r"(^|/)router/scale$", ()),                                 # [] Soft MoE
     (r"(^|/)attention/qkv$", ("embed", "qkv", "heads", "head_dim")),  # [D, 3, N, P]
+    (r"(^|/)attention/query$", ("embed", "heads", "head_dim")),  # [D, N, P] (GQA)
+    (r"(^|/)attention/kv$", ("embed", "qkv", "kv_heads", "head_dim")),  # [D, 2, K, P]
     (r"(^|/)attention/out$", ("heads", "head_dim", "embed")),    # [N, P, D]
     (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]
     (r"(^|/)output_kernel$", ("embed", "vocab")),                # [D, V]
+    (r"(^|/)attention/(query|key)_norm/scale$", ("head_dim",)),  # qk_norm [P] or [N P]
     (r"(^|/)[a-z_]*norm/scale$", ("embed",)),                    # RMSNorm [D]
     # LoRA adapters (qwix, moejax.train.lora) of a weight W: x W + x A B, with A
     # taking W's input axes to the rank r and B the rank to W's output axes;
@@ -70,6 +74,10 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(^|/)(ffn|shared)/wo_lora_b$", (None, "embed")),          # [r, D]
     (r"(^|/)attention/qkv_lora_a$", ("embed", None)),            # [D, r]
     (r"(^|/)attention/qkv_lora_b$", (None, "qkv", "heads", "head_dim")),  # [r, 3, N, P]
+    (r"(^|/)attention/query_lora_a$", ("embed", None)),          # [D, r]
+    (r"(^|/)attention/query_lora_b$", (None, "heads", "head_dim")),  # [r, N, P]
+    (r"(^|/)attention/kv_lora_a$", ("embed", None)),             # [D, r]
+    (r"(^|/)attention/kv_lora_b$", (None, "qkv", "kv_heads", "head_dim")),  # [r, 2, K, P]
     (r"(^|/)attention/out_lora_a$", ("heads", "head_dim", None)),  # [N, P, r]
     (r"(^|/)attention/out_lora_b$", (None, "embed")),            # [r, D]
 )

@@ -51,14 +51,25 @@ def _ffn_counts(d_model: int, moe: MoEConfig, is_moe: bool,
           "expert": routed, "router": router}
 
 
+def attention_params(d_model: int, num_heads: int, head_dim: int,
+                     num_kv_heads: Optional[int] = None, qk_norm: str = "none") -> int:
+  """One attention layer's parameters: q and o (2 D N P), k and v (2 D K P),
+  and qk_norm's scales (2 P per head, (N + K) P over the projection)."""
+  kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  norms = {"none": 0, "head": 2 * head_dim, "projection": (num_heads + kv_heads) * head_dim}
+  return 2 * d_model * head_dim * (num_heads + kv_heads) + norms[qk_norm]
+
+
 def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
                  moe: Mapping[str, Any], head_dim: Optional[int] = None,
                  moe_every: int = 1, first_dense_layers: int = 0,
-                 tie_embeddings: bool = True,
+                 tie_embeddings: bool = True, num_kv_heads: Optional[int] = None,
+                 qk_norm: str = "none",
                  tokens_per_group: Optional[int] = None) -> dict[str, int]:
   """Parameter counts of `TransformerLM` with the same keywords.
 
-  Per block: 2 RMSNorm scales (2 D), attention q, k, v, o (4 D N P), and the
+  Per block: 2 RMSNorm scales (2 D), attention (`attention_params`: q, k, v,
+  o, 4 D N P without grouped-query attention or qk_norm), and the
   FFN: an MoE layer (router D E g, E g routed experts of hidden H / g with 2
   kernels, or 3 with swiglu, plus shared experts) or a dense FFN of hidden
   K H (+ shared experts). Plus the final RMSNorm (D), the embedding (V D) and,
@@ -83,7 +94,7 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
   moe = MoEConfig.from_mapping(moe)
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers, router=moe.router)
-  attention = 4 * d_model * num_heads * head_dim
+  attention = attention_params(d_model, num_heads, head_dim, num_kv_heads, qk_norm)
   non_embedding = active = float(d_model)  # final RMSNorm
   expert = 0
   for is_moe in flags:
@@ -114,7 +125,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                           num_heads: int, moe: Mapping[str, Any], seq_len: int,
                           head_dim: Optional[int] = None, moe_every: int = 1,
                           first_dense_layers: int = 0, tie_embeddings: bool = True,
-                          causal: bool = True,
+                          causal: bool = True, num_kv_heads: Optional[int] = None,
+                          qk_norm: str = "none",
                           tokens_per_group: Optional[int] = None) -> float:
   """Training FLOPs per token (forward + backward) of `TransformerLM`.
 
@@ -140,7 +152,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
   counts = param_counts(vocab_size=vocab_size, num_layers=num_layers, d_model=d_model,
                         num_heads=num_heads, head_dim=head_dim, moe=moe,
                         moe_every=moe_every, first_dense_layers=first_dense_layers,
-                        tie_embeddings=tie_embeddings, tokens_per_group=tokens_per_group)
+                        tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads,
+                        qk_norm=qk_norm, tokens_per_group=tokens_per_group)
   active_non_embedding = counts["active_per_token"] - counts["embedding"]
   output_projection = d_model * vocab_size
   attention_forward = (2 if causal else 4) * num_layers * seq_len * num_heads * head_dim
@@ -209,7 +222,7 @@ def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
 
 def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int,
                       d_model: int, num_heads: int, head_dim: int, num_layers: int,
-                      tie_embeddings: bool):
+                      tie_embeddings: bool, num_kv_heads: Optional[int], qk_norm: str):
   """(parameters, active parameters per token, capacity-padding FLOPs) by
   component (see `breakdown`)."""
   params = dict.fromkeys(COMPONENTS, 0.0)
@@ -217,7 +230,8 @@ def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int
   params["embedding"] = active["embedding"] = vocab_size * d_model
   params["output"] = active["output"] = 0 if tie_embeddings else d_model * vocab_size
   params["norms"] = active["norms"] = d_model * (2 * num_layers + 1)
-  params["attention"] = active["attention"] = 4 * d_model * num_heads * head_dim * num_layers
+  params["attention"] = active["attention"] = num_layers * attention_params(
+      d_model, num_heads, head_dim, num_kv_heads, qk_norm)
   padding = 0.0
   for is_moe in flags:
     ffn = _ffn_counts(d_model, moe, is_moe, num_tokens)
@@ -242,7 +256,8 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
               moe: Mapping[str, Any], seq_len: int, batch_size: Optional[int] = None,
               head_dim: Optional[int] = None, moe_every: int = 1,
               first_dense_layers: int = 0, tie_embeddings: bool = True,
-              causal: bool = True) -> dict[str, dict[str, float]]:
+              causal: bool = True, num_kv_heads: Optional[int] = None,
+              qk_norm: str = "none") -> dict[str, dict[str, float]]:
   """Parameters and training FLOPs per token of `TransformerLM`, by component.
 
   Args: those of `train_flops_per_token`, plus `batch_size` (global), needed
@@ -273,7 +288,8 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   num_tokens = tokens_per_group(moe, seq_len=seq_len, batch_size=batch_size)
   params, active, padding = _component_counts(
       flags, moe, num_tokens, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-      head_dim=head_dim, num_layers=num_layers, tie_embeddings=tie_embeddings)
+      head_dim=head_dim, num_layers=num_layers, tie_embeddings=tie_embeddings,
+      num_kv_heads=num_kv_heads, qk_norm=qk_norm)
   params = {name: int(value) for name, value in params.items()}
   vocabulary = ("embedding", "output")
   params["total"] = sum(params[name] for name in COMPONENTS)
@@ -315,7 +331,8 @@ def counts_from_config(config, vocab_size: Optional[int] = None) -> dict[str, fl
       d_model=model.d_model, num_heads=model.num_heads, head_dim=model.head_dim,
       moe=moe, seq_len=config.train.seq_len, batch_size=config.train.batch_size,
       moe_every=model.moe_every, first_dense_layers=model.first_dense_layers,
-      tie_embeddings=model.tie_embeddings)
+      tie_embeddings=model.tie_embeddings, num_kv_heads=model.get("num_kv_heads"),
+      qk_norm=model.get("qk_norm", "none"))
   cfg = MoEConfig.from_mapping(moe)
   routed = routing_lib.get_router(cfg.router).routed
   counts = {"num_experts": cfg.experts if routed else 0,

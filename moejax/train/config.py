@@ -47,8 +47,8 @@ def model_config() -> ml_collections.ConfigDict:
   for field in dataclasses.fields(ModelConfig):
     if field.name == "moe":
       model.moe = moe_config()
-    elif field.name == "head_dim":  # None = d_model // num_heads; a flag may set it
-      model.head_dim = ml_collections.config_dict.placeholder(int)
+    elif field.name in ("head_dim", "num_kv_heads"):  # None = derived; a flag may set it
+      model[field.name] = ml_collections.config_dict.placeholder(int)
     else:
       model[field.name] = field.default
   return model
@@ -97,8 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.data = data.default_config()
 
   # config.model: the fields of moejax.nn.config.ModelConfig, with its defaults
-  # (num_layers, d_model, num_heads, head_dim, moe_every, first_dense_layers,
-  # tie_embeddings, rope_base, dtype, param_dtype, scan_layers, remat, moe).
+  # (num_layers, d_model, num_heads, head_dim, num_kv_heads, qk_norm, rms_norm_eps,
+  # moe_every, first_dense_layers, tie_embeddings, rope_base, dtype, param_dtype, scan_layers, remat, moe).
   config.model = model_config()
 
   config.mesh = ml_collections.ConfigDict()
@@ -284,8 +284,10 @@ def flags_parser(config_flag) -> Callable[[list[str]], list[str]]:
 def _parse_flags(config_flag, argv: list[str]) -> list[str]:
   try:
     remaining = flags.FLAGS(argv)
-    # ml_collections defers a config file that failed to load to its first use.
-    _ = config_flag.value.keys()
+    # ml_collections defers a config file that failed to load to its first use
+    # (a command whose --config is optional has None when it is not given).
+    if config_flag.value is not None:
+      _ = config_flag.value.keys()
     return remaining
   except flags.Error as e:
     message = str(e)

@@ -1,0 +1,342 @@
+"""Hugging Face checkpoints in and out (moejax.hf) against transformers' numbers.
+
+The fixtures in tests/hf_fixtures/ are tiny random models that transformers
+built and saved, with its own float32 logits and greedy generations
+(`tests/hf_fixtures/make_fixtures.py` made them). Where transformers and torch
+are installed, exported folders are also loaded by transformers itself.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import hf
+from moejax import train as trainer
+from moejax.generate import SamplingOptions, generate_tokens
+from moejax.hf import __main__ as hf_cli
+from moejax.hf import families
+from moejax.hf.checkpoint import write_tensors
+from moejax.train import config as config_lib
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "hf_fixtures")
+NAMES = ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen3_moe_fused", "olmoe")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reference(name):
+  return np.load(os.path.join(FIXTURES, name, "reference.npz"))
+
+
+def _logits(model, tokens):
+  logits, _ = model(jnp.asarray(tokens, jnp.int32))
+  return np.asarray(logits)
+
+
+@pytest.fixture(scope="module")
+def imported():
+  """{fixture name: (model, config)}, each imported once."""
+  return {name: hf.from_pretrained(os.path.join(FIXTURES, name)) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_import_gives_transformers_logits(imported, name):
+  model, _ = imported[name]
+  reference = _reference(name)
+  np.testing.assert_allclose(_logits(model, reference["tokens"]), reference["logits"],
+                             atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_matches_transformers(imported, name):
+  model, _ = imported[name]
+  reference = _reference(name)
+  prompt = int(reference["prompt_length"])
+  generated = reference["generated"]
+  new = generated.shape[1] - prompt
+  out = generate_tokens(model, [list(row[:prompt]) for row in generated],
+                        SamplingOptions(max_new_tokens=new, temperature=0.0))
+  assert [list(row[prompt:]) for row in generated] == out
+
+
+def test_import_maps_the_family_options(imported):
+  _, mixtral = imported["mixtral"]
+  assert mixtral.model.num_kv_heads == 2 and mixtral.model.rms_norm_eps == 1e-5
+  assert mixtral.model.rope_base == 1e6 and not mixtral.model.tie_embeddings
+  assert mixtral.model.moe.renormalize is True and mixtral.model.moe.dispatch == "dropless"
+  # transformers' balancing loss is K x the Switch form: weight = K x its coefficient.
+  assert mixtral.model.moe.aux_loss_type == "global_batch"
+  assert mixtral.model.moe.aux_loss_weight == pytest.approx(2 * 0.001)
+  _, olmoe = imported["olmoe"]
+  assert olmoe.model.qk_norm == "projection" and olmoe.model.num_kv_heads is None
+  assert olmoe.model.moe.renormalize is False
+  _, qwen3 = imported["qwen3"]
+  assert qwen3.model.qk_norm == "head" and qwen3.model.head_dim == 16
+  assert qwen3.model.tie_embeddings and qwen3.model.moe.router == "dense"
+
+
+def _tensors(folder):
+  checkpoint = hf.Checkpoint(folder)
+  return {name: checkpoint.read(name) for name in checkpoint.names}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "qwen3_moe", "olmoe"])
+def test_export_writes_back_the_same_tensors(imported, name, tmp_path):
+  model, config = imported[name]
+  out = str(tmp_path / "out")
+  hf.save_pretrained(model, config, out)
+  original, exported = _tensors(os.path.join(FIXTURES, name)), _tensors(out)
+  assert sorted(original) == sorted(exported)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  with open(os.path.join(FIXTURES, name, "config.json")) as f:
+    source = json.load(f)
+  with open(os.path.join(out, "config.json")) as f:
+    written = json.load(f)
+  for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads",
+              "num_hidden_layers", "rms_norm_eps", "tie_word_embeddings", "vocab_size",
+              "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size"):
+    if key in source:
+      assert written[key] == source[key], key
+
+
+def test_fused_experts_export_per_expert_and_reimport(imported, tmp_path):
+  model, config = imported["qwen3_moe_fused"]
+  out = str(tmp_path / "out")
+  hf.save_pretrained(model, config, out)
+  names = hf.Checkpoint(out).names
+  assert "model.layers.0.mlp.experts.7.down_proj.weight" in names
+  assert not any("gate_up_proj" in n for n in names)
+  again, _ = hf.from_pretrained(out)
+  reference = _reference("qwen3_moe_fused")
+  np.testing.assert_array_equal(_logits(again, reference["tokens"]),
+                                _logits(model, reference["tokens"]))
+
+
+def test_sharded_write_and_read(imported, tmp_path):
+  model, config = imported["mixtral"]
+  state = dict(families.tensors(config.model.to_dict(), families.FAMILIES["mixtral"])
+               ["layers/0/ffn/experts/wo"].hf_tensors(
+                   np.asarray(nnx.state(model)["layers"][0]["ffn"]["experts"]["wo"][...])))
+  files = write_tensors(str(tmp_path), list(state.items()), max_shard_bytes=1000)
+  assert files[-1] == "model.safetensors.index.json" and len(files) == 5
+  with open(tmp_path / "model.safetensors.index.json") as f:
+    assert sorted(json.load(f)["weight_map"]) == sorted(state)
+  shutil.copy(os.path.join(FIXTURES, "mixtral", "config.json"), tmp_path)
+  checkpoint = hf.Checkpoint(str(tmp_path))
+  for key, value in state.items():
+    np.testing.assert_array_equal(checkpoint.read(key), value)
+
+
+def test_expert_blocks_read_only_their_experts(monkeypatch):
+  # A device holding experts [2, 4) of a layer reads those experts' tensors only.
+  checkpoint = hf.Checkpoint(os.path.join(FIXTURES, "qwen3_moe"))
+  model = hf.hf_run_config(checkpoint.config).model.to_dict()
+  source = families.tensors(model, families.FAMILIES["qwen3_moe"])[
+      "layers/1/ffn/experts/wi_gate"]
+  read = []
+  original = checkpoint.read
+  monkeypatch.setattr(checkpoint, "read",
+                      lambda name, index=None: read.append(name) or original(name, index))
+  block = source.read(checkpoint, (slice(2, 4), slice(None), slice(None)))
+  assert read == [f"model.layers.1.mlp.experts.{e}.gate_proj.weight" for e in (2, 3)]
+  whole = source.read(checkpoint, (slice(None),) * 3)
+  np.testing.assert_array_equal(block, whole[2:4])
+
+
+def test_placed_on_an_expert_parallel_mesh():
+  # 8 host devices, experts split 4 ways: the same logits as transformers.
+  code = f"""
+import os, numpy as np, jax, jax.numpy as jnp
+from moejax import hf, parallel
+reference = np.load({os.path.join(FIXTURES, 'qwen3_moe', 'reference.npz')!r})
+mesh = parallel.make_mesh({{"data": 2, "fsdp": 1, "expert": 4, "model": 1}})
+model, _ = hf.from_pretrained({os.path.join(FIXTURES, 'qwen3_moe')!r}, mesh=mesh)
+kernel = model.layers[0].ffn.experts.wi_gate[...]
+assert kernel.sharding.spec[0] == "expert", kernel.sharding
+with parallel.activate(mesh):
+  logits, _ = model(jnp.asarray(reference["tokens"], jnp.int32))
+print(float(np.abs(np.asarray(logits) - reference["logits"]).max()))
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=env, cwd=REPO, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+# --- refusals ---------------------------------------------------------------
+
+def _copy_fixture(name, tmp_path, **config_changes):
+  folder = tmp_path / name
+  shutil.copytree(os.path.join(FIXTURES, name), folder)
+  with open(folder / "config.json") as f:
+    config = json.load(f)
+  config.update(config_changes)
+  with open(folder / "config.json", "w") as f:
+    json.dump(config, f)
+  return str(folder)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "deepseek_v3"}, "not supported yet: moejax lacks multi-head latent"),
+    ({"model_type": "gpt_oss"}, "attention sinks"),
+    ({"model_type": "bert"}, "model_type 'bert' is not supported; supported:"),
+    ({"attention_bias": True}, "attention_bias=true"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_type 'yarn'"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+])
+def test_import_refuses_by_name(tmp_path, changes, message):
+  folder = _copy_fixture("qwen3_moe", tmp_path, **changes)
+  with pytest.raises(hf.Unsupported, match=message.replace("(", r"\(")):
+    hf.from_pretrained(folder)
+
+
+def test_import_refuses_unused_and_missing_tensors(tmp_path):
+  from safetensors.numpy import save_file
+  folder = _copy_fixture("llama", tmp_path)
+  tensors = _tensors(folder)
+  extra = dict(tensors, **{"model.layers.0.mlp.gate_proj.bias": np.zeros(48, np.float32)})
+  save_file(extra, os.path.join(folder, "model.safetensors"))
+  with pytest.raises(hf.Unsupported, match="gate_proj.bias.*no place"):
+    hf.from_pretrained(folder)
+  tensors.pop("model.layers.1.self_attn.k_proj.weight")
+  save_file(tensors, os.path.join(folder, "model.safetensors"))
+  with pytest.raises(hf.CheckpointError, match="k_proj.weight.*missing"):
+    hf.from_pretrained(folder)
+  with pytest.raises(hf.CheckpointError, match="no config.json"):
+    hf.from_pretrained(str(tmp_path))
+
+
+def _moe_config(**moe):
+  config = config_lib.default_config()
+  config.model.moe.update({"activation": "swiglu", "capacity_factor": 0.0,
+                           "dispatch": "dropless", **moe})
+  config.model.tie_embeddings = False
+  return config
+
+
+@pytest.mark.parametrize("moe, message", [
+    (dict(router="expert_choice", capacity_factor=2.0, dispatch="auto"),
+     "router='expert_choice'"),
+    (dict(router="soft_moe", capacity_factor=1.0, dispatch="auto"), "router='soft_moe'"),
+    (dict(capacity_factor=1.25, dispatch="gather"), "capacity_factor=1.25"),
+    (dict(activation="gelu"), "activation='gelu'"),
+    (dict(num_shared_experts=1), "num_shared_experts"),
+    (dict(bias_update_rate=1e-3, aux_loss_type="none"), "balancing bias"),
+    (dict(score_fn="sigmoid"), "score_fn='sigmoid'"),
+])
+def test_export_refuses_by_name(moe, message):
+  with pytest.raises(hf.Unsupported, match=message):
+    hf.export_plan(_moe_config(**moe), "mixtral")
+
+
+def test_export_guesses_the_family():
+  assert hf.export_plan(_moe_config(), None)[0].model_type == "mixtral"
+  config = _moe_config(renormalize=False)
+  config.model.qk_norm = "projection"
+  assert hf.export_plan(config, None)[0].model_type == "olmoe"
+  config = _moe_config(router="dense", top_k=1)
+  config.model.qk_norm = "head"
+  assert hf.export_plan(config, None)[0].model_type == "qwen3"
+
+
+# --- the CLI and the tools on an imported workdir ---------------------------
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "moejax.hf", *args], capture_output=True,
+                        text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                        timeout=600)
+
+
+def test_cli_import_export_round_trip(tmp_path):
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+  done = _cli("import", f"--hf_dir={os.path.join(FIXTURES, 'olmoe')}", f"--workdir={workdir}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Imported olmoe" in done.stdout
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "0"))
+  again = _cli("import", f"--hf_dir={os.path.join(FIXTURES, 'olmoe')}", f"--workdir={workdir}")
+  assert again.returncode == 1 and again.stderr.strip().startswith("error:")
+  assert len(again.stderr.strip().splitlines()) == 1 and "not empty" in again.stderr
+  done = _cli("export", f"--workdir={workdir}", f"--out={out}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  original, exported = _tensors(os.path.join(FIXTURES, "olmoe")), _tensors(out)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  refused = _cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'other'}",
+                 "--family=mixtral")
+  assert refused.returncode == 1 and "qk_norm='projection'" in refused.stderr
+  assert not os.path.exists(tmp_path / "other")
+  if _transformers() is not None:
+    _check_transformers_logits(out, "olmoe")
+
+
+def _transformers():
+  try:
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import transformers  # pylint: disable=import-outside-toplevel
+    return transformers
+  except ImportError:
+    return None
+
+
+def _check_transformers_logits(folder, name):
+  import torch  # pylint: disable=import-outside-toplevel
+  transformers = _transformers()
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+  reference = _reference(name)
+  with torch.no_grad():
+    logits = model(torch.tensor(reference["tokens"])).logits.numpy()
+  np.testing.assert_allclose(logits, reference["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(_transformers() is None,
+                    reason="transformers and torch are not installed (CI's install stays "
+                           "light); the committed fixtures hold transformers' logits")
+@pytest.mark.parametrize("name", NAMES)
+def test_transformers_loads_the_export(imported, name, tmp_path):
+  model, config = imported[name]
+  hf.save_pretrained(model, config, str(tmp_path / "out"))
+  _check_transformers_logits(str(tmp_path / "out"), name)
+
+
+def _small_training(config, workdir, steps=10):
+  config.train.update(steps=steps, batch_size=4, seq_len=16, warmup_steps=1, log_every=5,
+                      eval_every=steps, eval_batches=1, checkpoint_every=steps)
+  return trainer.train_and_evaluate(config, workdir)
+
+
+def test_import_then_lora_then_evaluate(tmp_path):
+  base = str(tmp_path / "base")
+  hf_cli.import_checkpoint(os.path.join(FIXTURES, "qwen3_moe"), base)
+  config = hf.hf_run_config(hf.Checkpoint(os.path.join(FIXTURES, "qwen3_moe")).config)
+  config.finetune.base = base
+  config.finetune.lora.update(rank=4, targets="attention,router")
+  result = _small_training(config, str(tmp_path / "lora"))
+  assert np.isfinite(result["eval/loss"])
+  from moejax import evaluate  # pylint: disable=import-outside-toplevel
+  evaluated = evaluate.evaluate(str(tmp_path / "lora"), num_batches=1)
+  assert evaluated["eval/loss"] == pytest.approx(result["eval/loss"], rel=1e-4)
+
+
+def test_import_dense_then_upcycle_then_train(tmp_path):
+  dense = str(tmp_path / "dense")
+  hf_cli.import_checkpoint(os.path.join(FIXTURES, "llama"), dense)
+  config = hf.hf_run_config(hf.Checkpoint(os.path.join(FIXTURES, "llama")).config)
+  config.init.upcycle_from = dense
+  config.model.moe.update(router="topk", num_experts=4, top_k=1, renormalize=True,
+                          capacity_factor=0.0, dispatch="dropless")
+  workdir = str(tmp_path / "moe")
+  result = _small_training(config, workdir)
+  assert np.isfinite(result["eval/loss"])
+  assert os.path.exists(os.path.join(workdir, "upcycled_from.json"))
