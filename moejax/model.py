@@ -53,7 +53,8 @@ def build(config: ml_collections.ConfigDict, vocab_size: int,
     cfg = model_config(config)
     kwargs = cfg.architecture(vocab_size, tokens_per_group(config))
     kwargs["moe"] = cfg.moe
-    return TransformerLM(**kwargs, rope_base=cfg.rope_base, rms_norm_eps=cfg.rms_norm_eps,
+    return TransformerLM(**kwargs, rope_base=cfg.rope_base, rope=cfg.rope,
+                         rms_norm_eps=cfg.rms_norm_eps,
                          dtype=cfg.dtype,
                          param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
                          remat=cfg.remat, rngs=rngs)

@@ -27,7 +27,8 @@ from moejax.hf.checkpoint import write_tensors
 from moejax.train import config as config_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "hf_fixtures")
-NAMES = ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen3_moe_fused", "olmoe")
+NAMES = ("llama", "qwen3", "mixtral", "qwen3_moe", "qwen3_moe_fused", "olmoe", "deepseek_v3",
+         "deepseek_v3_full_query")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,6 +78,18 @@ def test_import_maps_the_family_options(imported):
   _, olmoe = imported["olmoe"]
   assert olmoe.model.qk_norm == "projection" and olmoe.model.num_kv_heads is None
   assert olmoe.model.moe.renormalize is False
+  _, deepseek = imported["deepseek_v3"]
+  assert deepseek.model.kv_lora_rank == 16 and deepseek.model.q_lora_rank == 24
+  assert deepseek.model.rope_yarn_factor == 4.0 and deepseek.model.rope_interleave
+  assert deepseek.model.first_dense_layers == 1 and deepseek.model.dense_hidden == 48
+  assert deepseek.model.moe.score_fn == "sigmoid" and deepseek.model.moe.num_groups == 4
+  # The balancing bias has a slot: it is kept, and moves at DeepSeek-V3's rate.
+  assert deepseek.model.moe.bias_update_rate == 1e-3
+  model, _ = imported["deepseek_v3"]
+  bias = hf.Checkpoint(os.path.join(FIXTURES, "deepseek_v3")).read(
+      "model.layers.1.mlp.gate.e_score_correction_bias")
+  assert np.any(bias != 0)
+  np.testing.assert_array_equal(np.asarray(model.layers[1].ffn.router.bias[...]), bias)
   _, qwen3 = imported["qwen3"]
   assert qwen3.model.qk_norm == "head" and qwen3.model.head_dim == 16
   assert qwen3.model.tie_embeddings and qwen3.model.moe.router == "dense"
@@ -87,7 +100,8 @@ def _tensors(folder):
   return {name: checkpoint.read(name) for name in checkpoint.names}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mixtral", "qwen3_moe", "olmoe",
+                                  "deepseek_v3", "deepseek_v3_full_query"])
 def test_export_writes_back_the_same_tensors(imported, name, tmp_path):
   model, config = imported[name]
   out = str(tmp_path / "out")
@@ -102,7 +116,9 @@ def test_export_writes_back_the_same_tensors(imported, name, tmp_path):
     written = json.load(f)
   for key in ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads",
               "num_hidden_layers", "rms_norm_eps", "tie_word_embeddings", "vocab_size",
-              "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size"):
+              "num_experts_per_tok", "norm_topk_prob", "moe_intermediate_size",
+              "kv_lora_rank", "q_lora_rank", "first_k_dense_replace", "n_group", "topk_group",
+              "routed_scaling_factor", "n_shared_experts", "rope_interleave"):
     if key in source:
       assert written[key] == source[key], key
 
@@ -187,18 +203,18 @@ def _copy_fixture(name, tmp_path, **config_changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"model_type": "deepseek_v3"}, "not supported yet: moejax lacks multi-head latent"),
-    ({"model_type": "gpt_oss"}, "attention sinks"),
+    ({"model_type": "gpt_oss"}, "not supported yet: moejax lacks attention sinks"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "quantization_config \\(fp8"),
     ({"model_type": "bert"}, "model_type 'bert' is not supported; supported:"),
     ({"attention_bias": True}, "attention_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
-     "rope_type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0}},
+     "rope_type 'longrope'"),
     ({"use_sliding_window": True}, "use_sliding_window"),
 ])
 def test_import_refuses_by_name(tmp_path, changes, message):
   folder = _copy_fixture("qwen3_moe", tmp_path, **changes)
-  with pytest.raises(hf.Unsupported, match=message.replace("(", r"\(")):
+  with pytest.raises(hf.Unsupported, match=message):
     hf.from_pretrained(folder)
 
 
@@ -340,3 +356,20 @@ def test_import_dense_then_upcycle_then_train(tmp_path):
   result = _small_training(config, workdir)
   assert np.isfinite(result["eval/loss"])
   assert os.path.exists(os.path.join(workdir, "upcycled_from.json"))
+
+
+def test_deepseek_export_refusals_and_mtp_layers(tmp_path):
+  # A standard-attention model has no DeepSeek-V3 layout; DeepSeek-V3's
+  # multi-token-prediction layer (past num_hidden_layers) is not part of the
+  # next-token logits and is left out, as transformers does.
+  with pytest.raises(hf.Unsupported, match="standard attention"):
+    hf.export_plan(_moe_config(score_fn="sigmoid"), "deepseek_v3")
+  from safetensors.numpy import save_file
+  folder = _copy_fixture("deepseek_v3", tmp_path)
+  tensors = dict(_tensors(folder), **{"model.layers.3.eh_proj.weight": np.ones((4, 4),
+                                                                            np.float32)})
+  save_file(tensors, os.path.join(folder, "model.safetensors"))
+  model, _ = hf.from_pretrained(folder)
+  reference = _reference("deepseek_v3")
+  np.testing.assert_allclose(_logits(model, reference["tokens"]), reference["logits"],
+                             atol=1e-5, rtol=0)

@@ -7,7 +7,8 @@
 `from_pretrained` reads config.json and the safetensors (one file or shards
 with an index; experts one tensor per expert as on the Hub, or transformers
 5's fused [E, ...] tensors) with numpy, maps them per family
-(`families.FAMILIES`: OLMoE, Qwen3-MoE, Mixtral; dense Llama and Qwen3) and
+(`families.FAMILIES`: OLMoE, Qwen3-MoE, Mixtral, DeepSeek-V3; dense Llama and
+Qwen3) and
 places every parameter directly in its sharding on `mesh`: each device's
 block is read from the files on its own (`jax.make_array_from_callback`), so
 an expert-parallel placement reads only that device's experts and no whole
@@ -170,11 +171,21 @@ def _check_names(checkpoint: Checkpoint, sources: dict[str, families.Tensor]) ->
     raise CheckpointError(f"{checkpoint.path}: tensor(s) {missing[:3]}"
                           f"{' ...' if len(missing) > 3 else ''} are missing "
                           f"({len(missing)} in all) for the layout config.json describes")
-  unused = sorted(n for n in checkpoint.names - needed if not n.endswith(_IGNORED_SUFFIXES))
+  layers = int(checkpoint.config.get("num_hidden_layers", 0))
+  unused = sorted(n for n in checkpoint.names - needed
+                  if not n.endswith(_IGNORED_SUFFIXES) and not _beyond_layers(n, layers))
   if unused:
     raise Unsupported(f"{checkpoint.path}: tensor(s) {unused[:3]}"
                       f"{' ...' if len(unused) > 3 else ''} have no place in moejax's "
                       f"{checkpoint.config.get('model_type')} mapping ({len(unused)} in all)")
+
+
+def _beyond_layers(name: str, layers: int) -> bool:
+  """A tensor of a layer past the decoder's (DeepSeek-V3's multi-token-
+  prediction module, which transformers does not load either)."""
+  parts = name.split(".")
+  return (len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit()
+          and int(parts[2]) >= layers)
 
 
 def _host(x: jax.Array) -> np.ndarray:

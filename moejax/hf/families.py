@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from moejax import routing as routing_lib
+from moejax.nn.config import moe_layer_flags
 
 
 class Unsupported(ValueError):
@@ -40,6 +41,9 @@ class Family:
     experts_keys: config keys that may hold E (the first present is read).
     hidden_key: the config key of H (dense: the FFN width).
     renormalize: True/False for a fixed rule; None: config "norm_topk_prob".
+    latent: multi-head latent attention, sigmoid routing with a balancing
+      bias, group-limited routing, shared experts and dense first layers
+      (DeepSeek-V3).
   """
   model_type: str
   architecture: str
@@ -50,6 +54,7 @@ class Family:
   experts_keys: tuple[str, ...] = ("num_experts", "num_local_experts")
   hidden_key: str = "intermediate_size"
   renormalize: Optional[bool] = None
+  latent: bool = False
 
 
 FAMILIES = {f.model_type: f for f in (
@@ -61,10 +66,12 @@ FAMILIES = {f.model_type: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", routed=True, qk_norm="head",
            hidden_key="moe_intermediate_size"),
     Family("olmoe", "OlmoeForCausalLM", routed=True, qk_norm="projection"),
+    Family("deepseek_v3", "DeepseekV3ForCausalLM", routed=True,
+           experts_keys=("n_routed_experts",), hidden_key="moe_intermediate_size",
+           latent=True),
 )}
 # What the other MoE families need (moejax refuses them by name until then).
 NOT_YET = {
-    "deepseek_v3": "multi-head latent attention, YaRN and dense first layers of another width",
     "gpt_oss": "attention sinks, attention and expert biases, a clamped SwiGLU and "
                "per-layer sliding windows",
     "qwen2_moe": "a sigmoid gate on the shared expert",
@@ -87,18 +94,36 @@ def _get(hf: dict[str, Any], key: str, default: Any = None) -> Any:
   return default if value is None else value
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-  """The RoPE base, from transformers 5's `rope_parameters` or the older
-  top-level `rope_theta` (refusing scaled variants)."""
-  params = hf.get("rope_parameters") or {}
-  scaling = hf.get("rope_scaling") or {}
-  kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-  if kind != "default":
-    raise Unsupported(f"rope_type {kind!r} (RoPE scaling) is not supported yet")
-  for source in (params, hf):
-    if source.get("rope_theta") is not None:
-      return float(source["rope_theta"])
-  return 10000.0
+def rope_options(hf: dict[str, Any]) -> dict[str, Any]:
+  """The RoPE keys of config.model (`rope_base`, `rope_interleave`,
+  `rope_yarn_*`) from transformers 5's `rope_parameters` or the older
+  top-level `rope_theta` / `rope_scaling`; Unsupported for other scalings."""
+  params = dict(hf.get("rope_parameters") or {})
+  params = {**(hf.get("rope_scaling") or {}), **params}
+  kind = params.get("rope_type") or params.get("type") or "default"
+  theta = params.get("rope_theta", hf.get("rope_theta"))
+  options = {"rope_base": 10000.0 if theta is None else float(theta),
+             "rope_interleave": bool(hf.get("rope_interleave", False))}
+  if kind == "default":
+    return options
+  if kind != "yarn":
+    raise Unsupported(f"rope_type {kind!r} (RoPE scaling) is not supported yet; "
+                      f"supported: default, yarn")
+  if params.get("attention_factor") is not None or params.get("truncate") is False:
+    raise Unsupported("YaRN with attention_factor or truncate=false is not supported")
+  original = params.get("original_max_position_embeddings")
+  factor = params.get("factor")
+  if original is None:
+    raise Unsupported("YaRN without original_max_position_embeddings")
+  if factor is None:
+    factor = _get(hf, "max_position_embeddings", 0) / original
+  options.update(rope_yarn_factor=float(factor),
+                 rope_yarn_original_max_positions=int(original),
+                 rope_yarn_beta_fast=float(params.get("beta_fast") or 32),
+                 rope_yarn_beta_slow=float(params.get("beta_slow") or 1),
+                 rope_yarn_mscale=float(params.get("mscale") or 0.0),
+                 rope_yarn_mscale_all_dim=float(params.get("mscale_all_dim") or 0.0))
+  return options
 
 
 def check_importable(hf: dict[str, Any]) -> Family:
@@ -122,11 +147,19 @@ def check_importable(hf: dict[str, Any]) -> Family:
        "dense layers between MoE layers (mlp_only_layers / decoder_sparse_step) of "
        "another width"),
       (int(_get(hf, "pretraining_tp", 1)) != 1, "pretraining_tp != 1"),
+      (bool(hf.get("quantization_config")),
+       f"quantization_config ({(hf.get('quantization_config') or {}).get('quant_method')} "
+       f"weights; dequantize to bfloat16 first)"),
+      (family.latent and _get(hf, "scoring_func", "sigmoid") != "sigmoid",
+       f"scoring_func={hf.get('scoring_func')!r}"),
+      (family.latent and _get(hf, "topk_method", "noaux_tc") != "noaux_tc",
+       f"topk_method={hf.get('topk_method')!r}"),
+      (family.latent and _get(hf, "moe_layer_freq", 1) != 1, "moe_layer_freq != 1"),
   )
   for refused, what in refusals:
     if refused:
       raise Unsupported(f"{family.model_type}: {what} is not supported")
-  rope_theta(hf)
+  rope_options(hf)
   return family
 
 
@@ -148,8 +181,8 @@ def model_options(hf: dict[str, Any]) -> dict[str, Any]:
       head_dim=int(_get(hf, "head_dim", d_model // num_heads)),
       num_kv_heads=None if kv_heads == num_heads else kv_heads,
       qk_norm=family.qk_norm, rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-      rope_base=rope_theta(hf), tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-      moe_every=1, first_dense_layers=0)
+      tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+      moe_every=1, first_dense_layers=0, **rope_options(hf))
   if not family.routed:
     options["moe"] = dict(router="dense", num_experts=1, top_k=1,
                           expert_hidden=int(hf[family.hidden_key]), activation="swiglu",
@@ -164,6 +197,8 @@ def model_options(hf: dict[str, Any]) -> dict[str, Any]:
   # layers' tokens: aux_loss_type="global_batch" with weight K * coefficient
   # gives the same value per layer (README, "Use a Hugging Face checkpoint").
   coefficient = float(_get(hf, "router_aux_loss_coef", 0.0))
+  if family.latent:
+    return _deepseek_options(hf, options, top_k)
   options["moe"] = dict(
       router="topk", num_experts=_experts(family, hf), top_k=top_k,
       expert_hidden=int(hf[family.hidden_key]), activation="swiglu", score_fn="softmax",
@@ -174,18 +209,49 @@ def model_options(hf: dict[str, Any]) -> dict[str, Any]:
   return options
 
 
+# DeepSeek-V3's bias update speed gamma (arXiv 2412.19437, §4.2: 0.001): the
+# imported bias keeps its values and moves at this rate if fine-tuned.
+DEEPSEEK_BIAS_UPDATE_RATE = 1e-3
+
+
+def _deepseek_options(hf: dict[str, Any], options: dict[str, Any], top_k: int):
+  """config.model for DeepSeek-V3: MLA, dense first layers, sigmoid routing
+  with the balancing bias, group-limited, shared experts."""
+  q_rank = hf.get("q_lora_rank")
+  nope, rope = int(hf["qk_nope_head_dim"]), int(hf["qk_rope_head_dim"])
+  options.update(
+      kv_lora_rank=int(hf["kv_lora_rank"]), q_lora_rank=int(q_rank or 0),
+      qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=int(hf["v_head_dim"]),
+      head_dim=nope + rope, num_kv_heads=None,
+      first_dense_layers=int(_get(hf, "first_k_dense_replace", 0)),
+      dense_hidden=int(hf["intermediate_size"]))
+  options["moe"] = dict(
+      router="topk", num_experts=int(hf["n_routed_experts"]), top_k=top_k,
+      expert_hidden=int(hf["moe_intermediate_size"]), activation="swiglu",
+      score_fn="sigmoid", renormalize=bool(_get(hf, "norm_topk_prob", True)),
+      routed_scaling_factor=float(_get(hf, "routed_scaling_factor", 1.0)),
+      num_groups=int(_get(hf, "n_group", 1)), top_groups=int(_get(hf, "topk_group", 1)),
+      num_shared_experts=int(_get(hf, "n_shared_experts", 0)), granularity=1,
+      capacity_factor=0.0, eval_capacity_factor=None, dispatch="dropless",
+      bias_update_rate=DEEPSEEK_BIAS_UPDATE_RATE, aux_loss_type="none",
+      aux_loss_weight=0.0, z_loss_weight=0.0, group_by="sequence", group_size=None)
+  return options
+
+
 def guess_family(model: dict[str, Any]) -> Family:
   """The family a moejax model (config.model as a dict) exports as."""
   moe = model["moe"]
   routed = routing_lib.get_router(moe["router"]).routed
   qk_norm = model.get("qk_norm", "none")
+  latent = bool(model.get("kv_lora_rank"))
   for family in FAMILIES.values():
-    if family.routed == routed and family.qk_norm == qk_norm:
+    if family.routed == routed and family.qk_norm == qk_norm and family.latent == latent:
       if routed and family.renormalize is not None and (
           family.renormalize != _renormalizes(moe)):
         continue
       return family
-  raise Unsupported(f"no Hugging Face family has routed={routed} with qk_norm={qk_norm!r}")
+  raise Unsupported(f"no Hugging Face family has routed={routed} with qk_norm={qk_norm!r}"
+                    f"{' and multi-head latent attention' if latent else ''}")
 
 
 def _renormalizes(moe: dict[str, Any]) -> bool:
@@ -199,37 +265,52 @@ def check_exportable(model: dict[str, Any], family: Family) -> None:
   moe = model["moe"]
   routed = routing_lib.get_router(moe["router"]).routed
   name = family.model_type
+  latent = bool(model.get("kv_lora_rank"))
+  deepseek = family.latent
   refusals = [
       (model.get("qk_norm", "none") != family.qk_norm,
        f"qk_norm={model.get('qk_norm', 'none')!r} ({name} has {family.qk_norm!r})"),
+      (latent != deepseek, "multi-head latent attention" if latent else
+       f"standard attention ({name} has multi-head latent attention)"),
       (routed != family.routed,
        f"router={moe['router']!r} ({name} is {'an MoE' if family.routed else 'a dense'} "
        f"family)"),
       (moe["activation"] != "swiglu", f"activation={moe['activation']!r} (GELU experts; "
                                       f"{name} has SwiGLU)"),
-      (moe.get("num_shared_experts", 0) != 0, "num_shared_experts > 0 (no slot in "
-                                              f"{name})"),
-      (model.get("moe_every", 1) != 1 or model.get("first_dense_layers", 0) != 0,
-       "dense layers between MoE layers (moe_every / first_dense_layers)"),
+      (moe.get("num_shared_experts", 0) != 0 and not deepseek,
+       f"num_shared_experts > 0 (no slot in {name})"),
+      (model.get("moe_every", 1) != 1, "moe_every != 1 (dense layers between MoE layers)"),
+      (model.get("first_dense_layers", 0) != 0 and not deepseek,
+       f"first_dense_layers > 0 ({name} has no dense first layers)"),
+      (deepseek and model.get("first_dense_layers", 0) != 0
+       and model.get("dense_hidden") is None,
+       "dense first layers with shared experts (set dense_hidden: DeepSeek-V3's are plain "
+       "MLPs)"),
+      (model.get("dense_hidden") is not None and not deepseek and routed,
+       f"dense_hidden ({name} has no dense layers)"),
+      (model.get("rope_interleave", False) and not deepseek, "rope_interleave=true"),
   ]
   if routed:
     cfg = routing_lib.MoEConfig.from_mapping(moe)
+    score_fn = "sigmoid" if deepseek else "softmax"
     refusals += [
         (moe["router"] not in ("topk", "switch"),
          f"router={moe['router']!r} (only token-choice top-k routing maps to {name})"),
         (not routing_lib.is_dropless(moe["capacity_factor"]),
          f"capacity_factor={moe['capacity_factor']} (finite capacity drops tokens; "
          f"{name} is dropless: train with capacity_factor=0)"),
-        (moe.get("score_fn", "softmax") != "softmax",
-         f"score_fn={moe.get('score_fn')!r} ({name} selects on softmax probabilities)"),
-        (moe.get("granularity", 1) != 1, "granularity != 1"),
-        (moe.get("num_groups", 1) != 1, "num_groups != 1 (group-limited routing)"),
-        (moe.get("routed_scaling_factor", 1.0) != 1.0, "routed_scaling_factor != 1"),
-        (moe.get("bias_update_rate", 0.0) > 0,
+        (moe.get("score_fn", "softmax") != score_fn,
+         f"score_fn={moe.get('score_fn')!r} ({name} routes on {score_fn} scores)"),
+        (cfg.experts != moe["num_experts"] or moe.get("granularity", 1) != 1,
+         "granularity != 1"),
+        (moe.get("num_groups", 1) != 1 and not deepseek,
+         "num_groups != 1 (group-limited routing)"),
+        (moe.get("routed_scaling_factor", 1.0) != 1.0 and not deepseek,
+         "routed_scaling_factor != 1"),
+        (moe.get("bias_update_rate", 0.0) > 0 and not deepseek,
          f"a balancing bias (bias_update_rate > 0): {name} has no slot for it"),
         (family.renormalize is not None and family.renormalize != _renormalizes(moe),
          f"renormalize={_renormalizes(moe)} ({name} always renormalizes)"),
-        (cfg.experts != moe["num_experts"], "granularity != 1"),
     ]
   for refused, what in refusals:
     if refused:
@@ -249,7 +330,7 @@ def hf_config(model: dict[str, Any], family: Family, vocab_size: int,
       num_hidden_layers=model["num_layers"], num_attention_heads=num_heads,
       num_key_value_heads=model.get("num_kv_heads") or num_heads, head_dim=head_dim,
       hidden_act="silu", rms_norm_eps=model.get("rms_norm_eps", 1e-6),
-      rope_theta=theta, rope_parameters={"rope_type": "default", "rope_theta": theta},
+      rope_theta=theta, rope_parameters=_rope_parameters(model),
       max_position_embeddings=max_positions,
       tie_word_embeddings=bool(model["tie_embeddings"]), attention_bias=False,
       dtype="bfloat16" if model.get("param_dtype") == "bfloat16" else "float32",
@@ -269,7 +350,36 @@ def hf_config(model: dict[str, Any], family: Family, vocab_size: int,
               mlp_only_layers=[], use_sliding_window=False)
   if family.model_type == "mixtral":
     hf.update(sliding_window=None, router_jitter_noise=0.0)
+  if family.latent:
+    first_dense = model.get("first_dense_layers", 0)
+    hf.update(
+        kv_lora_rank=model["kv_lora_rank"], q_lora_rank=model["q_lora_rank"] or None,
+        qk_nope_head_dim=model["qk_nope_head_dim"], qk_rope_head_dim=model["qk_rope_head_dim"],
+        v_head_dim=model["v_head_dim"], head_dim=model["qk_rope_head_dim"],
+        n_shared_experts=moe.get("num_shared_experts", 0),
+        routed_scaling_factor=moe.get("routed_scaling_factor", 1.0),
+        n_group=moe.get("num_groups", 1), topk_group=moe.get("top_groups", 1),
+        first_k_dense_replace=first_dense, moe_layer_freq=1,
+        intermediate_size=model.get("dense_hidden") or top_k * moe["expert_hidden"],
+        rope_interleave=bool(model.get("rope_interleave", False)),
+        scoring_func="sigmoid", topk_method="noaux_tc", num_key_value_heads=num_heads,
+        norm_topk_prob=_renormalizes(moe))
+    hf.pop("router_aux_loss_coef", None)
   return hf
+
+
+def _rope_parameters(model: dict[str, Any]) -> dict[str, Any]:
+  """transformers' `rope_parameters` of config.model's RoPE keys."""
+  theta = float(model["rope_base"])
+  if not model.get("rope_yarn_factor"):
+    return {"rope_type": "default", "rope_theta": theta}
+  out = {"rope_type": "yarn", "rope_theta": theta, "factor": model["rope_yarn_factor"],
+         "original_max_position_embeddings": model["rope_yarn_original_max_positions"],
+         "beta_fast": model["rope_yarn_beta_fast"], "beta_slow": model["rope_yarn_beta_slow"]}
+  for key in ("mscale", "mscale_all_dim"):
+    if model.get(f"rope_yarn_{key}"):
+      out[key] = model[f"rope_yarn_{key}"]
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -347,6 +457,33 @@ def _heads_out(name: str, num_heads: int, head_dim: int, d_model: int) -> Tensor
                 lambda x: (_transpose(x.reshape(num_heads * head_dim, d_model)),))
 
 
+def _mlp(out: dict, mj: str, hf: str) -> None:
+  """A SwiGLU MLP's kernels (gate_proj, up_proj, down_proj) at moejax `mj`."""
+  for kernel, proj in (("wi_gate", "gate_proj"), ("wi_up", "up_proj"), ("wo", "down_proj")):
+    out[mj + kernel] = _linear(hf + f"{proj}.weight")
+
+
+def _latent_attention(out: dict, mj: str, hf: str, model: dict[str, Any]) -> None:
+  """MLA's kernels (DeepSeek-V3's names) at moejax `mj` ("layers/i/attention/")."""
+  d_model, heads = model["d_model"], model["num_heads"]
+  nope, rope, v = model["qk_nope_head_dim"], model["qk_rope_head_dim"], model["v_head_dim"]
+  kv_rank, q_rank = model["kv_lora_rank"], model["q_lora_rank"]
+
+  def up(name, rank, width):  # [heads * width, rank] -> [rank, heads, width]
+    return Tensor((hf + name,), lambda w: w.T.reshape(rank, heads, width),
+                  lambda x: (_transpose(x.reshape(rank, heads * width)),))
+  if q_rank:
+    out[mj + "q_down"] = _linear(hf + "q_a_proj.weight")
+    out[mj + "q_norm/scale"] = _plain(hf + "q_a_layernorm.weight")
+    out[mj + "q_up"] = up("q_b_proj.weight", q_rank, nope + rope)
+  else:
+    out[mj + "query"] = up("q_proj.weight", d_model, nope + rope)
+  out[mj + "kv_down"] = _linear(hf + "kv_a_proj_with_mqa.weight")
+  out[mj + "kv_norm/scale"] = _plain(hf + "kv_a_layernorm.weight")
+  out[mj + "kv_up"] = up("kv_b_proj.weight", kv_rank, nope + v)
+  out[mj + "out"] = _heads_out(hf + "o_proj.weight", heads, v, d_model)
+
+
 def tensors(model: dict[str, Any], family: Family, *, fused_experts: bool = False
             ) -> dict[str, Tensor]:
   """{moejax parameter path in the unscanned layout ("layers/0/attention/qkv"):
@@ -357,14 +494,19 @@ def tensors(model: dict[str, Any], family: Family, *, fused_experts: bool = Fals
   head_dim = model.get("head_dim") or d_model // num_heads
   kv_heads = model.get("num_kv_heads") or num_heads
   moe = model["moe"]
+  flags = moe_layer_flags(num_layers=model["num_layers"], moe_every=model.get("moe_every", 1),
+                          first_dense_layers=model.get("first_dense_layers", 0),
+                          router=moe["router"])
   out = {"embed/embedding": _plain("model.embed_tokens.weight"),
          "final_norm/scale": _plain("model.norm.weight")}
   if not model["tie_embeddings"]:
     out["output_kernel"] = _linear("lm_head.weight")
-  for i in range(model["num_layers"]):
+  for i, is_moe in enumerate(flags):
     hf, mj = f"model.layers.{i}.", f"layers/{i}/"
     attention = hf + "self_attn."
-    if kv_heads == num_heads:
+    if model.get("kv_lora_rank"):
+      _latent_attention(out, mj + "attention/", attention, model)
+    elif kv_heads == num_heads:
       out[mj + "attention/qkv"] = _heads_in(
           tuple(attention + f"{p}_proj.weight" for p in "qkv"), (num_heads,) * 3,
           d_model, head_dim)
@@ -374,20 +516,23 @@ def tensors(model: dict[str, Any], family: Family, *, fused_experts: bool = Fals
       out[mj + "attention/kv"] = _heads_in(
           (attention + "k_proj.weight", attention + "v_proj.weight"), (kv_heads, kv_heads),
           d_model, head_dim)
-    out[mj + "attention/out"] = _heads_out(attention + "o_proj.weight", num_heads, head_dim,
-                                           d_model)
+    if not model.get("kv_lora_rank"):
+      out[mj + "attention/out"] = _heads_out(attention + "o_proj.weight", num_heads,
+                                             head_dim, d_model)
     if family.qk_norm != "none":
       out[mj + "attention/query_norm/scale"] = _plain(attention + "q_norm.weight")
       out[mj + "attention/key_norm/scale"] = _plain(attention + "k_norm.weight")
     out[mj + "attention_norm/scale"] = _plain(hf + "input_layernorm.weight")
     out[mj + "ffn_norm/scale"] = _plain(hf + "post_attention_layernorm.weight")
-    if not family.routed:
-      for kernel, proj in (("wi_gate", "gate_proj"), ("wi_up", "up_proj"),
-                           ("wo", "down_proj")):
-        out[mj + f"ffn/ffn/{kernel}"] = _linear(hf + f"mlp.{proj}.weight")
+    if not is_moe:
+      _mlp(out, mj + "ffn/ffn/", hf + "mlp.")
       continue
     block = hf + family.moe_block + "."
     out[mj + "ffn/router/kernel"] = _linear(block + "gate.weight")
+    if moe.get("bias_update_rate", 0.0) > 0:
+      out[mj + "ffn/router/bias"] = _plain(block + "gate.e_score_correction_bias")
+    if moe.get("num_shared_experts", 0):
+      _mlp(out, mj + "ffn/shared/", block + "shared_experts.")
     experts, hidden = moe["num_experts"], moe["expert_hidden"]
     if fused_experts:
       gate_up, down = block + "experts.gate_up_proj", block + "experts.down_proj"

@@ -11,10 +11,13 @@ model width, T = B*L tokens. Kernels (stored in float32 or bfloat16) are cast
 to the compute dtype at use; the softmax is always float32.
 """
 
+import dataclasses
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec
@@ -84,27 +87,106 @@ def rope_frequencies(head_dim: int, base: float = 10000.0) -> jax.Array:
   return base ** -exponents
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature term 0.1 mscale ln(factor) + 1 (Peng et al.
+  2023, eq. 21; 1 for factor <= 1)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """Rotary embedding options: the base, the pair layout, and YaRN.
+
+  interleave: pairs are adjacent features (2i, 2i+1) (RoFormer eq. 34,
+    DeepSeek's checkpoints) rather than (i, i + P/2) (GPT-NeoX / Llama). The
+    two are the same map up to a fixed permutation of a head's features, so
+    an interleaved head is de-interleaved (evens, then odds) and rotated as
+    halves: q.k is unchanged, and so are the logits.
+  yarn_factor > 0: YaRN (Peng et al. 2023, "YaRN: Efficient Context Window
+    Extension", §3.2-3.4): frequencies with fewer than beta_slow rotations
+    over the original context are interpolated (divided by the factor), those
+    with more than beta_fast kept, a linear ramp between; cos and sin are
+    scaled by mscale(factor, yarn_mscale) / mscale(factor, yarn_mscale_all_dim)
+    (eq. 21; transformers' `_compute_yarn_parameters`).
+  """
+  base: float = 10000.0
+  interleave: bool = False
+  yarn_factor: float = 0.0
+  yarn_original_max_positions: int = 0
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 1.0
+  yarn_mscale_all_dim: float = 0.0
+
+  def frequencies(self, dim: int) -> jax.Array:
+    """<float32>[dim/2] rotation frequencies of a `dim`-wide rotary part."""
+    if not self.yarn_factor:
+      return rope_frequencies(dim, self.base)
+    rope_frequencies(dim, self.base)  # validates dim
+    pos_freqs = self.base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (np.float32(self.yarn_factor) * pos_freqs)
+
+    def correction_dim(rotations):  # the feature index that turns `rotations` times
+      return (dim * math.log(self.yarn_original_max_positions / (rotations * 2 * math.pi))
+              / (2 * math.log(self.base)))
+    low = max(math.floor(correction_dim(self.yarn_beta_fast)), 0)
+    high = min(math.ceil(correction_dim(self.yarn_beta_slow)), dim - 1)
+    if low == high:
+      high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = (1 - ramp).astype(np.float32)  # 1: extrapolate (high frequencies)
+    return jnp.asarray(interpolation * (1 - keep) + extrapolation * keep, jnp.float32)
+
+  @property
+  def attention_factor(self) -> float:
+    """The factor on cos and sin (1 without YaRN)."""
+    if not self.yarn_factor:
+      return 1.0
+    if self.yarn_mscale and self.yarn_mscale_all_dim:
+      return (yarn_mscale(self.yarn_factor, self.yarn_mscale)
+              / yarn_mscale(self.yarn_factor, self.yarn_mscale_all_dim))
+    return yarn_mscale(self.yarn_factor)
+
+  @property
+  def softmax_factor(self) -> float:
+    """The factor on MLA's softmax scale: mscale(factor, mscale_all_dim)^2
+    (DeepSeek-V2's reference code; 1 without YaRN)."""
+    if not (self.yarn_factor and self.yarn_mscale_all_dim):
+      return 1.0
+    return yarn_mscale(self.yarn_factor, self.yarn_mscale_all_dim) ** 2
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0, *,
+               rope: Optional[Rope] = None) -> jax.Array:
   """Rotates query or key vectors by their positions (RoFormer, Su et al. 2021).
 
   Feature i of the first half and feature i of the second half of each head
   form a pair rotated by the angle position * theta_i (the "rotate half"
   layout of GPT-NeoX / LLaMA; RoFormer eq. 34 pairs adjacent features, which
-  is the same map up to a fixed permutation of the head's features). Hence
-  <rope(q, m), rope(k, n)> depends on m and n only through m - n (eq. 16).
+  is the same map up to a fixed permutation of the head's features: `Rope`'s
+  interleave). Hence <rope(q, m), rope(k, n)> depends on m and n only
+  through m - n (eq. 16).
 
   Args:
     x: [..., L, N, P] queries or keys.
     positions: <int>[L] or [..., L] position of each token.
-    base: the RoPE base (10000 in RoFormer).
+    base: the RoPE base (10000 in RoFormer), when `rope` is not given.
+    rope: the full options (layout, YaRN); overrides `base`.
 
   Returns:
-    [..., L, N, P], same dtype as x (the rotation is done in float32).
+    [..., L, N, P], same dtype as x (the rotation is done in float32); with
+    interleave, in the de-interleaved feature order (evens, then odds).
   """
+  rope = rope or Rope(base=base)
+  if rope.interleave:
+    x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
   half = x.shape[-1] // 2
-  angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(x.shape[-1], base)
+  angles = positions.astype(jnp.float32)[..., None] * rope.frequencies(x.shape[-1])
   cos = jnp.cos(angles)[..., None, :]  # [..., L, 1, P/2], broadcast over heads
   sin = jnp.sin(angles)[..., None, :]
+  if rope.attention_factor != 1.0:
+    cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
   x1 = x[..., :half].astype(jnp.float32)
   x2 = x[..., half:].astype(jnp.float32)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -133,16 +215,18 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return _attend(q, k, v, causal)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(P), keys where `visible` <bool>[L, M]) v.
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
+            scale: Optional[float] = None) -> jax.Array:
+  """softmax(q k^T * scale, keys where `visible` <bool>[L, M]) v; scale
+  defaults to 1 / sqrt(P).
 
-  q [B, N, L, P]; k, v [B, K, M, P] -> [B, N, L, P] in v's dtype. With
+  q [B, N, L, P]; k [B, K, M, P], v [B, K, M, P'] -> [B, N, L, P'] in v's dtype. With
   K < N the query heads are viewed as [B, K, G, L, P] (head n = k G + g, the
   order of Hugging Face's `repeat_kv`), so no key or value is copied.
   """
   batch, num_heads, length, head_dim = q.shape
   groups = num_heads // k.shape[1]
-  scale = 1.0 / jnp.sqrt(jnp.float32(head_dim))
+  scale = 1.0 / jnp.sqrt(jnp.float32(head_dim)) if scale is None else jnp.float32(scale)
   if groups == 1:
     scores = jnp.einsum("bnlp,bnmp->bnlm", q, k).astype(jnp.float32) * scale
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
@@ -153,7 +237,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax
   scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   context = jnp.einsum("bkglm,bkmp->bkglp", weights, v)
-  return context.reshape(batch, num_heads, length, head_dim)
+  return context.reshape(batch, num_heads, length, v.shape[-1])
 
 
 class CausalSelfAttention(nnx.Module):
@@ -170,8 +254,9 @@ class CausalSelfAttention(nnx.Module):
   def __init__(self, *, d_model: int, num_heads: int, head_dim: int,
                rope_base: float = 10000.0, dtype=jnp.float32, rngs: nnx.Rngs,
                num_kv_heads: Optional[int] = None, qk_norm: str = "none",
-               norm_epsilon: float = 1e-6):
-    rope_frequencies(head_dim, rope_base)  # validates head_dim
+               norm_epsilon: float = 1e-6, rope: Optional[Rope] = None):
+    rope = rope or Rope(base=rope_base)
+    rope_frequencies(head_dim, rope.base)  # validates head_dim
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if (isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int)
         or num_kv_heads < 1 or num_heads % num_kv_heads):
@@ -183,7 +268,7 @@ class CausalSelfAttention(nnx.Module):
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     self.head_dim = head_dim
-    self.rope_base = rope_base
+    self.rope = rope
     self.qk_norm = qk_norm
     self.dtype = dtype
     # Fan-in scaling over the contracted axes (D for the projections, N*P for out).
@@ -222,6 +307,11 @@ class CausalSelfAttention(nnx.Module):
     length = x.shape[1]
     q, k, v, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
     return self._output(causal_attention(q, k, v), tokens, x.shape)
+
+  def cache_shapes(self, batch: int, max_length: int):
+    """Shapes of the (keys, values) decode cache: [B, K, M, P] each."""
+    shape = (batch, self.num_kv_heads, max_length, self.head_dim)
+    return shape, shape
 
   def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array
              ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -282,8 +372,8 @@ class CausalSelfAttention(nnx.Module):
     def heads(t):  # [T, heads, P] -> [B, L, heads, P]
       return t.reshape(batch, length, t.shape[1], self.head_dim)
 
-    q = apply_rope(heads(q), positions, self.rope_base)  # [B, L, N, P]
-    k = apply_rope(heads(k), positions, self.rope_base)  # [B, L, K, P]
+    q = apply_rope(heads(q), positions, rope=self.rope)  # [B, L, N, P]
+    k = apply_rope(heads(k), positions, rope=self.rope)  # [B, L, K, P]
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, heads(v)))  # heads-major
     return q, k, v, tokens
 
@@ -302,6 +392,121 @@ class CausalSelfAttention(nnx.Module):
     context = context.reshape(batch * length, self.num_heads, self.head_dim)
     # With split heads the einsum sums partial products over the "model"
     # devices; an Explicit mesh needs its output typed (laid out like the tokens).
+    y = jnp.einsum("tnp,npd->td", context, weight(self.out, self.dtype),
+                   out_sharding=explicit_spec(tokens))
+    return y.reshape(batch, length, d_model)
+
+
+class LatentAttention(nnx.Module):
+  """Multi-head latent attention (MLA: DeepSeek-V2, arXiv 2405.04434, §2.1;
+  DeepSeek-V3), causal, with decoupled RoPE.
+
+  Per token: a query (full, or from a compressed latent of width Rq), and one
+  latent c of width Rkv plus one rotary key k_R of width Pr shared by every
+  head. Keys are [k_C(c), k_R], values v_C(c), per head:
+
+      q = W_q x  or  W_qU norm(W_qD x)      [N, Pn + Pr] (Pr rotated)
+      [c, k_R] = W_kvD x;  c = norm(c)       [Rkv], [Pr] (rotated)
+      [k_C, v] = W_kvU c                     [N, Pn], [N, Pv]
+
+  The decode cache holds only c and the rotated k_R ([B, 1, M, Rkv] and
+  [B, 1, M, Pr]: (Rkv + Pr) / (2 N P) of a multi-head cache); keys and values
+  are rebuilt from it at each step.
+
+  Parameters: `query` [D, N, Pn + Pr] or `q_down` [D, Rq], `q_norm`, `q_up`
+  [Rq, N, Pn + Pr]; `kv_down` [D, Rkv + Pr], `kv_norm`, `kv_up` [Rkv, N,
+  Pn + Pv]; `out` [N, Pv, D]. The softmax scale is 1 / sqrt(Pn + Pr), times
+  YaRN's mscale(factor, mscale_all_dim)^2 when set (`Rope.softmax_factor`).
+  """
+
+  def __init__(self, *, d_model: int, num_heads: int, kv_rank: int, q_rank: int, nope: int,
+               rope: int, v: int, rope_options: Optional[Rope] = None, dtype=jnp.float32,
+               norm_epsilon: float = 1e-6, rngs: nnx.Rngs):
+    self.rope = rope_options or Rope()
+    rope_frequencies(rope, self.rope.base)  # validates the rotary width
+    self.d_model, self.num_heads, self.dtype = d_model, num_heads, dtype
+    self.kv_rank, self.q_rank, self.nope, self.rope_dim, self.v_dim = (
+        kv_rank, q_rank, nope, rope, v)
+
+    def kernel(*shape, inputs=1):
+      init = nnx.initializers.variance_scaling(
+          1.0, "fan_in", "truncated_normal", in_axis=tuple(range(inputs)),
+          out_axis=tuple(range(inputs, len(shape))))
+      return nnx.Param(init(rngs.params(), shape, jnp.float32))
+
+    self.query = self.q_down = self.q_norm = self.q_up = nnx.data(None)
+    if q_rank:
+      self.q_down = kernel(d_model, q_rank)
+      self.q_norm = rms_norm(q_rank, norm_epsilon, rngs)
+      self.q_up = kernel(q_rank, num_heads, nope + rope)
+    else:
+      self.query = kernel(d_model, num_heads, nope + rope)
+    self.kv_down = kernel(d_model, kv_rank + rope)
+    self.kv_norm = rms_norm(kv_rank, norm_epsilon, rngs)
+    self.kv_up = kernel(kv_rank, num_heads, nope + v)
+    self.out = kernel(num_heads, v, d_model, inputs=2)
+
+  def cache_shapes(self, batch: int, max_length: int):
+    """Shapes of the decode cache: (latents [B, 1, M, Rkv], rotated shared
+    keys [B, 1, M, Pr])."""
+    return (batch, 1, max_length, self.kv_rank), (batch, 1, max_length, self.rope_dim)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l."""
+    length = x.shape[1]
+    q, latent, k_rope, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    return self._attend(q, latent, k_rope, causal, tokens, x.shape)
+
+  def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array):
+    """As `CausalSelfAttention.decode`, with the compressed cache
+    (`cache_shapes`)."""
+    length = x.shape[1]
+    positions = index + jnp.arange(length, dtype=jnp.int32)
+    q, latent, k_rope, tokens = self._project(x, positions)
+    latents, rotary = (cache_like(part, new) for part, new in zip(cache, (latent, k_rope)))
+    latents = jax.lax.dynamic_update_slice(latents, latent.astype(latents.dtype),
+                                           (0, 0, index, 0))
+    rotary = jax.lax.dynamic_update_slice(rotary, k_rope.astype(rotary.dtype), (0, 0, index, 0))
+    visible = jnp.arange(latents.shape[2])[None, :] <= positions[:, None]  # [L, M]
+    y = self._attend(q, latents.astype(q.dtype), rotary.astype(q.dtype), visible, tokens,
+                     x.shape)
+    return y, (latents, rotary)
+
+  def _project(self, x: jax.Array, positions: jax.Array):
+    """q [B, N, L, Pn + Pr] (rotary part rotated), the normalized latents
+    [B, 1, L, Rkv] and rotated shared keys [B, 1, L, Pr], and x as [T, D]."""
+    batch, length, d_model = x.shape
+    tokens = x.reshape(batch * length, d_model).astype(self.dtype)
+    if self.query is not None:
+      q = jnp.einsum("td,dnp->tnp", tokens, weight(self.query, self.dtype))
+    else:
+      q_latent = jnp.dot(tokens, weight(self.q_down, self.dtype))
+      q_latent = self.q_norm(q_latent).astype(self.dtype)
+      q = jnp.einsum("tr,rnp->tnp", q_latent, weight(self.q_up, self.dtype))
+    q = checkpoint_name(q, "qkv")
+    compressed = checkpoint_name(jnp.dot(tokens, weight(self.kv_down, self.dtype)), "qkv")
+    latent = self.kv_norm(compressed[:, :self.kv_rank]).astype(self.dtype)  # [T, Rkv]
+    q = q.reshape(batch, length, self.num_heads, -1)
+    q_rope = apply_rope(q[..., self.nope:], positions, rope=self.rope)
+    q = jnp.concatenate([q[..., :self.nope], q_rope], axis=-1)
+    k_rope = apply_rope(compressed[:, self.kv_rank:].reshape(batch, length, 1, self.rope_dim),
+                        positions, rope=self.rope)  # [B, L, 1, Pr]
+    latent = latent.reshape(batch, length, 1, self.kv_rank)
+    return (jnp.swapaxes(q, 1, 2), jnp.swapaxes(latent, 1, 2), jnp.swapaxes(k_rope, 1, 2),
+            tokens)
+
+  def _attend(self, q, latents, k_rope, visible, tokens, shape) -> jax.Array:
+    """Attention of q over the keys and values rebuilt from latents [B, 1, M,
+    Rkv] and k_rope [B, 1, M, Pr] -> [B, L, D]."""
+    batch, length, d_model = shape
+    kv = jnp.einsum("bmr,rnp->bnmp", latents[:, 0], weight(self.kv_up, self.dtype))
+    k_nope, v = kv[..., :self.nope], kv[..., self.nope:]  # [B, N, M, Pn], [B, N, M, Pv]
+    k = jnp.concatenate(
+        [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + (self.rope_dim,))], axis=-1)
+    scale = (self.nope + self.rope_dim) ** -0.5 * self.rope.softmax_factor
+    context = _attend(q, k, v, visible, scale)  # [B, N, L, Pv]
+    context = jnp.swapaxes(context, 1, 2).reshape(batch * length, self.num_heads, self.v_dim)
     y = jnp.einsum("tnp,npd->td", context, weight(self.out, self.dtype),
                    out_sharding=explicit_spec(tokens))
     return y.reshape(batch, length, d_model)

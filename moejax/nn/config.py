@@ -116,6 +116,22 @@ class ModelConfig:
       (the token's whole query and key projections: OLMoE).
     rms_norm_eps: epsilon of every RMSNorm (1e-6 as T5; Llama, Mixtral and
       OLMoE use 1e-5).
+    kv_lora_rank: > 0 selects multi-head latent attention (MLA, DeepSeek-V2
+      §2.1): keys and values are made from a compressed latent of this width,
+      which with the shared rotary key is all the decode cache holds;
+      0 = standard attention.
+    q_lora_rank: MLA's query compression width (0 = a full query projection).
+    qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA's per-head widths of
+      the position-free query/key part, the rotary part, and the values.
+    rope_interleave: rotate adjacent feature pairs (RoFormer's, DeepSeek's
+      layout) instead of the two halves of a head (GPT-NeoX / Llama).
+    rope_yarn_factor: > 0 applies YaRN context extension (Peng et al. 2023)
+      with this factor to the RoPE frequencies; 0 = plain RoPE. The other
+      rope_yarn_* keys are its parameters, as transformers names them:
+      original_max_positions, beta_fast, beta_slow, mscale, mscale_all_dim
+      (with MLA, mscale_all_dim also scales the softmax, as DeepSeek does).
+    dense_hidden: the FFN width of the dense layers of an MoE model (DeepSeek-
+      V3's first layers); None = top_k * expert_hidden plus the shared experts.
     moe_every, first_dense_layers: the layer layout (`layer_flags`).
     tie_embeddings: the output projection is the transposed embedding.
     rope_base: RoPE base (RoFormer, Su et al. 2021).
@@ -135,6 +151,19 @@ class ModelConfig:
   num_kv_heads: Optional[int] = None
   qk_norm: str = "none"
   rms_norm_eps: float = 1e-6
+  kv_lora_rank: int = 0
+  q_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  rope_interleave: bool = False
+  rope_yarn_factor: float = 0.0
+  rope_yarn_original_max_positions: int = 0
+  rope_yarn_beta_fast: float = 32.0
+  rope_yarn_beta_slow: float = 1.0
+  rope_yarn_mscale: float = 1.0
+  rope_yarn_mscale_all_dim: float = 0.0
+  dense_hidden: Optional[int] = None
   moe_every: int = 1
   first_dense_layers: int = 0
   tie_embeddings: bool = True
@@ -187,12 +216,32 @@ class ModelConfig:
         raise ValueError(f"config.model.num_kv_heads={self.num_kv_heads} does not divide "
                          f"config.model.num_heads={self.num_heads}")
     check_finite_above("config.model.rms_norm_eps", self.rms_norm_eps, 0)
+    for key in ("kv_lora_rank", "q_lora_rank"):
+      check_int(f"config.model.{key}", getattr(self, key), 0)
+    if self.kv_lora_rank:
+      for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        check_int(f"config.model.{key} (multi-head latent attention)", getattr(self, key), 1)
+      if self.qk_rope_head_dim % 2:
+        raise ValueError(f"config.model.qk_rope_head_dim must be even, got "
+                         f"{self.qk_rope_head_dim}")
+      if self.num_kv_heads is not None or self.qk_norm != "none":
+        raise ValueError("config.model.kv_lora_rank > 0 (multi-head latent attention) "
+                         "takes no num_kv_heads or qk_norm")
+    elif self.q_lora_rank:
+      raise ValueError("config.model.q_lora_rank needs config.model.kv_lora_rank > 0 "
+                       "(multi-head latent attention)")
+    if self.rope_yarn_factor:
+      check_finite_above("config.model.rope_yarn_factor", self.rope_yarn_factor, 0)
+      check_int("config.model.rope_yarn_original_max_positions",
+                self.rope_yarn_original_max_positions, 1)
+    if self.dense_hidden is not None:
+      check_int("config.model.dense_hidden", self.dense_hidden, 1)
     for key, allowed in (("dtype", DTYPES), ("param_dtype", PARAM_DTYPES),
                          ("remat", REMAT_POLICIES), ("qk_norm", QK_NORMS)):
       if getattr(self, key) not in allowed:
         raise ValueError(f"config.model.{key} must be one of {list(allowed)}, got "
                          f"{getattr(self, key)!r}")
-    for key in ("scan_layers", "tie_embeddings"):
+    for key in ("scan_layers", "tie_embeddings", "rope_interleave"):
       if not isinstance(getattr(self, key), bool):
         raise ValueError(f"config.model.{key} must be true or false, got "
                          f"{getattr(self, key)!r}")
@@ -202,6 +251,24 @@ class ModelConfig:
   def attention_head_dim(self) -> int:
     """P: head_dim, or d_model // num_heads when it is None."""
     return resolve_head_dim(self.d_model, self.num_heads, self.head_dim)
+
+  @property
+  def latent(self) -> Optional[dict[str, int]]:
+    """MLA's widths (kv_rank, q_rank, nope, rope, v), or None without MLA."""
+    if not self.kv_lora_rank:
+      return None
+    return dict(kv_rank=self.kv_lora_rank, q_rank=self.q_lora_rank,
+                nope=self.qk_nope_head_dim, rope=self.qk_rope_head_dim, v=self.v_head_dim)
+
+  @property
+  def rope(self) -> dict[str, Any]:
+    """The RoPE options (`attention.Rope`'s fields)."""
+    return dict(base=self.rope_base, interleave=self.rope_interleave,
+                yarn_factor=self.rope_yarn_factor,
+                yarn_original_max_positions=self.rope_yarn_original_max_positions,
+                yarn_beta_fast=self.rope_yarn_beta_fast, yarn_beta_slow=self.rope_yarn_beta_slow,
+                yarn_mscale=self.rope_yarn_mscale,
+                yarn_mscale_all_dim=self.rope_yarn_mscale_all_dim)
 
   @property
   def layer_flags(self) -> tuple[bool, ...]:
@@ -225,6 +292,7 @@ class ModelConfig:
     return dict(vocab_size=vocab_size, num_layers=self.num_layers, d_model=self.d_model,
                 num_heads=self.num_heads, head_dim=self.attention_head_dim,
                 num_kv_heads=self.num_kv_heads, qk_norm=self.qk_norm,
+                latent=self.latent, dense_hidden=self.dense_hidden,
                 moe=dataclasses.asdict(self.moe), moe_every=self.moe_every,
                 first_dense_layers=self.first_dense_layers,
                 tie_embeddings=self.tie_embeddings, tokens_per_group=tokens_per_group)

@@ -47,7 +47,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from moejax import routing as routing_lib
-from moejax.nn.attention import QK_NORMS, CausalSelfAttention, explicit_spec, rms_norm
+from moejax.nn.attention import (QK_NORMS, CausalSelfAttention, LatentAttention, Rope,
+                                 explicit_spec, rms_norm)
 from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
 from moejax.parallel.rules import gather_fsdp
@@ -104,14 +105,21 @@ class DecoderBlock(nnx.Module):
   def __init__(self, *, d_model: int, num_heads: int, head_dim: int,
                moe: MoEConfig, rope_base: float, dtype, rngs: nnx.Rngs,
                tokens_per_group: Optional[int] = None, num_kv_heads: Optional[int] = None,
-               qk_norm: str = "none", rms_norm_eps: float = 1e-6):
+               qk_norm: str = "none", rms_norm_eps: float = 1e-6,
+               latent: Optional[Mapping[str, int]] = None, rope: Optional[Rope] = None):
     # The norms normalize in float32 whatever the compute dtype: the consumers
     # cast (the router keeps float32, attention and experts cast to `dtype`).
+    rope = rope or Rope(base=rope_base)
     self.attention_norm = rms_norm(d_model, rms_norm_eps, rngs)
-    self.attention = CausalSelfAttention(d_model=d_model, num_heads=num_heads,
-                                         head_dim=head_dim, rope_base=rope_base,
-                                         dtype=dtype, rngs=rngs, num_kv_heads=num_kv_heads,
-                                         qk_norm=qk_norm, norm_epsilon=rms_norm_eps)
+    if latent:
+      self.attention = LatentAttention(d_model=d_model, num_heads=num_heads, **latent,
+                                       rope_options=rope, dtype=dtype,
+                                       norm_epsilon=rms_norm_eps, rngs=rngs)
+    else:
+      self.attention = CausalSelfAttention(d_model=d_model, num_heads=num_heads,
+                                           head_dim=head_dim, rope=rope, dtype=dtype,
+                                           rngs=rngs, num_kv_heads=num_kv_heads,
+                                           qk_norm=qk_norm, norm_epsilon=rms_norm_eps)
     self.ffn_norm = rms_norm(d_model, rms_norm_eps, rngs)
     self.ffn = MoELayer(d_model=d_model, moe=moe, tokens_per_group=tokens_per_group,
                         dtype=dtype, rngs=rngs)
@@ -440,6 +448,11 @@ class TransformerLM(nnx.Module):
       cache holds K heads); None = N (multi-head).
     qk_norm: RMSNorm of queries and keys, one of `attention.QK_NORMS`.
     rms_norm_eps: the epsilon of every RMSNorm.
+    latent: multi-head latent attention's widths (`LatentAttention`'s
+      kv_rank, q_rank, nope, rope, v), or None for standard attention.
+    rope: `attention.Rope`'s fields (layout, YaRN) beyond `rope_base`.
+    dense_hidden: FFN width of the dense layers (`MoEConfig.dense`); None =
+      top_k * expert_hidden plus the shared experts.
 
   Warns NonCausalRoutingWarning when the MoE routing lets a token see later
   tokens (see `noncausal_routing_reason`).
@@ -452,7 +465,8 @@ class TransformerLM(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs, tokens_per_group: Optional[int] = None,
                scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32,
                num_kv_heads: Optional[int] = None, qk_norm: str = "none",
-               rms_norm_eps: float = 1e-6):
+               rms_norm_eps: float = 1e-6, latent: Optional[Mapping[str, int]] = None,
+               rope: Optional[Mapping[str, Any]] = None, dense_hidden: Optional[int] = None):
     head_dim, compute_dtype, storage_dtype, moe = _checked_options(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, head_dim=head_dim,
         moe=moe, rope_base=rope_base, dtype=dtype, scan_layers=scan_layers, remat=remat,
@@ -465,6 +479,7 @@ class TransformerLM(nnx.Module):
     self.vocab_size, self.d_model, self.num_heads, self.head_dim = (
         vocab_size, d_model, num_heads, head_dim)
     self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    self.latent = dict(latent) if latent else None
     self.tie_embeddings, self.moe_layers, self.moe = tie_embeddings, flags, moe
     self.dtype, self.param_dtype = compute_dtype, storage_dtype
     self.scan_layers, self.remat = scan_layers, remat
@@ -473,11 +488,12 @@ class TransformerLM(nnx.Module):
     # Every block is created in layer order from the same rngs in either
     # layout (the scanned stack is stacked afterwards), so a seed gives the
     # same weights whatever scan_layers.
+    rope_options = Rope(**{**(rope or {}), "base": rope_base})
     blocks = [DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
-                           moe=moe if is_moe else moe.dense(), rope_base=rope_base,
+                           moe=moe if is_moe else moe.dense(dense_hidden), rope_base=rope_base,
                            dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group,
                            num_kv_heads=num_kv_heads, qk_norm=qk_norm,
-                           rms_norm_eps=rms_norm_eps)
+                           rms_norm_eps=rms_norm_eps, latent=latent, rope=rope_options)
               for is_moe in flags]
     for name, module in self.layout.modules(blocks).items():
       setattr(self, name, module)
@@ -569,10 +585,16 @@ class TransformerLM(nnx.Module):
     """An empty decoding cache for `batch` sequences of up to `max_length`
     tokens: {"index": <int32>[] positions filled, "keys", "values":
     [num_layers, B, K, max_length, P] in the compute dtype (K key/value
-    heads)}."""
-    zeros = jnp.zeros((len(self.moe_layers), batch, self.num_kv_heads, max_length,
-                       self.head_dim), self.dtype)
-    return {"index": jnp.zeros((), jnp.int32), "keys": zeros, "values": zeros}
+    heads); with multi-head latent attention, "keys" holds the latents
+    [num_layers, B, 1, max_length, Rkv] and "values" the rotated shared keys
+    [num_layers, B, 1, max_length, Pr]}."""
+    path, unit = self.layout.place(0)
+    block = getattr(self, path[0])[path[1]] if unit is None else self.stack.blocks[path[2]]
+    keys, values = block.attention.cache_shapes(batch, max_length)
+    layers = len(self.moe_layers)
+    return {"index": jnp.zeros((), jnp.int32),
+            "keys": jnp.zeros((layers,) + keys, self.dtype),
+            "values": jnp.zeros((layers,) + values, self.dtype)}
 
   def decode(self, tokens: jax.Array, cache: dict[str, jax.Array]
              ) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -57,6 +57,11 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"(^|/)attention/query$", ("embed", "heads", "head_dim")),  # [D, N, P] (GQA)
     (r"(^|/)attention/kv$", ("embed", "qkv", "kv_heads", "head_dim")),  # [D, 2, K, P]
     (r"(^|/)attention/out$", ("heads", "head_dim", "embed")),    # [N, P, D]
+    # Multi-head latent attention (nn.attention.LatentAttention): the down
+    # projections to the latents are replicated like a dense kernel's input
+    # side, the up projections split by head.
+    (r"(^|/)attention/(q_down|kv_down)$", ("embed", None)),      # [D, R]
+    (r"(^|/)attention/(q_up|kv_up)$", (None, "heads", "head_dim")),  # [R, N, P]
     (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]
     (r"(^|/)output_kernel$", ("embed", "vocab")),                # [D, V]
     (r"(^|/)attention/(query|key)_norm/scale$", ("head_dim",)),  # qk_norm [P] or [N P]

@@ -149,9 +149,14 @@ class MoEConfig:
       return True
     return self.k > 1 if self.renormalize is None else self.renormalize
 
-  def dense(self) -> "MoEConfig":
-    """The same options for a dense FFN layer."""
-    return dataclasses.replace(self, router="dense")
+  def dense(self, hidden: Optional[int] = None) -> "MoEConfig":
+    """The same options for a dense FFN layer (of hidden top_k * expert_hidden,
+    plus the shared experts); with `hidden`, a plain FFN of that width and no
+    shared experts (DeepSeek-V3's dense first layers)."""
+    if hidden is None:
+      return dataclasses.replace(self, router="dense")
+    return dataclasses.replace(self, router="dense", top_k=1, expert_hidden=hidden,
+                               num_shared_experts=0, granularity=1)
 
 
 def field_names() -> list[str]:

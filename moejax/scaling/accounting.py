@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from moejax.data import tokenizers
 from moejax.data.pipeline import SYNTHETIC
 from moejax import routing as routing_lib
-from moejax.nn.config import moe_layer_flags, resolve_head_dim
+from moejax.nn.config import ModelConfig, moe_layer_flags, resolve_head_dim
 from moejax.routing import MoEConfig
 from moejax.routing import capacity as capacity_lib
 
@@ -52,19 +52,39 @@ def _ffn_counts(d_model: int, moe: MoEConfig, is_moe: bool,
 
 
 def attention_params(d_model: int, num_heads: int, head_dim: int,
-                     num_kv_heads: Optional[int] = None, qk_norm: str = "none") -> int:
+                     num_kv_heads: Optional[int] = None, qk_norm: str = "none",
+                     latent: Optional[Mapping[str, int]] = None) -> int:
   """One attention layer's parameters: q and o (2 D N P), k and v (2 D K P),
-  and qk_norm's scales (2 P per head, (N + K) P over the projection)."""
+  and qk_norm's scales (2 P per head, (N + K) P over the projection); with
+  multi-head latent attention (`latent`: kv_rank, q_rank, nope, rope, v) its
+  projections and latent norms (`nn.attention.LatentAttention`)."""
+  if latent:
+    qk = latent["nope"] + latent["rope"]
+    query = (d_model * num_heads * qk if not latent["q_rank"] else
+             latent["q_rank"] * (d_model + 1 + num_heads * qk))
+    kv = (d_model * (latent["kv_rank"] + latent["rope"]) + latent["kv_rank"]
+          + latent["kv_rank"] * num_heads * (latent["nope"] + latent["v"]))
+    return query + kv + num_heads * latent["v"] * d_model
   kv_heads = num_heads if num_kv_heads is None else num_kv_heads
   norms = {"none": 0, "head": 2 * head_dim, "projection": (num_heads + kv_heads) * head_dim}
   return 2 * d_model * head_dim * (num_heads + kv_heads) + norms[qk_norm]
+
+
+def attention_width(num_heads: int, head_dim: int,
+                    latent: Optional[Mapping[str, int]] = None) -> float:
+  """d_attn of the score and value FLOPs: N P, or with multi-head latent
+  attention N (Pn + Pr + Pv) / 2 (its scores are Pn + Pr wide, values Pv)."""
+  if latent:
+    return num_heads * (latent["nope"] + latent["rope"] + latent["v"]) / 2
+  return num_heads * head_dim
 
 
 def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
                  moe: Mapping[str, Any], head_dim: Optional[int] = None,
                  moe_every: int = 1, first_dense_layers: int = 0,
                  tie_embeddings: bool = True, num_kv_heads: Optional[int] = None,
-                 qk_norm: str = "none",
+                 qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
+                 dense_hidden: Optional[int] = None,
                  tokens_per_group: Optional[int] = None) -> dict[str, int]:
   """Parameter counts of `TransformerLM` with the same keywords.
 
@@ -94,11 +114,12 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
   moe = MoEConfig.from_mapping(moe)
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers, router=moe.router)
-  attention = attention_params(d_model, num_heads, head_dim, num_kv_heads, qk_norm)
+  attention = attention_params(d_model, num_heads, head_dim, num_kv_heads, qk_norm, latent)
   non_embedding = active = float(d_model)  # final RMSNorm
   expert = 0
   for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe, is_moe, tokens_per_group)
+    ffn = _ffn_counts(d_model, moe if is_moe else moe.dense(dense_hidden), is_moe,
+                      tokens_per_group)
     block = 2 * d_model + attention
     non_embedding += block + ffn["total"]
     active += block + ffn["active"]
@@ -126,7 +147,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                           head_dim: Optional[int] = None, moe_every: int = 1,
                           first_dense_layers: int = 0, tie_embeddings: bool = True,
                           causal: bool = True, num_kv_heads: Optional[int] = None,
-                          qk_norm: str = "none",
+                          qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
+                          dense_hidden: Optional[int] = None,
                           tokens_per_group: Optional[int] = None) -> float:
   """Training FLOPs per token (forward + backward) of `TransformerLM`.
 
@@ -153,10 +175,12 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                         num_heads=num_heads, head_dim=head_dim, moe=moe,
                         moe_every=moe_every, first_dense_layers=first_dense_layers,
                         tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads,
-                        qk_norm=qk_norm, tokens_per_group=tokens_per_group)
+                        qk_norm=qk_norm, latent=latent, dense_hidden=dense_hidden,
+                        tokens_per_group=tokens_per_group)
   active_non_embedding = counts["active_per_token"] - counts["embedding"]
   output_projection = d_model * vocab_size
-  attention_forward = (2 if causal else 4) * num_layers * seq_len * num_heads * head_dim
+  attention_forward = ((2 if causal else 4) * num_layers * seq_len
+                       * attention_width(num_heads, head_dim, latent))
   return float(6 * (active_non_embedding + output_projection) + 3 * attention_forward)
 
 
@@ -200,7 +224,8 @@ def _capacity_overhead(moe: MoEConfig, num_tokens: int) -> float:
 
 def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
                    seq_len: int, num_heads: int, head_dim: int, d_model: int,
-                   vocab_size: int, causal: bool) -> dict[str, float]:
+                   vocab_size: int, causal: bool,
+                   latent: Optional[Mapping[str, int]] = None) -> dict[str, float]:
   """Training FLOPs per token by part (see `breakdown`) from the active
   parameters per component."""
   flops = {name: 6 * active[name] for name in ("router", "experts", "shared_experts",
@@ -209,7 +234,7 @@ def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
   # Kaplan's 2 n_layer n_ctx d_attn forward (causal), x3 for training; see
   # `train_flops_per_token` for the convention.
   flops["attention_scores"] = 3 * ((2 if causal else 4) * num_layers * seq_len
-                                   * num_heads * head_dim)
+                                   * attention_width(num_heads, head_dim, latent))
   flops["attention"] = flops["attention_projections"] + flops["attention_scores"]
   flops["embedding_output"] = 6 * d_model * vocab_size
   flops["total"] = sum(flops[name] for name in (
@@ -222,7 +247,8 @@ def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
 
 def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int,
                       d_model: int, num_heads: int, head_dim: int, num_layers: int,
-                      tie_embeddings: bool, num_kv_heads: Optional[int], qk_norm: str):
+                      tie_embeddings: bool, num_kv_heads: Optional[int], qk_norm: str,
+                      latent: Optional[Mapping[str, int]], dense_hidden: Optional[int]):
   """(parameters, active parameters per token, capacity-padding FLOPs) by
   component (see `breakdown`)."""
   params = dict.fromkeys(COMPONENTS, 0.0)
@@ -231,11 +257,13 @@ def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int
   params["output"] = active["output"] = 0 if tie_embeddings else d_model * vocab_size
   params["norms"] = active["norms"] = d_model * (2 * num_layers + 1)
   params["attention"] = active["attention"] = num_layers * attention_params(
-      d_model, num_heads, head_dim, num_kv_heads, qk_norm)
+      d_model, num_heads, head_dim, num_kv_heads, qk_norm, latent)
   padding = 0.0
   for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe, is_moe, num_tokens)
-    shared = _kernels_per_mlp(moe.activation) * d_model * moe.num_shared_experts * moe.hidden
+    layer_moe = moe if is_moe else moe.dense(dense_hidden)
+    ffn = _ffn_counts(d_model, layer_moe, is_moe, num_tokens)
+    shared = (_kernels_per_mlp(moe.activation) * d_model * layer_moe.num_shared_experts
+              * layer_moe.hidden)
     params["shared_experts"] += shared
     active["shared_experts"] += shared
     if not is_moe:
@@ -257,7 +285,8 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
               head_dim: Optional[int] = None, moe_every: int = 1,
               first_dense_layers: int = 0, tie_embeddings: bool = True,
               causal: bool = True, num_kv_heads: Optional[int] = None,
-              qk_norm: str = "none") -> dict[str, dict[str, float]]:
+              qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
+              dense_hidden: Optional[int] = None) -> dict[str, dict[str, float]]:
   """Parameters and training FLOPs per token of `TransformerLM`, by component.
 
   Args: those of `train_flops_per_token`, plus `batch_size` (global), needed
@@ -289,7 +318,7 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   params, active, padding = _component_counts(
       flags, moe, num_tokens, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
       head_dim=head_dim, num_layers=num_layers, tie_embeddings=tie_embeddings,
-      num_kv_heads=num_kv_heads, qk_norm=qk_norm)
+      num_kv_heads=num_kv_heads, qk_norm=qk_norm, latent=latent, dense_hidden=dense_hidden)
   params = {name: int(value) for name, value in params.items()}
   vocabulary = ("embedding", "output")
   params["total"] = sum(params[name] for name in COMPONENTS)
@@ -298,7 +327,7 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
 
   flops = _flops_by_part(active, padding, num_layers=num_layers, seq_len=seq_len,
                          num_heads=num_heads, head_dim=head_dim, d_model=d_model,
-                         vocab_size=vocab_size, causal=causal)
+                         vocab_size=vocab_size, causal=causal, latent=latent)
   return {"params": params, "active_params": active,
           "flops": {name: float(value) for name, value in flops.items()}}
 
@@ -332,7 +361,9 @@ def counts_from_config(config, vocab_size: Optional[int] = None) -> dict[str, fl
       moe=moe, seq_len=config.train.seq_len, batch_size=config.train.batch_size,
       moe_every=model.moe_every, first_dense_layers=model.first_dense_layers,
       tie_embeddings=model.tie_embeddings, num_kv_heads=model.get("num_kv_heads"),
-      qk_norm=model.get("qk_norm", "none"))
+      qk_norm=model.get("qk_norm", "none"),
+      latent=ModelConfig.from_mapping(model, check=False).latent,
+      dense_hidden=model.get("dense_hidden"))
   cfg = MoEConfig.from_mapping(moe)
   routed = routing_lib.get_router(cfg.router).routed
   counts = {"num_experts": cfg.experts if routed else 0,

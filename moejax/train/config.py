@@ -47,7 +47,7 @@ def model_config() -> ml_collections.ConfigDict:
   for field in dataclasses.fields(ModelConfig):
     if field.name == "moe":
       model.moe = moe_config()
-    elif field.name in ("head_dim", "num_kv_heads"):  # None = derived; a flag may set it
+    elif field.name in ("head_dim", "num_kv_heads", "dense_hidden"):  # None = derived
       model[field.name] = ml_collections.config_dict.placeholder(int)
     else:
       model[field.name] = field.default

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENS = np.random.default_rng(0).integers(0, 96, size=(2, 12))
 PROMPT_LENGTH, NEW_TOKENS = 4, 16
 
-COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4,
               max_position_embeddings=64, initializer_range=0.25)
 
 # name -> (config class, model class, config keywords, how it is saved)
@@ -51,6 +51,31 @@ FAMILIES = {
                         dict(intermediate_size=48, moe_intermediate_size=16,
                              num_key_value_heads=2, head_dim=16, num_experts=8,
                              num_experts_per_tok=2, norm_topk_prob=False), "fused"),
+    # MLA with a compressed query, YaRN (mscale != mscale_all_dim), interleaved
+    # RoPE, a dense first layer of another width, group-limited sigmoid
+    # routing with a non-zero e_score_correction_bias, a shared expert.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=3, intermediate_size=48, moe_intermediate_size=16,
+                         first_k_dense_replace=1, num_key_value_heads=4, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=24,
+                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                         v_head_dim=12, rope_interleave=True,
+                         rope_scaling={"type": "yarn", "factor": 4.0,
+                                       "original_max_position_embeddings": 16,
+                                       "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                                       "mscale_all_dim": 0.8}), "single"),
+    # DeepSeek-V2-Lite's shape: a full query projection, plain RoPE, no groups.
+    "deepseek_v3_full_query": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                               dict(num_hidden_layers=2, intermediate_size=48,
+                                    moe_intermediate_size=16, first_k_dense_replace=0,
+                                    num_key_value_heads=4, n_routed_experts=8,
+                                    n_shared_experts=2, num_experts_per_tok=2, n_group=1,
+                                    topk_group=1, routed_scaling_factor=1.0,
+                                    norm_topk_prob=False, q_lora_rank=None,
+                                    kv_lora_rank=16, qk_rope_head_dim=8,
+                                    qk_nope_head_dim=8, v_head_dim=8,
+                                    rope_interleave=False), "single"),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=16, num_key_value_heads=4, num_experts=8,
                    num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-5),
@@ -87,7 +112,7 @@ def main() -> None:
   for seed, (name, (config_cls, model_cls, kwargs, layout)) in enumerate(FAMILIES.items()):
     folder = os.path.join(HERE, name)
     shutil.rmtree(folder, ignore_errors=True)
-    config = getattr(transformers, config_cls)(**COMMON, **kwargs)
+    config = getattr(transformers, config_cls)(**{"num_hidden_layers": 2, **COMMON, **kwargs})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     randomize(model, seed)
