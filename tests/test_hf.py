@@ -373,3 +373,56 @@ def test_deepseek_export_refusals_and_mtp_layers(tmp_path):
   reference = _reference("deepseek_v3")
   np.testing.assert_allclose(_logits(model, reference["tokens"]), reference["logits"],
                              atol=1e-5, rtol=0)
+
+
+SHAKESPEARE = os.path.join(os.path.dirname(REPO), "shared", "data", "tiny_shakespeare")
+
+
+def test_import_with_its_tokenizer_evaluates_generates_and_exports(tmp_path):
+  # The checkpoint's tokenizer.json comes along: text data, evaluation and
+  # generation use it, and export writes it back.
+  from moejax import evaluate, generate  # pylint: disable=import-outside-toplevel
+  from moejax.data import tokenizers  # pylint: disable=import-outside-toplevel
+  base = config_lib.default_config()
+  base.data.update(name="tiny_shakespeare", manual_dir=SHAKESPEARE)
+  base.train.update(seq_len=32, batch_size=4, eval_batches=1)
+  workdir = str(tmp_path / "run")
+  hf_cli.import_checkpoint(os.path.join(FIXTURES, "qwen3_moe"), workdir, base)
+  assert sorted(os.listdir(os.path.join(workdir, "tokenizer"))) == [
+      "tokenizer.json", "tokenizer_config.json"]
+  tokenizer = tokenizers.HFTokenizer(os.path.join(workdir, "tokenizer"))
+  assert tokenizer.vocab_size == 96 and tokenizer.eos_id == 0
+  ids = tokenizer.encode_documents(["First Citizen:"])
+  assert ids[-1] == 0 and tokenizer.decode(ids[:-1]) == "First Citizen:"
+  result = evaluate.evaluate(workdir, num_batches=1)
+  assert np.isfinite(result["eval/loss"]) and result["tokens"] == 4 * 32
+  generator = generate.load(workdir)
+  assert generator.tokenizer.fingerprint == tokenizer.fingerprint
+  text = generator.generate(["First Citizen:"], SamplingOptions(max_new_tokens=8,
+                                                                temperature=0.0))[0]
+  # Greedy ids decoded by the checkpoint's tokenizer (no bytes, no ids).
+  model, _ = hf.from_pretrained(os.path.join(FIXTURES, "qwen3_moe"))
+  prompt = [tokenizer.eos_id] + tokenizer.encode_documents(["First Citizen:"])[:-1].tolist()
+  expected = generate_tokens(model, [prompt], SamplingOptions(max_new_tokens=8,
+                                                              temperature=0.0))[0]
+  if tokenizer.eos_id in expected:  # generation stops at the eos token
+    expected = expected[:expected.index(tokenizer.eos_id)]
+  assert text == tokenizer.decode(expected)
+  out = str(tmp_path / "out")
+  files = hf_cli.export_run(workdir, out)
+  assert "tokenizer.json" in files and os.path.exists(os.path.join(out, "tokenizer.json"))
+
+
+def test_tokenizer_settings_are_checked():
+  from moejax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = pipeline.default_config()
+  config.update(name="tiny_shakespeare", manual_dir=SHAKESPEARE, tokenizer="hf")
+  with pytest.raises(ValueError, match="needs config.data.tokenizer_path"):
+    pipeline.validate_data_config(config)
+  config.tokenizer_path = FIXTURES
+  with pytest.raises(ValueError, match="no tokenizer.json there"):
+    pipeline.validate_data_config(config)
+  config.tokenizer_path = os.path.join(FIXTURES, "qwen3_moe")
+  pipeline.validate_data_config(config)
+  config.vocab_size = 128  # an embedding padded beyond the tokenizer's 96 ids
+  assert pipeline.vocab_size(config) == 128

@@ -12,8 +12,11 @@ Keys of `config.data` (defaults in `DEFAULTS`):
   text_key      the TFDS feature holding the text
   train_split   TFDS split to train on (slices such as "train[:90%]" work)
   eval_split    TFDS split held out for evaluation
-  tokenizer     "byte" (vocab 257) or "sentencepiece" (trained on train_split)
-  vocab_size    synthetic_mixture vocabulary / SentencePiece size (byte: ignored)
+  tokenizer     "byte" (vocab 257), "sentencepiece" (trained on train_split) or
+                "hf" (a Hugging Face tokenizer.json at tokenizer_path)
+  tokenizer_path  "hf": the tokenizer.json, or the checkpoint folder holding it
+  vocab_size    synthetic_mixture vocabulary / SentencePiece size (byte: ignored;
+                hf: the model's embedding rows if larger than the tokenizer's)
   num_domains   synthetic_mixture: number of Markov sources
   branching     synthetic_mixture: successors per state of each source
   domains       synthetic_mixture: the domains rows are drawn from, as
@@ -52,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "train_split": "train",
     "eval_split": "validation",
     "tokenizer": "byte",
+    "tokenizer_path": None,
     "vocab_size": 512,
     "num_domains": 4,
     "branching": 4,
@@ -67,7 +71,7 @@ DataConfig = Union[ml_collections.ConfigDict, Mapping[str, Any]]
 def default_config() -> ml_collections.ConfigDict:
   """`config.data` with every key at its default."""
   config = ml_collections.ConfigDict(DEFAULTS)
-  for key in ("data_dir", "manual_dir"):
+  for key in ("data_dir", "manual_dir", "tokenizer_path"):
     config[key] = ml_collections.config_dict.placeholder(str)
   return config
 
@@ -85,7 +89,7 @@ def _resolved(data_config: DataConfig) -> dict[str, Any]:
   if unknown:
     raise ValueError(f"unknown config.data key(s) {unknown}; valid keys: {sorted(DEFAULTS)}")
   config = {**DEFAULTS, **given}
-  for key in ("data_dir", "manual_dir"):  # "~/data" works like on the command line
+  for key in ("data_dir", "manual_dir", "tokenizer_path"):  # "~/data" works as on the CLI
     if isinstance(config[key], str) and text.is_local_path(config[key]):
       config[key] = os.path.expanduser(config[key])
   return config
@@ -162,8 +166,16 @@ def validate_data_config(data_config: DataConfig) -> None:
   _check_positive_int(config, "vocab_size")
   _check_positive_int(config, "num_domains")
   _check_positive_int(config, "branching")
-  for key in ("data_dir", "manual_dir"):
+  for key in ("data_dir", "manual_dir", "tokenizer_path"):
     _check_optional_str(config, key)
+  if config["tokenizer"] == "hf":
+    if not config["tokenizer_path"]:
+      raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
+                       "tokenizer.json, or the checkpoint folder holding it)")
+    tokenizers.tokenizer_file(config["tokenizer_path"])
+    if importlib.util.find_spec("tokenizers") is None:
+      raise ValueError("config.data.tokenizer='hf' needs the tokenizers package: "
+                       "pip install -e '.[hf]'")
   for key in ("text_key", "train_split", "eval_split"):
     if not isinstance(config[key], str) or not config[key]:
       raise ValueError(f"config.data.{key} must be a non-empty string, got {config[key]!r}")
@@ -210,6 +222,8 @@ def vocab_size(data_config: DataConfig) -> int:
   config = _resolved(data_config)
   if config["name"] != SYNTHETIC and config["tokenizer"] == "byte":
     return tokenizers.ByteTokenizer.vocab_size
+  if config["name"] != SYNTHETIC and config["tokenizer"] == "hf":
+    return tokenizers.HFTokenizer(config["tokenizer_path"], config["vocab_size"]).vocab_size
   return int(config["vocab_size"])
 
 
@@ -261,5 +275,6 @@ def make_dataset(data_config: DataConfig, *, seq_len: int, global_batch_size: in
       name=config["name"], data_dir=config["data_dir"], manual_dir=config["manual_dir"],
       text_key=config["text_key"], train_split=config["train_split"],
       eval_split=config["eval_split"], tokenizer=config["tokenizer"],
-      vocab_size=config["vocab_size"], cache_dir=cache_dir, **batch_args)
+      vocab_size=config["vocab_size"], cache_dir=cache_dir,
+      tokenizer_path=config["tokenizer_path"], **batch_args)
 

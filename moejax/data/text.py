@@ -257,10 +257,11 @@ def _map_tokens(path: str, num_tokens: int) -> np.ndarray:
 
 
 def load_tokenizer(name: str, vocab_size: int, cache_folder: str, builder,
-                   train_split: str, text_key: str):
-  """The tokenizer; SentencePiece is trained on `train_split` once and cached."""
+                   train_split: str, text_key: str, path: Optional[str] = None):
+  """The tokenizer; SentencePiece is trained on `train_split` once and cached;
+  "hf" reads the tokenizer.json at `path`."""
   if name != "sentencepiece":
-    return tokenizers_lib.make_tokenizer(name)
+    return tokenizers_lib.make_tokenizer(name, path=path, vocab_size=vocab_size)
   path = os.path.join(cache_folder, f"sentencepiece.{split_tag(text_key, train_split)}"
                                     f".v{vocab_size}.model")
   if not os.path.exists(path):
@@ -298,7 +299,7 @@ class TextDataset(base.Dataset):
                text_key: str, train_split: str, eval_split: str, tokenizer: str,
                vocab_size: int, seq_len: int, global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1,
-               cache_dir: Optional[str] = None):
+               cache_dir: Optional[str] = None, tokenizer_path: Optional[str] = None):
     super().__init__(seq_len=seq_len, global_batch_size=global_batch_size, seed=seed,
                      process_index=process_index, process_count=process_count)
     builder = prepare_builder(name, data_dir, manual_dir)
@@ -314,7 +315,7 @@ class TextDataset(base.Dataset):
     os.makedirs(folder, exist_ok=True)
 
     self.tokenizer = load_tokenizer(tokenizer, vocab_size, folder, builder,
-                                    train_split, text_key)
+                                    train_split, text_key, tokenizer_path)
     self._train_tokens, train_meta = self._load_split(folder, builder, train_split, text_key)
     self._eval_tokens, eval_meta = self._load_split(folder, builder, eval_split, text_key)
     self.num_train_windows = max(train_meta["num_tokens"] - 1, 0) // self.seq_len

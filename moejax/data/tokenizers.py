@@ -7,6 +7,10 @@ never has to look at document boundaries again.
 * `ByteTokenizer`: token = byte value of the UTF-8 text (0..255), separator 256,
   so `vocab_size` = 257 (`config.data.vocab_size` is ignored). No training, no
   unknown tokens; the model may pad its embedding table beyond 257.
+* `HFTokenizer`: a Hugging Face checkpoint's own tokenizer (its tokenizer.json,
+  read with the `tokenizers` package; `config.data.tokenizer_path`), with the
+  checkpoint's eos token as the separator; ids as the checkpoint's model
+  expects them (`python -m moejax.hf import` sets it up).
 * `SentencePieceTokenizer`: a unigram SentencePiece model (Kudo 2018) trained by
   `train_sentencepiece` on a bounded prefix of the train split, with identity
   normalization so newlines and repeated spaces survive (they carry structure
@@ -15,11 +19,13 @@ never has to look at document boundaries again.
 
 import hashlib
 import io
+import json
+import os
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "hf")
 
 Document = Union[bytes, str]
 
@@ -114,6 +120,77 @@ class SentencePieceTokenizer:
     return self._processor.decode([int(i) for i in ids])
 
 
+class HFTokenizer:
+  """A Hugging Face tokenizer.json; `eos_id` (the checkpoint's eos token)
+  separates documents.
+
+  `vocab_size` is the larger of the tokenizer's (added tokens included) and
+  `min_vocab_size` (a checkpoint's embedding is often padded beyond it).
+  The eos token is read from tokenizer_config.json ("eos_token"), else
+  config.json or generation_config.json ("eos_token_id") beside the file.
+  """
+
+  name = "hf"
+
+  def __init__(self, path: str, min_vocab_size: int = 0):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    file = tokenizer_file(path)
+    with open(file, "rb") as f:
+      data = f.read()
+    try:
+      self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"config.data.tokenizer_path: {file} is not a readable tokenizer.json "
+                       f"({e})") from None
+    own = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+    self.vocab_size = max(own, int(min_vocab_size or 0))
+    self.eos_id = _eos_id(os.path.dirname(file), self._tokenizer)
+    self.fingerprint = f"hf{own}-{hashlib.sha1(data).hexdigest()[:12]}"
+
+  def encode_documents(self, documents: Sequence[Document]) -> np.ndarray:
+    """`documents` -> <uint16|int32>[N], `eos_id` after each one (no other
+    special tokens are added)."""
+    encodings = self._tokenizer.encode_batch([_as_str(d) for d in documents],
+                                             add_special_tokens=False)
+    pieces = [np.asarray(e.ids, np.int64) for e in encodings]
+    return _join_with_separator(pieces, self.eos_id, token_dtype(self.vocab_size))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def tokenizer_file(path: str) -> str:
+  """The tokenizer.json of `path` (the file, or a folder holding it)."""
+  file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise ValueError(f"config.data.tokenizer_path={path!r}: no tokenizer.json there")
+  return file
+
+
+def _eos_id(folder: str, tokenizer) -> int:
+  """The eos token id named beside a tokenizer.json (see `HFTokenizer`)."""
+  def read(name):
+    try:
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        return json.load(f)
+    except (OSError, ValueError):
+      return {}
+  token = read("tokenizer_config.json").get("eos_token")
+  if isinstance(token, dict):
+    token = token.get("content")
+  if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+    return int(tokenizer.token_to_id(token))
+  for name in ("config.json", "generation_config.json"):
+    value = read(name).get("eos_token_id")
+    if isinstance(value, list) and value:
+      value = value[0]
+    if isinstance(value, int):
+      return value
+  raise ValueError(f"the tokenizer in {folder} names no eos token (tokenizer_config.json "
+                   f"eos_token, or eos_token_id in config.json): moejax separates documents "
+                   f"with it")
+
+
 def _pieces(text: str, limit: int) -> Iterator[str]:
   """`text` cut into pieces of at most `limit` characters, at line ends if possible."""
   piece = ""
@@ -190,10 +267,17 @@ def train_sentencepiece(documents: Iterable[Document], vocab_size: int, *,
   return model.getvalue()
 
 
-def make_tokenizer(name: str, model_proto: Optional[bytes] = None):
-  """`ByteTokenizer()` for "byte"; a `SentencePieceTokenizer` from `model_proto`."""
+def make_tokenizer(name: str, model_proto: Optional[bytes] = None,
+                   path: Optional[str] = None, vocab_size: int = 0):
+  """`ByteTokenizer()` for "byte"; a `SentencePieceTokenizer` from
+  `model_proto`; an `HFTokenizer` from `path` (at least `vocab_size` ids)."""
   if name == "byte":
     return ByteTokenizer()
+  if name == "hf":
+    if not path:
+      raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
+                       "tokenizer.json, or the checkpoint folder holding it)")
+    return HFTokenizer(path, vocab_size)
   if name == "sentencepiece":
     if model_proto is None:
       raise ValueError("tokenizer 'sentencepiece' needs a trained model (model_proto)")

@@ -7,7 +7,9 @@
 checkpoint's weights, a fresh optimizer state, the data iterator at its start)
 recording its run config (`--config`'s data/train/mesh sections, default
 `default_config()`; the model section is the checkpoint's), config.json, and
-`hf_import.json` (the source folder and its config.json). `moejax.evaluate`,
+`hf_import.json` (the source folder and its config.json), and the checkpoint's
+tokenizer in `tokenizer/` (config.data.tokenizer="hf", so text datasets,
+evaluation and generation use it). `moejax.evaluate`,
 `moejax.generate`, training (resume), LoRA (`config.finetune.base`),
 quantization and sparse upcycling (`config.init.upcycle_from`) read it as any
 run. `export` writes the newest (or `--step`) checkpoint of a workdir as a
@@ -17,6 +19,7 @@ refused in one line (exit 1) before anything is written.
 """
 
 import os
+import shutil
 import sys
 
 import jax
@@ -37,6 +40,11 @@ from moejax.train import resume
 from moejax.train import steps
 
 RECORD_FILE = "hf_import.json"
+TOKENIZER_DIR = "tokenizer"
+# A checkpoint's tokenizer files, copied into WORKDIR/tokenizer/ on import and
+# back out on export.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
 VERBS = ("import", "export")
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -61,6 +69,11 @@ def import_checkpoint(hf_dir: str, workdir: str, config=None, dtype=None) -> dic
     raise ValueError(f"--workdir={workdir} exists and is not empty; import into a new folder")
   checkpoint = hf.Checkpoint(hf_dir)
   run_config = hf.hf_run_config(checkpoint.config, config, dtype)
+  has_tokenizer = os.path.exists(os.path.join(hf_dir, "tokenizer.json"))
+  if has_tokenizer:
+    with run_config.unlocked():
+      run_config.data.tokenizer = "hf"
+      run_config.data.tokenizer_path = os.path.abspath(os.path.join(workdir, TOKENIZER_DIR))
   vocab = run_config.data.vocab_size
   mesh = model_lib.make_mesh(run_config, training=False)
   with parallel.activate(mesh):
@@ -70,6 +83,8 @@ def import_checkpoint(hf_dir: str, workdir: str, config=None, dtype=None) -> dic
     tx = optim.make_optimizer(run_config.train)
     opt_state = jax.jit(lambda p: tx.init(steps.trainable(p)))(params)
   os.makedirs(workdir, exist_ok=True)
+  if has_tokenizer:
+    _copy_tokenizer(hf_dir, os.path.join(workdir, TOKENIZER_DIR))
   checkpointer = checkpoints.Checkpointer(workdir, keep=run_config.train.keep_checkpoints)
   try:
     checkpointer.save(0, {"params": params, "opt_state": opt_state}, {"step": 0},
@@ -85,6 +100,17 @@ def import_checkpoint(hf_dir: str, workdir: str, config=None, dtype=None) -> dic
   count = sum(int(x.size) for x in jax.tree.leaves(params))
   return {"workdir": os.path.abspath(workdir), "model_type": checkpoint.config["model_type"],
           "parameters": count, "vocab_size": vocab, "step": 0}
+
+
+def _copy_tokenizer(source: str, target: str) -> list[str]:
+  """Copies the tokenizer files of folder `source` into `target`."""
+  os.makedirs(target, exist_ok=True)
+  copied = []
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copy(os.path.join(source, name), os.path.join(target, name))
+      copied.append(name)
+  return copied
 
 
 def export_run(workdir: str, out: str, family=None, step=None) -> list[str]:
@@ -111,8 +137,13 @@ def export_run(workdir: str, out: str, family=None, step=None) -> list[str]:
   mesh = model_lib.reader_mesh(config, 1)
   with parallel.activate(mesh):
     _, _, params = run.restore_params(config, vocab, mesh, step=step)
-  return hf.save_pretrained(params, config, out, family=family, vocab_size=vocab,
-                            max_positions=max_positions)
+  files = hf.save_pretrained(params, config, out, family=family, vocab_size=vocab,
+                             max_positions=max_positions)
+  if config.data.tokenizer == "hf" and config.data.tokenizer_path:
+    tokenizer = config.data.tokenizer_path
+    files += _copy_tokenizer(tokenizer if os.path.isdir(tokenizer)
+                             else os.path.dirname(tokenizer), out)
+  return files
 
 
 def main(argv) -> None:

@@ -107,6 +107,28 @@ def reference(model, tokens: np.ndarray) -> dict[str, np.ndarray]:
           "prompt_length": np.int32(PROMPT_LENGTH)}
 
 
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(HERE))), "shared",
+                           "data", "tiny_shakespeare", "input.txt")
+
+
+def write_tokenizer(folder: str, vocab_size: int) -> None:
+  """A character-level BPE tokenizer of `vocab_size` ids (eos included)
+  trained on tiny_shakespeare, saved as a checkpoint's tokenizer files."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+  tokenizer = Tokenizer(models.BPE())
+  tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_next")
+  tokenizer.decoder = decoders.Fuse()
+  with open(SHAKESPEARE, encoding="utf-8") as f:
+    text = f.read()[:200_000]
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                show_progress=False)
+  tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+  assert tokenizer.get_vocab_size() <= vocab_size
+  tokenizer.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"eos_token": "<eos>", "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+
+
 def main() -> None:
   print(f"transformers {transformers.__version__}, torch {torch.__version__}")
   for seed, (name, (config_cls, model_cls, kwargs, layout)) in enumerate(FAMILIES.items()):
@@ -130,6 +152,8 @@ def main() -> None:
     else:
       model.save_pretrained(folder, max_shard_size="40KB" if layout == "sharded" else "50GB")
     np.savez(os.path.join(folder, "reference.npz"), **reference(model, TOKENS))
+    if name == "qwen3_moe":  # one fixture carries its own tokenizer
+      write_tokenizer(folder, COMMON["vocab_size"])
     if os.path.exists(os.path.join(folder, "generation_config.json")):
       os.remove(os.path.join(folder, "generation_config.json"))
     sizes = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
