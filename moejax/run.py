@@ -33,6 +33,7 @@ from flax import nnx
 from moejax import data as data_lib
 from moejax import model as model_lib
 from moejax.train import checkpoints
+from moejax.train import config as config_lib
 from moejax.train import lora
 from moejax.train import metrics as metrics_lib
 
@@ -142,7 +143,8 @@ class Run:
                      f"{CONFIG_FILE}")
     if not isinstance(recorded, dict):
       raise RunError(f"{self.file(CONFIG_FILE)} does not hold a config (a JSON object)")
-    return ml_collections.ConfigDict(recorded)
+    # Laid over the defaults: keys the run's moejax predates take them.
+    return config_lib.from_json(recorded)
 
   def newest(self) -> tuple[int, ml_collections.ConfigDict]:
     """(newest step, its config) of a finished or running run; RunError when

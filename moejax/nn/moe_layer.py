@@ -179,10 +179,13 @@ class MoELayer(nnx.Module):
                                rngs=rngs)
       self.experts = Experts(num_experts=moe.experts, d_model=d_model, hidden=moe.hidden,
                              activation=moe.activation, dtype=dtype, rngs=rngs)
-    self.shared = nnx.data(None)
+    self.shared = self.shared_gate = nnx.data(None)
     if moe.num_shared_experts:
       self.shared = MLP(d_model=d_model, hidden=moe.num_shared_experts * moe.hidden,
                         activation=moe.activation, dtype=dtype, rngs=rngs)
+      if moe.shared_expert_gate:
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), jnp.float32))
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                rng: Optional[jax.Array] = None, token_ids: Optional[jax.Array] = None,
@@ -214,7 +217,11 @@ class MoELayer(nnx.Module):
     else:
       y, aux = self._route_and_run(x, deterministic, rng, token_ids, mask)
     if self.shared is not None:
-      y = y + self.shared(tokens)
+      shared = self.shared(tokens)
+      if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w) per token
+        gate = jnp.dot(tokens.astype(self.dtype), self.shared_gate[...].astype(self.dtype))
+        shared = jax.nn.sigmoid(gate.astype(jnp.float32)).astype(shared.dtype) * shared
+      y = y + shared
     return y.reshape(batch, length, -1).astype(self.dtype), aux
 
   def _to_groups(self, a: jax.Array, group_size: int, axes) -> jax.Array:

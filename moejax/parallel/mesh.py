@@ -187,8 +187,15 @@ def make_mesh(mesh_config: Any, *, devices: Optional[Sequence[jax.Device]] = Non
   devices = list(jax.devices() if devices is None else devices)
   sizes = validate_mesh_config(mesh_config, num_devices=len(devices))
   kind = _axis_type(axis_types)
-  return jax.make_mesh(tuple(sizes[axis] for axis in AXES), AXES,
-                       axis_types=(kind,) * len(AXES), devices=devices)
+  try:
+    return jax.make_mesh(tuple(sizes[axis] for axis in AXES), AXES,
+                         axis_types=(kind,) * len(AXES), devices=devices)
+  except NotImplementedError as e:  # a TPU torus the logical axes do not tile
+    shape = " x ".join(f"{axis} {sizes[axis]}" for axis in AXES)
+    reason = str(e).split(". ")[0]
+    raise ValueError(f"config.mesh ({shape}) does not tile these devices' physical mesh: "
+                     f"{reason}; choose sizes that are products of the physical axes "
+                     f"(e.g. 4 x 4 x 4 chips take 4, 16 or 64 per axis)") from None
 
 
 def with_auto_axes(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:

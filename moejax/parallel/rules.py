@@ -48,9 +48,11 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Dense FFN (MoELayer.ffn) and shared experts (MoELayer.shared), nn.MLP.
     (r"(^|/)(ffn|shared)/(wi|wi_gate|wi_up)$", ("embed", "mlp")),
     (r"(^|/)(ffn|shared)/wo$", ("mlp", "embed")),
+    (r"(^|/)shared_gate$", ("embed", None)),                     # [D, 1]
     # Routers (routing.routers): replicated, every device routes its own tokens.
     (r"(^|/)router/kernel$", ("embed", "router")),               # [D, E]
     (r"(^|/)router/bias$", ("router",)),                         # [E] RouterState
+    (r"(^|/)router/logit_bias$", ("router",)),                   # [E] logit bias
     (r"(^|/)router/slot_params$", ("embed", "router", None)),    # [D, E, P] Soft MoE
     (r"(^|/)router/scale$", ()),                                 # [] Soft MoE
     (r"(^|/)attention/qkv$", ("embed", "qkv", "heads", "head_dim")),  # [D, 3, N, P]

@@ -16,6 +16,7 @@ import math
 from typing import Any, Mapping, Optional
 
 GROUP_BY = ("sequence", "batch")
+ROUTER_DTYPES = ("float32", "bfloat16")
 SCORE_FNS = ("softmax", "softmax_topk", "sigmoid")
 AUX_LOSS_TYPES = ("switch", "sequence", "global_batch", "importance", "none")
 # Grouped matmul of the dropless dispatcher (see `dispatch.grouped_matmul`).
@@ -71,6 +72,15 @@ class MoEConfig:
       in training (Switch Transformer §2.4).
     sinkhorn_iterations: Sinkhorn rounds of router="sinkhorn".
     hash_seed: seed of router="hash"'s token-id -> expert map.
+    router_dtype: dtype of the router's logit matmul, "float32" (default) or
+      "bfloat16" (transformers computes Mixtral's, Qwen3-MoE's, OLMoE's and
+      GPT-OSS's router logits in the model's dtype); scores, selection and
+      losses are float32 either way.
+    router_logit_bias: a learned bias [E] added to the router logits
+      (GPT-OSS), a parameter trained like the kernel; not the selection-only
+      balancing bias of bias_update_rate.
+    shared_expert_gate: the shared experts' output is scaled per token by
+      sigmoid(x w), w [D, 1] (Qwen2-MoE's gated shared expert).
     force_balance: a benchmark mode, never for quality: token-choice routers
       still compute their scores, but token s of each group is sent to
       experts (s K + j) mod E, j < K, so every expert gets the same load
@@ -113,6 +123,9 @@ class MoEConfig:
   sinkhorn_iterations: int = 8
   hash_seed: int = 0
   force_balance: bool = False
+  router_dtype: str = "float32"
+  router_logit_bias: bool = False
+  shared_expert_gate: bool = False
 
   @classmethod
   def from_mapping(cls, options: Mapping[str, Any]) -> "MoEConfig":
@@ -153,10 +166,12 @@ class MoEConfig:
     """The same options for a dense FFN layer (of hidden top_k * expert_hidden,
     plus the shared experts); with `hidden`, a plain FFN of that width and no
     shared experts (DeepSeek-V3's dense first layers)."""
+    dense = dataclasses.replace(self, router="dense", router_logit_bias=False,
+                                router_dtype="float32")
     if hidden is None:
-      return dataclasses.replace(self, router="dense")
-    return dataclasses.replace(self, router="dense", top_k=1, expert_hidden=hidden,
-                               num_shared_experts=0, granularity=1)
+      return dense
+    return dataclasses.replace(dense, top_k=1, expert_hidden=hidden, num_shared_experts=0,
+                               granularity=1, shared_expert_gate=False)
 
 
 def field_names() -> list[str]:
@@ -205,6 +220,14 @@ def validate_common(cfg: MoEConfig) -> None:
                      f"granularity={cfg.granularity}")
   if cfg.group_by not in GROUP_BY:
     raise ValueError(f"unknown group_by {cfg.group_by!r}; valid values: {list(GROUP_BY)}")
+  if cfg.router_dtype not in ROUTER_DTYPES:
+    raise ValueError(f"router_dtype must be one of {list(ROUTER_DTYPES)}, got "
+                     f"{cfg.router_dtype!r}")
+  for name in ("router_logit_bias", "shared_expert_gate"):
+    if not isinstance(getattr(cfg, name), bool):
+      raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+  if cfg.shared_expert_gate and not cfg.num_shared_experts:
+    raise ValueError("shared_expert_gate needs num_shared_experts > 0")
   if cfg.score_fn not in SCORE_FNS:
     raise ValueError(f"unknown score_fn {cfg.score_fn!r}; valid values: {list(SCORE_FNS)}")
   if cfg.aux_loss_type not in AUX_LOSS_TYPES:

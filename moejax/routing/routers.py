@@ -103,6 +103,10 @@ def validate(cfg: MoEConfig) -> None:
   cls = get_router(cfg.router)
   validate_common(cfg)
   cls.validate(cfg)
+  if (cfg.router_logit_bias or cfg.router_dtype != "float32") and (
+      not issubclass(cls, LogitRouter) or cls.uses_token_ids):
+    raise ValueError(f"router_logit_bias and router_dtype apply to routers that select on "
+                     f"learned logits; router={cfg.router!r} does not")
   if cfg.force_balance and (not issubclass(cls, TokenChoiceRouter) or cls.uses_token_ids):
     raise ValueError(f"force_balance applies to the learned token-choice routers "
                      f"({', '.join(learned_token_choice())}); router={cfg.router!r} "
@@ -162,7 +166,7 @@ class Router(nnx.Module):
                     tokens_per_group: Optional[int] = None) -> int:
     """Number of router parameters (for accounting)."""
     del tokens_per_group
-    return d_model * cfg.experts
+    return d_model * cfg.experts + (cfg.experts if cfg.router_logit_bias else 0)
 
   @classmethod
   def noncausal_reason(cls, cfg: MoEConfig,
@@ -254,6 +258,9 @@ class LogitRouter(Router):
     # Switch Transformer initializes the router with a small scale (0.1).
     init = nnx.initializers.variance_scaling(0.1, "fan_in", "truncated_normal")
     self.kernel = nnx.Param(init(rngs.params(), (d_model, cfg.experts), jnp.float32))
+    self.logit_bias = nnx.data(None)
+    if cfg.router_logit_bias:
+      self.logit_bias = nnx.Param(jnp.zeros((cfg.experts,), jnp.float32))
     self.bias = nnx.data(None)
     if cfg.bias_update_rate > 0:
       self.bias = RouterState(jnp.zeros((cfg.experts,), jnp.float32))
@@ -282,7 +289,12 @@ class LogitRouter(Router):
         raise ValueError("rng is required for router jitter when deterministic=False")
       # Switch Transformer jitters the router input, not the logits.
       router_input = apply_jitter(router_input, cfg.jitter, jitter_rng)
-    logits = jnp.dot(router_input, self.kernel[...]).reshape(num_groups, group_size, -1)
+    # In router_dtype (float32 by default), as a checkpoint's framework computes them.
+    dtype = jnp.dtype(cfg.router_dtype)
+    logits = jnp.dot(router_input.astype(dtype), self.kernel[...].astype(dtype))
+    if self.logit_bias is not None:
+      logits = logits + self.logit_bias[...].astype(dtype)
+    logits = logits.astype(jnp.float32).reshape(num_groups, group_size, -1)
     z_logits = logits
     logits = _add_noise(logits, cfg, ctx._replace(rng=rng), jitter_logits=False)
     bias = None if self.bias is None else self.bias[...]

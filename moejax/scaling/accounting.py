@@ -25,6 +25,11 @@ def _kernels_per_mlp(activation: str) -> int:
   return 3 if activation == "swiglu" else 2
 
 
+def _shared_gate(d_model: int, moe: MoEConfig) -> int:
+  """The gate of the shared experts (shared_expert_gate): D parameters."""
+  return d_model if moe.shared_expert_gate and moe.num_shared_experts else 0
+
+
 def _ffn_counts(d_model: int, moe: MoEConfig, is_moe: bool,
                 tokens_per_group: Optional[int] = None) -> dict[str, float]:
   """Parameters of one FFN: total, active per token (float), routed experts,
@@ -34,7 +39,7 @@ def _ffn_counts(d_model: int, moe: MoEConfig, is_moe: bool,
                      f"granularity={moe.granularity}")
   per_hidden_unit = _kernels_per_mlp(moe.activation) * d_model
   # Shared experts (DeepSeekMoE): one MLP of hidden num_shared * H / g, always on.
-  shared = per_hidden_unit * moe.num_shared_experts * moe.hidden
+  shared = per_hidden_unit * moe.num_shared_experts * moe.hidden + _shared_gate(d_model, moe)
   if not is_moe:
     # The dense FFN has the active hidden width of K experts: K * H.
     dense = per_hidden_unit * moe.top_k * moe.expert_hidden + shared
@@ -263,7 +268,7 @@ def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int
     layer_moe = moe if is_moe else moe.dense(dense_hidden)
     ffn = _ffn_counts(d_model, layer_moe, is_moe, num_tokens)
     shared = (_kernels_per_mlp(moe.activation) * d_model * layer_moe.num_shared_experts
-              * layer_moe.hidden)
+              * layer_moe.hidden + _shared_gate(d_model, layer_moe))
     params["shared_experts"] += shared
     active["shared_experts"] += shared
     if not is_moe:

@@ -12,7 +12,7 @@ import functools
 import math
 import re
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from absl import flags
 
@@ -122,6 +122,24 @@ def default_config() -> ml_collections.ConfigDict:
   config.finetune.lora.alpha = 16.0       # scale alpha / rank on A B
   config.finetune.lora.targets = "experts"  # router,experts,shared_experts,attention
   config.finetune.lora.quantize_base = "none"  # none | int8 | int4 (QLoRA)
+  return config
+
+
+def from_json(recorded: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A run config from its JSON record (`resume.to_json`, a checkpoint's or
+  a workdir's config.json), laid over `default_config()`: every key keeps its
+  type (a None placeholder still takes a value from the command line) and
+  keys the record predates take their defaults."""
+  config = default_config()
+
+  def merge(target: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+      if isinstance(value, Mapping) and isinstance(target.get(key), ml_collections.ConfigDict):
+        merge(target[key], value)
+      else:
+        target[key] = value
+  with config.unlocked():
+    merge(config, recorded)
   return config
 
 
