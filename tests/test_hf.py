@@ -396,6 +396,9 @@ def test_import_with_its_tokenizer_evaluates_generates_and_exports(tmp_path):
   assert ids[-1] == 0 and tokenizer.decode(ids[:-1]) == "First Citizen:"
   result = evaluate.evaluate(workdir, num_batches=1)
   assert np.isfinite(result["eval/loss"]) and result["tokens"] == 4 * 32
+  quantized = evaluate.evaluate(workdir, num_batches=1, quantize="int8")
+  assert quantized["expert_param_bytes"] < result["expert_param_bytes"]
+  assert abs(quantized["eval/loss"] - result["eval/loss"]) < 0.05
   generator = generate.load(workdir)
   assert generator.tokenizer.fingerprint == tokenizer.fingerprint
   text = generator.generate(["First Citizen:"], SamplingOptions(max_new_tokens=8,

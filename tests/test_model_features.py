@@ -142,3 +142,71 @@ def test_gated_shared_expert():
   np.testing.assert_allclose(gated(x)[0], plain(x)[0] - shared + gate * shared, atol=1e-5)
   with pytest.raises(ValueError, match="needs num_shared_experts"):
     MoELayer(d_model=32, rngs=nnx.Rngs(0), shared_expert_gate=True, **DROPLESS)
+
+
+def test_latent_and_grouped_attention_on_an_fsdp_mesh():
+  # 8 host devices, fsdp 4 x expert 2: MLA's up projections are split over
+  # "fsdp" along their latent width (they have no model width), GQA's kv
+  # kernel along D; the logits are one device's.
+  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  code = """
+import jax, jax.numpy as jnp
+from flax import nnx
+from moejax import parallel
+from moejax.nn.transformer import TransformerLM
+moe = dict(num_experts=8, top_k=2, expert_hidden=16, capacity_factor=0.0,
+           dispatch="dropless", activation="swiglu", num_shared_experts=1)
+tokens = jax.random.randint(jax.random.key(1), (8, 6), 0, 64)
+mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "expert": 2, "model": 1})
+for extra in (dict(latent=dict(kv_rank=16, q_rank=24, nope=8, rope=8, v=12)),
+              dict(num_kv_heads=2, qk_norm="head")):
+  model = TransformerLM(vocab_size=64, num_layers=2, d_model=32, num_heads=4, moe=moe,
+                        rngs=nnx.Rngs(0), tie_embeddings=False, **extra)
+  want, _ = model(tokens)
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, parallel.param_shardings(state, mesh))
+  specs = {"/".join(map(str, p)): x.sharding.spec for p, x in nnx.to_flat_state(state)}
+  split = [p for p in specs if p.endswith(("q_up", "kv_up", "attention/kv"))]
+  assert split and all(specs[p][0] == "fsdp" for p in split), specs
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
+  with parallel.activate(mesh):
+    got, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.device_put(tokens, batch))
+  print(float(jnp.abs(got - want).max()))
+"""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert all(float(line) < 1e-5 for line in done.stdout.split())
+
+
+def test_sqrtsoftplus_routing_matches_its_formula():
+  # DeepSeek-V4's scores: s = sqrt(softplus(logits)); selection on s + bias
+  # (within the best groups), weights the unbiased s of the picks, normalized
+  # over the K, times the routed scaling factor.
+  rng = np.random.default_rng(0)
+  for case in range(20):
+    logits = rng.normal(size=(2, 16, 8)).astype(np.float32) * 3
+    bias = rng.normal(size=8).astype(np.float32) * (case % 2)
+    groups = 2 if case % 3 else 1
+    routed = routing.route(jnp.asarray(logits), router="topk", top_k=2,
+                           score_fn="sqrtsoftplus", bias=jnp.asarray(bias), renormalize=True,
+                           routed_scaling_factor=2.5, num_groups=groups,
+                           top_groups=1 if groups > 1 else 1, capacity_factor=0.0)
+    scores = np.sqrt(np.log1p(np.exp(logits.astype(np.float64))))
+    select = scores + bias
+    if groups > 1:  # a group's score: the sum of its two best biased scores
+      grouped = select.reshape(2, 16, groups, 8 // groups)
+      best = np.sort(grouped, axis=-1)[..., -2:].sum(-1)
+      keep = np.argmax(best, axis=-1)[..., None, None] == np.arange(groups)[:, None]
+      select = np.where(keep, grouped, -np.inf).reshape(select.shape)
+    picks = np.argsort(-select, axis=-1, kind="stable")[..., :2]
+    weights = np.take_along_axis(scores, picks, axis=-1)
+    weights = weights / weights.sum(-1, keepdims=True) * 2.5
+    first = np.asarray(routed.first_expert())
+    np.testing.assert_array_equal(first, picks[..., 0])
+    combine = np.asarray(routed.combine_weights())
+    dense = np.zeros(scores.shape)
+    np.put_along_axis(dense, picks, weights, axis=-1)
+    np.testing.assert_allclose(combine, dense, atol=1e-5)

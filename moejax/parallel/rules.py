@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, MeshAxes] = {
     "heads": "model",     # attention heads (Megatron-LM, Shoeybi et al. 2019)
     "kv_heads": "model",  # key/value heads of grouped-query attention
     "embed": None,        # activations; parameters split it over "fsdp" (`param_spec`)
+    "latent": None,       # MLA's latent width; its up projections split it over "fsdp"
     "vocab": None,
     "head_dim": None,
     "qkv": None,
@@ -63,7 +64,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
     # projections to the latents are replicated like a dense kernel's input
     # side, the up projections split by head.
     (r"(^|/)attention/(q_down|kv_down)$", ("embed", None)),      # [D, R]
-    (r"(^|/)attention/(q_up|kv_up)$", (None, "heads", "head_dim")),  # [R, N, P]
+    (r"(^|/)attention/(q_up|kv_up)$", ("latent", "heads", "head_dim")),  # [R, N, P]
     (r"(^|/)embed/embedding$", ("vocab", "embed")),              # [V, D]
     (r"(^|/)output_kernel$", ("embed", "vocab")),                # [D, V]
     (r"(^|/)attention/(query|key)_norm/scale$", ("head_dim",)),  # qk_norm [P] or [N P]
@@ -193,6 +194,8 @@ def param_logical_axes(params_state: Any) -> Any:
 
 # The mesh axis that splits parameters and optimizer state (FSDP / ZeRO-3).
 FSDP_AXIS = "fsdp"
+# The logical dimension FSDP splits: the model width, else MLA's latent width.
+FSDP_DIMS = ("embed", "latent")
 
 
 def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
@@ -201,7 +204,8 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
   mesh whose "fsdp" axis has size > 1, its "embed" (model width) dimension
   split over "fsdp" when the parameter is a matrix or more (not counting
   scan_layers' "layers" axis) and the width divides
-  (MaxText's FSDP rule). Vectors (norm scales, router biases) stay whole. A
+  (MaxText's FSDP rule); MLA's up projections, which have no "embed"
+  dimension, split their "latent" one. Vectors (norm scales, router biases) stay whole. A
   layer gathers such a weight before its matmul (`gather_fsdp`), and its
   gradient is reduce-scattered back: per-device parameter and optimizer bytes
   fall by the fsdp size, traded for one all-gather per weight and step.
@@ -210,9 +214,10 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int],
   fsdp = mesh.shape.get(FSDP_AXIS, 1) if mesh is not None else 1
   # The stacked layers of scan_layers do not make a vector a matrix.
   rank = sum(axis != "layers" for axis in logical_axes)
-  if fsdp == 1 or rank < 2 or "embed" not in logical_axes:
+  split = next((axis for axis in FSDP_DIMS if axis in logical_axes), None)
+  if fsdp == 1 or rank < 2 or split is None:
     return spec
-  dim = list(logical_axes).index("embed")
+  dim = list(logical_axes).index(split)
   if shape[dim] % fsdp:
     return spec
   entries = list(spec) + [None] * (len(shape) - len(spec))

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 GROUP_BY = ("sequence", "batch")
 ROUTER_DTYPES = ("float32", "bfloat16")
-SCORE_FNS = ("softmax", "softmax_topk", "sigmoid")
+SCORE_FNS = ("softmax", "softmax_topk", "sigmoid", "sqrtsoftplus")
 AUX_LOSS_TYPES = ("switch", "sequence", "global_batch", "importance", "none")
 # Grouped matmul of the dropless dispatcher (see `dispatch.grouped_matmul`).
 GROUPED_MATMULS = ("auto", "xla", "tokamax", "blocked")
@@ -58,7 +58,8 @@ class MoEConfig:
     renormalize: renormalize the K weights of a token; None = on for K > 1.
     score_fn: "softmax" (select on float32 probabilities, as vmoe and
       flaxformer), "softmax_topk" (Mixtral: select on logits, softmax over the
-      K selected), "sigmoid" (DeepSeek-V3).
+      K selected), "sigmoid" (DeepSeek-V3), "sqrtsoftplus" (DeepSeek-V4:
+      sqrt(softplus(logits)), used as sigmoid is).
     routed_scaling_factor: routed weights are multiplied by it (DeepSeek-V3).
     num_groups, top_groups: group-limited routing (DeepSeek-V3): experts in
       num_groups contiguous groups, only the top_groups best are eligible.

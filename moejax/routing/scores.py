@@ -18,6 +18,11 @@ experts and their combine weights, for every scoring rule moejax knows:
     is done on the logits (sigmoid is monotone, so the experts are the same,
     and saturated sigmoids cannot tie).
 
+  * score_fn="sqrtsoftplus" (DeepSeek-V4, 2026): s = sqrt(softplus(logits)),
+    otherwise as "sigmoid" (selection on s plus the bias, weights the
+    unbiased s of the picks, normalized over the K when `renormalize`).
+    Monotone too, so without a bias or groups selection is on the logits.
+
 Then, for every rule:
   * `bias` <float32>[E] (auxiliary-loss-free balancing, Wang et al. 2024)
     is added to the selection scores only; weights come from unbiased scores.
@@ -77,7 +82,7 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
   Args:
     logits: <float32>[G, S, E] router logits (after any noise).
     top_k: K.
-    score_fn: "softmax", "softmax_topk" or "sigmoid".
+    score_fn: "softmax", "softmax_topk", "sigmoid" or "sqrtsoftplus".
     renormalize: divide the K weights by their sum ("softmax_topk" always is).
     bias: <float32>[E] added to the selection scores only, or None.
     num_groups, top_groups: group-limited routing; 1, 1 = off.
@@ -88,8 +93,9 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
   """
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)
-  if score_fn == "sigmoid":
-    unbiased = jax.nn.sigmoid(logits)
+  if score_fn in ("sigmoid", "sqrtsoftplus"):
+    unbiased = (jax.nn.sigmoid(logits) if score_fn == "sigmoid"
+                else jnp.sqrt(jax.nn.softplus(logits)))
     loss_scores = unbiased / jnp.sum(unbiased, axis=-1, keepdims=True)
     on_logits = bias is None and num_groups == 1
   elif score_fn == "softmax_topk":
