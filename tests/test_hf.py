@@ -21,7 +21,7 @@ from flax import nnx
 from moejax import hf
 from moejax import train as trainer
 from moejax.generate import SamplingOptions, generate_tokens
-from moejax.hf import __main__ as hf_cli
+from moejax.hf import workdirs as hf_cli
 from moejax.hf import families
 from moejax.hf.checkpoint import write_tensors
 from moejax.train import config as config_lib

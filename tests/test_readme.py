@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from moejax.train import config as config_lib
+
 from experiments import sweep
 from moejax import train as train_lib
 
@@ -157,7 +159,12 @@ def test_readme_shell_commands_name_real_modules_flags_and_config_keys():
       name, _, value = arg.lstrip("-").partition("=")
       if not arg.startswith("--"):
         continue
-      if name == "config":
+      if name == "config" and ":" in value:
+        # A config file with an argument (configs/hf.py:WORKDIR, a recorded
+        # run config): its keys are the default config's.
+        assert (REPO / value.partition(":")[0]).exists(), (module, arg)
+        config = config_lib.default_config()
+      elif name == "config":
         config = sweep.load_config_file(str(REPO / value))
       elif name.startswith("config."):
         assert config is not None and _config_has(config, name[len("config."):]), (module, arg)

@@ -100,11 +100,17 @@ def _shipped_configs():
 
 
 @pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.stem)
-def test_shipped_configs_route_causally_or_say_why(path):
+def test_shipped_configs_route_causally_or_say_why(path, tmp_path):
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  if path.stem == "hf":  # configs/hf.py:WORKDIR, the config a workdir records
+    from moejax.hf import workdirs  # pylint: disable=import-outside-toplevel
+    workdirs.import_checkpoint(str(ROOT / "tests" / "hf_fixtures" / "mixtral"),
+                               str(tmp_path / "run"))
+    config = module.get_config(str(tmp_path / "run"))
+  else:
+    config = module.get_config()
   reason = transformer.noncausal_routing_reason(config.model.moe.to_dict(),
                                                 model_lib.tokens_per_group(config))
   if reason is not None:  # allowed only with the reason in the config's docstring

@@ -169,13 +169,7 @@ def validate_data_config(data_config: DataConfig) -> None:
   for key in ("data_dir", "manual_dir", "tokenizer_path"):
     _check_optional_str(config, key)
   if config["tokenizer"] == "hf":
-    if not config["tokenizer_path"]:
-      raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
-                       "tokenizer.json, or the checkpoint folder holding it)")
-    tokenizers.tokenizer_file(config["tokenizer_path"])
-    if importlib.util.find_spec("tokenizers") is None:
-      raise ValueError("config.data.tokenizer='hf' needs the tokenizers package: "
-                       "pip install -e '.[hf]'")
+    _check_hf_tokenizer(config)
   for key in ("text_key", "train_split", "eval_split"):
     if not isinstance(config[key], str) or not config[key]:
       raise ValueError(f"config.data.{key} must be a non-empty string, got {config[key]!r}")
@@ -212,6 +206,17 @@ def validate_data_config(data_config: DataConfig) -> None:
     # unk + eos + at least one piece per character (byte level: 256 at most).
     _check_positive_int(config, "vocab_size", minimum=3)
   _validate_tfds(config)
+
+
+def _check_hf_tokenizer(config: dict[str, Any]) -> None:
+  """tokenizer="hf" has a tokenizer.json and the package that reads it."""
+  if not config["tokenizer_path"]:
+    raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
+                     "tokenizer.json, or the checkpoint folder holding it)")
+  tokenizers.tokenizer_file(config["tokenizer_path"])
+  if importlib.util.find_spec("tokenizers") is None:
+    raise ValueError("config.data.tokenizer='hf' needs the tokenizers package: "
+                     "pip install -e '.[hf]'")
 
 
 def vocab_size(data_config: DataConfig) -> int:

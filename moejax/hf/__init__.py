@@ -20,6 +20,7 @@ unless the checkpoint is bfloat16.
 checkpoint into an ordinary moejax workdir and back.
 """
 
+import json
 import os
 import shutil
 from typing import Any, Optional
@@ -121,15 +122,7 @@ def from_pretrained(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
   sources = families.tensors(model, family,
                              fused_experts=families.uses_fused_experts(checkpoint, family))
   _check_names(checkpoint, sources)
-  vocab = config.data.vocab_size
-  if mesh is None:  # one device, no mesh: the model runs outside any mesh context
-    graphdef, shapes = model_lib.abstract(config, vocab)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          shapes)
-  else:
-    with parallel.activate(mesh):
-      graphdef, target = model_lib.restore_target(config, vocab, mesh)
+  target_graphdef, target = _target(config, mesh)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
   size = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for _, leaf in leaves)
   bar = _progress(len(leaves), "tensor", progress, size, f"import {os.path.basename(path)}")
@@ -139,22 +132,39 @@ def from_pretrained(path: str, *, mesh: Optional[jax.sharding.Mesh] = None,
     if name not in sources:
       raise Unsupported(f"moejax parameter {name} has no Hugging Face tensor in "
                         f"{family.model_type}")
-    source = sources[name]
-
-    def read(index, source=source, leaf=leaf, name=name):
-      block = source.read(checkpoint, index)
-      expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape))
-      if block.shape != expected:
-        raise CheckpointError(f"{path}: {', '.join(source.names)} give {name} the shape "
-                              f"{list(block.shape)}, config.json implies {list(expected)}")
-      return block.astype(leaf.dtype)
-    arrays.append(jax.make_array_from_callback(leaf.shape, leaf.sharding, read))
+    arrays.append(jax.make_array_from_callback(
+        leaf.shape, leaf.sharding, _reader(checkpoint, sources[name], leaf, name)))
     if bar is not None:
       bar.update(1)
   if bar is not None:
     bar.close()
   params = jax.tree_util.tree_unflatten(treedef, arrays)
-  return nnx.merge(graphdef, params), config
+  return nnx.merge(target_graphdef, params), config
+
+
+def _target(config: ml_collections.ConfigDict, mesh: Optional[jax.sharding.Mesh]):
+  """(graphdef, abstract parameters with their shardings): on `mesh` as the
+  trainer lays them out, or on the first device without a mesh."""
+  vocab = config.data.vocab_size
+  if mesh is not None:
+    with parallel.activate(mesh):
+      return model_lib.restore_target(config, vocab, mesh)
+  graphdef, shapes = model_lib.abstract(config, vocab)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return graphdef, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def _reader(checkpoint: Checkpoint, source: families.Tensor, leaf, name: str):
+  """The callback that reads a device's block of parameter `name`."""
+  def read(index):
+    block = source.read(checkpoint, index)
+    expected = tuple(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape))
+    if block.shape != expected:
+      raise CheckpointError(f"{checkpoint.path}: {', '.join(source.names)} give {name} the "
+                            f"shape {list(block.shape)}, config.json implies {list(expected)}")
+    return block.astype(leaf.dtype)
+  return read
 
 
 def _check_names(checkpoint: Checkpoint, sources: dict[str, families.Tensor]) -> None:
@@ -232,16 +242,7 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
       config.data.vocab_size = vocab_size or config.data.vocab_size
       config.train.seq_len = max_positions or config.train.seq_len
   chosen, hf, sources = export_plan(config, family)
-  state = nnx.state(model) if isinstance(model, nnx.Module) else model
-  flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
-  flat = {k: v[...] if isinstance(v, nnx.Variable) else v for k, v in flat.items()}
-  if config.model.scan_layers:
-    nested = convert_layout(_nest(flat), scanned=False, num_layers=config.model.num_layers,
-                            moe_every=config.model.moe_every,
-                            first_dense_layers=config.model.first_dense_layers,
-                            router=config.model.moe.router)
-    flat = {"/".join(str(k) for k in key): v
-            for key, v in _flatten(nested).items()}
+  flat = _flat_params(model, config)
   extra = sorted(set(flat) - set(sources))
   if extra:
     raise Unsupported(f"cannot export as {chosen.model_type}: moejax parameter(s) "
@@ -255,9 +256,6 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise CheckpointError(f"--out={path}: the folder {parent} does not exist")
-  temp = os.path.join(parent, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  shutil.rmtree(temp, ignore_errors=True)
-  os.makedirs(temp)
   size = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in flat.values())
   bar = _progress(len(sources), "parameter", progress, size, f"export {os.path.basename(path)}")
 
@@ -267,16 +265,41 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
       if bar is not None:
         bar.update(1)
   try:
-    files = write_tensors(temp, hf_tensors())
-    import json  # pylint: disable=import-outside-toplevel
+    return _write_folder(path, hf, hf_tensors())
+  finally:
+    if bar is not None:
+      bar.close()
+
+
+def _flat_params(model, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"layers/0/attention/qkv": array} of a model or its state, unscanned."""
+  state = nnx.state(model) if isinstance(model, nnx.Module) else model
+  flat = {"/".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+  flat = {k: v[...] if isinstance(v, nnx.Variable) else v for k, v in flat.items()}
+  if not config.model.scan_layers:
+    return flat
+  nested = convert_layout(_nest(flat), scanned=False, num_layers=config.model.num_layers,
+                          moe_every=config.model.moe_every,
+                          first_dense_layers=config.model.first_dense_layers,
+                          router=config.model.moe.router)
+  return {"/".join(str(k) for k in key): v for key, v in _flatten(nested).items()}
+
+
+def _write_folder(path: str, hf: dict[str, Any], tensors) -> list[str]:
+  """Writes config.json and the (name, array) pairs into a temporary folder
+  beside `path`, then moves it to `path`; returns the files."""
+  temp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                      f".{os.path.basename(path)}.tmp{os.getpid()}")
+  shutil.rmtree(temp, ignore_errors=True)
+  os.makedirs(temp)
+  try:
+    files = write_tensors(temp, tensors)
     with open(os.path.join(temp, "config.json"), "w", encoding="utf-8") as f:
       json.dump(hf, f, indent=2)
     if os.path.exists(path):
       os.rmdir(path)
     os.replace(temp, path)
   finally:
-    if bar is not None:
-      bar.close()
     shutil.rmtree(temp, ignore_errors=True)
   return files + ["config.json"]
 

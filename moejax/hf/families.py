@@ -484,15 +484,33 @@ def _latent_attention(out: dict, mj: str, hf: str, model: dict[str, Any]) -> Non
   out[mj + "out"] = _heads_out(hf + "o_proj.weight", heads, v, d_model)
 
 
+def _attention(out: dict, mj: str, hf: str, model: dict[str, Any], family: Family) -> None:
+  """A layer's attention kernels at moejax `mj` ("layers/i/attention/")."""
+  if model.get("kv_lora_rank"):
+    _latent_attention(out, mj, hf, model)
+    return
+  d_model, num_heads = model["d_model"], model["num_heads"]
+  head_dim = model.get("head_dim") or d_model // num_heads
+  kv_heads = model.get("num_kv_heads") or num_heads
+  if kv_heads == num_heads:
+    out[mj + "qkv"] = _heads_in(tuple(hf + f"{p}_proj.weight" for p in "qkv"),
+                                (num_heads,) * 3, d_model, head_dim)
+  else:
+    out[mj + "query"] = _heads_in((hf + "q_proj.weight",), (num_heads,), d_model, head_dim)
+    out[mj + "kv"] = _heads_in((hf + "k_proj.weight", hf + "v_proj.weight"),
+                               (kv_heads, kv_heads), d_model, head_dim)
+  out[mj + "out"] = _heads_out(hf + "o_proj.weight", num_heads, head_dim, d_model)
+  if family.qk_norm != "none":
+    out[mj + "query_norm/scale"] = _plain(hf + "q_norm.weight")
+    out[mj + "key_norm/scale"] = _plain(hf + "k_norm.weight")
+
+
 def tensors(model: dict[str, Any], family: Family, *, fused_experts: bool = False
             ) -> dict[str, Tensor]:
   """{moejax parameter path in the unscanned layout ("layers/0/attention/qkv"):
   its HF tensors} for config.model (a dict) in `family`'s names. With
   `fused_experts`, the experts are read from transformers 5's fused
   [E, ...] tensors instead of one tensor per expert."""
-  d_model, num_heads = model["d_model"], model["num_heads"]
-  head_dim = model.get("head_dim") or d_model // num_heads
-  kv_heads = model.get("num_kv_heads") or num_heads
   moe = model["moe"]
   flags = moe_layer_flags(num_layers=model["num_layers"], moe_every=model.get("moe_every", 1),
                           first_dense_layers=model.get("first_dense_layers", 0),
@@ -503,25 +521,7 @@ def tensors(model: dict[str, Any], family: Family, *, fused_experts: bool = Fals
     out["output_kernel"] = _linear("lm_head.weight")
   for i, is_moe in enumerate(flags):
     hf, mj = f"model.layers.{i}.", f"layers/{i}/"
-    attention = hf + "self_attn."
-    if model.get("kv_lora_rank"):
-      _latent_attention(out, mj + "attention/", attention, model)
-    elif kv_heads == num_heads:
-      out[mj + "attention/qkv"] = _heads_in(
-          tuple(attention + f"{p}_proj.weight" for p in "qkv"), (num_heads,) * 3,
-          d_model, head_dim)
-    else:
-      out[mj + "attention/query"] = _heads_in((attention + "q_proj.weight",), (num_heads,),
-                                              d_model, head_dim)
-      out[mj + "attention/kv"] = _heads_in(
-          (attention + "k_proj.weight", attention + "v_proj.weight"), (kv_heads, kv_heads),
-          d_model, head_dim)
-    if not model.get("kv_lora_rank"):
-      out[mj + "attention/out"] = _heads_out(attention + "o_proj.weight", num_heads,
-                                             head_dim, d_model)
-    if family.qk_norm != "none":
-      out[mj + "attention/query_norm/scale"] = _plain(attention + "q_norm.weight")
-      out[mj + "attention/key_norm/scale"] = _plain(attention + "k_norm.weight")
+    _attention(out, mj + "attention/", hf + "self_attn.", model, family)
     out[mj + "attention_norm/scale"] = _plain(hf + "input_layernorm.weight")
     out[mj + "ffn_norm/scale"] = _plain(hf + "post_attention_layernorm.weight")
     if not is_moe:

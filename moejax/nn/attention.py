@@ -22,8 +22,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, PartitionSpec
 
-from moejax.nn.config import QK_NORMS  # "head": each head's P features (Qwen3);
-from moejax.parallel.rules import gather_fsdp  # "projection": all N P (K P) (OLMoE)
+from moejax.parallel.rules import gather_fsdp
+
+# RMSNorm of queries and keys before RoPE: "head" normalizes each head's P
+# features (one [P] scale: Qwen3), "projection" a token's whole query (N P)
+# and key (K P) projections (OLMoE).
+QK_NORMS = ("none", "head", "projection")
 
 
 def explicit_spec(x: jax.Array) -> Optional[PartitionSpec]:

@@ -18,10 +18,9 @@ import math
 from typing import Any, Mapping, Optional
 
 from moejax import routing as routing_lib
+from moejax.nn.attention import QK_NORMS, Rope
 from moejax.routing import MoEConfig
 
-# RMSNorm of queries and keys (`attention.QK_NORMS`).
-QK_NORMS = ("none", "head", "projection")
 # The compute dtypes a run config may name; `TransformerLM` also takes float16.
 DTYPES = ("float32", "bfloat16")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -156,13 +155,14 @@ class ModelConfig:
   qk_nope_head_dim: int = 0
   qk_rope_head_dim: int = 0
   v_head_dim: int = 0
-  rope_interleave: bool = False
-  rope_yarn_factor: float = 0.0
-  rope_yarn_original_max_positions: int = 0
-  rope_yarn_beta_fast: float = 32.0
-  rope_yarn_beta_slow: float = 1.0
-  rope_yarn_mscale: float = 1.0
-  rope_yarn_mscale_all_dim: float = 0.0
+  # The RoPE options: `attention.Rope`'s fields, with its defaults.
+  rope_interleave: bool = Rope.interleave
+  rope_yarn_factor: float = Rope.yarn_factor
+  rope_yarn_original_max_positions: int = Rope.yarn_original_max_positions
+  rope_yarn_beta_fast: float = Rope.yarn_beta_fast
+  rope_yarn_beta_slow: float = Rope.yarn_beta_slow
+  rope_yarn_mscale: float = Rope.yarn_mscale
+  rope_yarn_mscale_all_dim: float = Rope.yarn_mscale_all_dim
   dense_hidden: Optional[int] = None
   moe_every: int = 1
   first_dense_layers: int = 0
