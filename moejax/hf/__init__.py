@@ -209,9 +209,9 @@ def export_plan(config: ml_collections.ConfigDict, family: Optional[str] = None)
   """(family, config.json dict, tensors) of exporting a model of `config`;
   Unsupported names what cannot be carried (nothing is read or written)."""
   model = config.model.to_dict()
-  chosen = FAMILIES[family] if family else families.guess_family(model)
   if family and family not in FAMILIES:
     raise Unsupported(f"--family={family!r}; supported: {', '.join(sorted(FAMILIES))}")
+  chosen = FAMILIES[family] if family else families.guess_family(model)
   families.check_exportable(model, chosen)
   hf = families.hf_config(model, chosen, int(config.data.vocab_size),
                           int(config.train.seq_len))
