@@ -289,9 +289,13 @@ class LogitRouter(Router):
         raise ValueError("rng is required for router jitter when deterministic=False")
       # Switch Transformer jitters the router input, not the logits.
       router_input = apply_jitter(router_input, cfg.jitter, jitter_rng)
-    # In router_dtype (float32 by default), as a checkpoint's framework computes them.
-    dtype = jnp.dtype(cfg.router_dtype)
-    logits = jnp.dot(router_input.astype(dtype), self.kernel[...].astype(dtype))
+    # In router_dtype (float32 by default), as a checkpoint's framework computes
+    # them. The float32 kernel enters the dot as is, so that qwix (QLoRA of the
+    # router, moejax.train.lora) finds its quantized weight there.
+    dtype, kernel = jnp.dtype(cfg.router_dtype), self.kernel[...]
+    if dtype != jnp.float32:
+      router_input, kernel = router_input.astype(dtype), kernel.astype(dtype)
+    logits = jnp.dot(router_input, kernel)
     if self.logit_bias is not None:
       logits = logits + self.logit_bias[...].astype(dtype)
     logits = logits.astype(jnp.float32).reshape(num_groups, group_size, -1)
