@@ -103,7 +103,8 @@ def main(argv):
   with open(os.path.join(_OUT.value, "parity.md"), "w") as f:
     f.write(text + "\n")
   print(text)
-  return 0 if all(r["greedy_tokens_equal"] for r in records) else sys.exit(1)
+  if not all(r["greedy_tokens_equal"] for r in records):
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,27 @@ def test_export_writes_back_the_same_tensors(imported, name, tmp_path):
       assert written[key] == source[key], key
 
 
+def test_export_of_a_scanned_layout_writes_the_same_tensors(imported, tmp_path):
+  # A scanned model (dense first layer, stacked MoE layers) is unscanned for export.
+  from moejax import model as model_lib  # pylint: disable=import-outside-toplevel
+  from moejax.nn.transformer import convert_layout  # pylint: disable=import-outside-toplevel
+  model, config = imported["deepseek_v3"]
+  scanned = config.copy_and_resolve_references()
+  scanned.model.scan_layers = True
+  m = config.model
+  pure = convert_layout(nnx.to_pure_dict(nnx.state(model)), scanned=True,
+                        num_layers=m.num_layers, moe_every=m.moe_every,
+                        first_dense_layers=m.first_dense_layers, router=m.moe.router)
+  _, state = model_lib.abstract(scanned, config.data.vocab_size)
+  nnx.replace_by_pure_dict(state, pure)
+  out = str(tmp_path / "out")
+  hf.save_pretrained(state, scanned, out)
+  original, exported = _tensors(os.path.join(FIXTURES, "deepseek_v3")), _tensors(out)
+  assert sorted(original) == sorted(exported)
+  for key, value in original.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
 def test_fused_experts_export_per_expert_and_reimport(imported, tmp_path):
   model, config = imported["qwen3_moe_fused"]
   out = str(tmp_path / "out")

@@ -210,9 +210,6 @@ def validate_data_config(data_config: DataConfig) -> None:
 
 def _check_hf_tokenizer(config: dict[str, Any]) -> None:
   """tokenizer="hf" has a tokenizer.json and the package that reads it."""
-  if not config["tokenizer_path"]:
-    raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
-                     "tokenizer.json, or the checkpoint folder holding it)")
   tokenizers.tokenizer_file(config["tokenizer_path"])
   if importlib.util.find_spec("tokenizers") is None:
     raise ValueError("config.data.tokenizer='hf' needs the tokenizers package: "

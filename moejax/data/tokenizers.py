@@ -159,8 +159,11 @@ class HFTokenizer:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def tokenizer_file(path: str) -> str:
+def tokenizer_file(path: Optional[str]) -> str:
   """The tokenizer.json of `path` (the file, or a folder holding it)."""
+  if not path:
+    raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
+                     "tokenizer.json, or the checkpoint folder holding it)")
   file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
   if not os.path.isfile(file):
     raise ValueError(f"config.data.tokenizer_path={path!r}: no tokenizer.json there")
@@ -274,9 +277,6 @@ def make_tokenizer(name: str, model_proto: Optional[bytes] = None,
   if name == "byte":
     return ByteTokenizer()
   if name == "hf":
-    if not path:
-      raise ValueError("config.data.tokenizer='hf' needs config.data.tokenizer_path (a "
-                       "tokenizer.json, or the checkpoint folder holding it)")
     return HFTokenizer(path, vocab_size)
   if name == "sentencepiece":
     if model_proto is None:

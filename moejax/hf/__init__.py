@@ -28,7 +28,7 @@ from typing import Any, Optional
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from moejax import model as model_lib
 from moejax import parallel
@@ -36,10 +36,11 @@ from moejax.hf import families
 from moejax.hf.checkpoint import Checkpoint, CheckpointError, write_tensors
 from moejax.hf.families import FAMILIES, Unsupported
 from moejax.nn.transformer import convert_layout
+from moejax.parallel.rules import key_name
 from moejax.train import config as config_lib
 
-__all__ = ["FAMILIES", "CheckpointError", "Unsupported", "from_pretrained", "hf_run_config",
-           "save_pretrained"]
+__all__ = ["FAMILIES", "Checkpoint", "CheckpointError", "Unsupported", "check_out_folder",
+           "export_plan", "from_pretrained", "hf_run_config", "save_pretrained"]
 
 # Tensors of a checkpoint that hold no weights (buffers some versions saved).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -72,15 +73,8 @@ def hf_run_config(hf: dict[str, Any], base: Optional[ml_collections.ConfigDict] 
 
 
 def _path(keys) -> str:
-  parts = []
-  for key in keys:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(p for p in parts if p != "value")
+  """"layers/0/attention/qkv" of a pytree path into an nnx state."""
+  return "/".join(name for name in map(key_name, keys) if name != "value")
 
 
 def _progress(total: int, unit: str, show: Optional[bool], size: int, what: str):
@@ -233,9 +227,6 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
   place for (expert choice, Soft MoE, finite capacity, GELU experts, shared
   experts, a balancing bias, ...). Returns the files written.
   """
-  if family is not None and family not in FAMILIES:
-    raise Unsupported(f"family {family!r} is not supported; supported: "
-                      f"{', '.join(sorted(FAMILIES))}")
   if vocab_size is not None or max_positions is not None:
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -251,11 +242,7 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
   if flat["embed/embedding"].shape[0] != vocab:
     raise Unsupported(f"the embedding has {flat['embed/embedding'].shape[0]} rows, "
                       f"config.data.vocab_size is {vocab}")
-  if os.path.exists(path) and os.listdir(path):
-    raise CheckpointError(f"--out={path} exists and is not empty; choose a new folder")
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise CheckpointError(f"--out={path}: the folder {parent} does not exist")
+  check_out_folder(path)
   size = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in flat.values())
   bar = _progress(len(sources), "parameter", progress, size, f"export {os.path.basename(path)}")
 
@@ -271,6 +258,16 @@ def save_pretrained(model, config: ml_collections.ConfigDict, path: str, *,
       bar.close()
 
 
+def check_out_folder(path: str) -> None:
+  """CheckpointError unless `path` can become a new checkpoint folder: it is
+  absent or empty, and its parent exists."""
+  if os.path.exists(path) and os.listdir(path):
+    raise CheckpointError(f"--out={path} exists and is not empty; choose a new folder")
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise CheckpointError(f"--out={path}: the folder {parent} does not exist")
+
+
 def _flat_params(model, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"layers/0/attention/qkv": array} of a model or its state, unscanned."""
   state = nnx.state(model) if isinstance(model, nnx.Module) else model
@@ -278,11 +275,13 @@ def _flat_params(model, config: ml_collections.ConfigDict) -> dict[str, Any]:
   flat = {k: v[...] if isinstance(v, nnx.Variable) else v for k, v in flat.items()}
   if not config.model.scan_layers:
     return flat
-  nested = convert_layout(_nest(flat), scanned=False, num_layers=config.model.num_layers,
+  nested = convert_layout(traverse_util.unflatten_dict(flat, sep="/"), scanned=False,
+                          num_layers=config.model.num_layers,
                           moe_every=config.model.moe_every,
                           first_dense_layers=config.model.first_dense_layers,
                           router=config.model.moe.router)
-  return {"/".join(str(k) for k in key): v for key, v in _flatten(nested).items()}
+  return {"/".join(map(str, key)): v
+          for key, v in traverse_util.flatten_dict(nested).items()}
 
 
 def _write_folder(path: str, hf: dict[str, Any], tensors) -> list[str]:
@@ -302,24 +301,3 @@ def _write_folder(path: str, hf: dict[str, Any], tensors) -> list[str]:
   finally:
     shutil.rmtree(temp, ignore_errors=True)
   return files + ["config.json"]
-
-
-def _nest(flat: dict[str, Any]) -> dict:
-  out: dict = {}
-  for name, value in flat.items():
-    node = out
-    parts = name.split("/")
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = value
-  return out
-
-
-def _flatten(nested: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-  out = {}
-  for key, value in nested.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, prefix + (key,)))
-    else:
-      out[prefix + (key,)] = value
-  return out

@@ -255,8 +255,8 @@ def guess_family(model: dict[str, Any]) -> Family:
 
 
 def _renormalizes(moe: dict[str, Any]) -> bool:
-  renormalize = moe.get("renormalize")
-  return moe["top_k"] > 1 if renormalize is None else bool(renormalize)
+  """Whether the routed weights are renormalized (`MoEConfig.renormalize_weights`)."""
+  return routing_lib.MoEConfig.from_mapping(moe).renormalize_weights
 
 
 def check_exportable(model: dict[str, Any], family: Family) -> None:
@@ -291,7 +291,6 @@ def check_exportable(model: dict[str, Any], family: Family) -> None:
       (model.get("rope_interleave", False) and not deepseek, "rope_interleave=true"),
   ]
   if routed:
-    cfg = routing_lib.MoEConfig.from_mapping(moe)
     score_fn = "sigmoid" if deepseek else "softmax"
     refusals += [
         (moe["router"] not in ("topk", "switch"),
@@ -301,8 +300,7 @@ def check_exportable(model: dict[str, Any], family: Family) -> None:
          f"{name} is dropless: train with capacity_factor=0)"),
         (moe.get("score_fn", "softmax") != score_fn,
          f"score_fn={moe.get('score_fn')!r} ({name} routes on {score_fn} scores)"),
-        (cfg.experts != moe["num_experts"] or moe.get("granularity", 1) != 1,
-         "granularity != 1"),
+        (moe.get("granularity", 1) != 1, "granularity != 1"),
         (moe.get("num_groups", 1) != 1 and not deepseek,
          "num_groups != 1 (group-limited routing)"),
         (moe.get("routed_scaling_factor", 1.0) != 1.0 and not deepseek,

@@ -96,7 +96,7 @@ def export_run(workdir: str, out: str, family=None, step=None) -> list[str]:
   """Writes checkpoint `step` (default: newest) of `workdir` as a Hugging
   Face folder `out`; returns the files written."""
   run = run_lib.Run(workdir)
-  newest, config = run.newest()
+  _, config = run.newest()
   if step is not None:
     config = run.config(step)
   if lora.enabled(config):
@@ -104,15 +104,12 @@ def export_run(workdir: str, out: str, family=None, step=None) -> list[str]:
                      f"checkpoint; export its base ({config.finetune.base})")
   record = run.read_json(RECORD_FILE) or {}
   family = family or record.get("model_type")
-  if family is not None and family not in hf.FAMILIES:
-    raise hf.Unsupported(f"--family={family!r}; supported: {', '.join(sorted(hf.FAMILIES))}")
   vocab = data_lib.vocab_size(config.data)
   max_positions = (record.get("config") or {}).get("max_position_embeddings")
   with config.unlocked():
     config.data.vocab_size = vocab
   hf.export_plan(config, family)  # refusals before anything is read or written
-  if os.path.exists(out) and os.listdir(out):
-    raise ValueError(f"--out={out} exists and is not empty; choose a new folder")
+  hf.check_out_folder(out)
   mesh = model_lib.reader_mesh(config, 1)
   with parallel.activate(mesh):
     _, _, params = run.restore_params(config, vocab, mesh, step=step)

@@ -239,6 +239,14 @@ class LayerLayout:
     unit, slot = divmod(index - self.start, self.period)
     return ("stack", "blocks", slot), unit
 
+  def block(self, model: nnx.Module, index: int) -> DecoderBlock:
+    """Layer `index`'s block in `model`; a scanned layer's is the stacked
+    block of its slot (variables [units, ...])."""
+    path, unit = self.place(index)
+    if unit is None:
+      return getattr(model, path[0])[path[1]]
+    return model.stack.blocks[path[2]]
+
   def modules(self, blocks: list[DecoderBlock]) -> dict[str, nnx.Module]:
     """The model's attributes holding `blocks` [num_layers] in this layout."""
     if not self.scanned:
@@ -266,10 +274,9 @@ class LayerLayout:
     inputs = [None] * self.num_layers if inputs is None else list(inputs)
     outputs = [None] * self.num_layers
     for index in range(self.num_layers):
-      path, unit = self.place(index)
+      _, unit = self.place(index)
       if unit is None:
-        block = getattr(model, path[0])[path[1]]
-        carry, outputs[index] = fn(block, carry, inputs[index], False)
+        carry, outputs[index] = fn(self.block(model, index), carry, inputs[index], False)
       elif index == self.start:
         carry, outputs[self.start:self.end] = self._scan(
             model.stack, fn, carry, inputs[self.start:self.end], update)
@@ -478,8 +485,6 @@ class TransformerLM(nnx.Module):
     # V, D, N, P, and how the blocks compute (read by decode, LoRA, quantize).
     self.vocab_size, self.d_model, self.num_heads, self.head_dim = (
         vocab_size, d_model, num_heads, head_dim)
-    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    self.latent = dict(latent) if latent else None
     self.tie_embeddings, self.moe_layers, self.moe = tie_embeddings, flags, moe
     self.dtype, self.param_dtype = compute_dtype, storage_dtype
     self.scan_layers, self.remat = scan_layers, remat
@@ -588,9 +593,8 @@ class TransformerLM(nnx.Module):
     heads); with multi-head latent attention, "keys" holds the latents
     [num_layers, B, 1, max_length, Rkv] and "values" the rotated shared keys
     [num_layers, B, 1, max_length, Pr]}."""
-    path, unit = self.layout.place(0)
-    block = getattr(self, path[0])[path[1]] if unit is None else self.stack.blocks[path[2]]
-    keys, values = block.attention.cache_shapes(batch, max_length)
+    # Every layer's attention has the same cache shapes: ask layer 0's.
+    keys, values = self.layout.block(self, 0).attention.cache_shapes(batch, max_length)
     layers = len(self.moe_layers)
     return {"index": jnp.zeros((), jnp.int32),
             "keys": jnp.zeros((layers,) + keys, self.dtype),

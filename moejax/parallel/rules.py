@@ -131,7 +131,9 @@ def logical_to_spec(logical_axes: Sequence[Optional[str]], mesh: Optional[Any] =
   return PartitionSpec(*entries)
 
 
-def _key_name(key: Any) -> str:
+def key_name(key: Any) -> str:
+  """The name of one entry of a pytree path (a dict key, an attribute, a
+  sequence index) as it appears in a "/"-joined parameter path."""
   for attr in ("key", "name", "idx"):
     if hasattr(key, attr):
       return str(getattr(key, attr))
@@ -152,7 +154,7 @@ STACKED_PATTERN = r"^stack/"
 
 
 def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
-  names = "/".join(_key_name(key) for key in path)
+  names = "/".join(key_name(key) for key in path)
   shape = tuple(getattr(leaf, "shape", ()))
   if re.search(STACKED_PATTERN, names) and shape:
     return ("layers",) + _leaf_axes(path[1:], jax.ShapeDtypeStruct(shape[1:], "float32"))

@@ -22,6 +22,8 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from moejax.parallel.rules import key_name
+
 _ITEMS = ("state", "data")           # what a restore needs; `config` is optional
 # JSON files a restore reads (with state/array_metadatas/*); orbax fails on a
 # damaged one with a bare UnicodeDecodeError, so they are checked first.
@@ -183,13 +185,8 @@ class Checkpointer:
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'params/embed/embedding': shape, ...}; dict keys, sequence indices and
   attribute names alike (orbax's metadata stores named tuples as lists)."""
-  def name(entry) -> str:
-    for attribute in ("key", "idx", "name"):
-      if hasattr(entry, attribute):
-        return str(getattr(entry, attribute))
-    return str(entry)
-  return {"/".join(name(entry) for entry in path if name(entry) != "value"): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {"/".join(key_name(entry) for entry in path if key_name(entry) != "value"):
+          tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def list_steps(workdir: str) -> list[int]:
