@@ -2,7 +2,7 @@ r"""Evaluates a run's newest checkpoint on its own, with other routing settings.
 
     python -m moejax.evaluate --workdir=DIR [--num_batches=N]
         [--eval_capacity_factor=F | --dropless] [--group_by=batch|sequence]
-        [--scramble_after=P] [--out=FILE]
+        [--scramble_after=P] [--replay=TRACE] [--out=FILE]
 
 Loads the parameters of the newest checkpoint of DIR (no optimizer state)
 with the config they were trained with, and prints (or writes to --out) one
@@ -28,11 +28,17 @@ Routing settings (parameters are unchanged by all of them):
                             replacement): a causal model scores the same both
                             ways; the difference is what routing leaks from the
                             future (`eval/future_leak` = scrambled - real).
+  --replay=TRACE            a routing trace (`python -m moejax.trace record`):
+                            evaluates the trace's batches with every MoE layer
+                            sending each token to the trace's experts, weighted
+                            by this run's routers there (R3, arXiv 2510.11370).
+                            A run's own trace reproduces its eval loss.
 """
 
+import contextlib
 import json
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from absl import app
 from absl import flags
@@ -85,19 +91,34 @@ def _reader_mesh(config, vocab_size: int) -> jax.sharding.Mesh:
   return mesh
 
 
-def evaluate(workdir: str, *, num_batches: Optional[int] = None,
-             eval_capacity_factor: Optional[float] = None, dropless: bool = False,
-             group_by: Optional[str] = None, scramble_after: Optional[int] = None,
-             quantize: Optional[str] = None) -> dict[str, Any]:
-  """Evaluates the newest readable checkpoint of `workdir`; see the module
-  docstring.
+class Opened(NamedTuple):
+  """A run opened for reading (`opened`): its newest readable checkpoint's
+  parameters on the reader mesh, with the evaluation's config."""
+  run: run_lib.Run
+  step: int
+  config: Any  # the trained config with the evaluation's routing settings
+  trained: Any  # the config as trained
+  dataset: Any
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  params: Any
+  num_batches: int
 
-  `quantize`: a `moejax.quantize.SETTINGS` name; the routed experts' kernels
-  are quantized (weight-only) before evaluating, and the result adds
-  `quantize` and `expert_param_bytes` (their stored size).
-  """
-  if quantize is not None:
-    quantize_lib.check_setting(quantize)
+  def global_batches(self, local_batches) -> list[dict[str, jax.Array]]:
+    """This process's rows of each batch -> global arrays on the mesh."""
+    sharding = parallel.batch_sharding(self.mesh)
+    return [model_lib.global_batch(b, sharding) for b in local_batches]
+
+
+@contextlib.contextmanager
+def opened(workdir: str, *, num_batches: Optional[int] = None,
+           eval_capacity_factor: Optional[float] = None, dropless: bool = False,
+           group_by: Optional[str] = None, scramble_after: Optional[int] = None,
+           quantize: Optional[str] = None) -> Iterator[Opened]:
+  """The one way the tools open a run: its newest checkpoint's parameters
+  with its config under the evaluation's settings (`eval_config`), on the
+  reader mesh, active while the `with` block runs. Settings that do not
+  apply to the run are one ValueError."""
   run = run_lib.Run(workdir)
   _, trained = run.newest()
   config = eval_config(trained, eval_capacity_factor=eval_capacity_factor,
@@ -109,27 +130,57 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
   mesh = _reader_mesh(config, dataset.vocab_size)
   with parallel.activate(mesh):
     step, graphdef, params = run.restore_params(config, dataset.vocab_size, mesh)
-    params, expert_bytes = quantize_lib.quantize_params(params, quantize)
-    sharding = parallel.batch_sharding(mesh)
-    batches = [model_lib.global_batch(b, sharding) for b in dataset.eval_batches(num_batches)]
-    num_domains = dataset.info.get("num_domains", 0)
-    result = evaluator_lib.Evaluator(graphdef, num_domains=num_domains).run(params, batches)
+    yield Opened(run, step, config, trained, dataset, mesh, graphdef, params, num_batches)
+
+
+def evaluate(workdir: str, *, num_batches: Optional[int] = None,
+             eval_capacity_factor: Optional[float] = None, dropless: bool = False,
+             group_by: Optional[str] = None, scramble_after: Optional[int] = None,
+             quantize: Optional[str] = None, replay: Optional[str] = None) -> dict[str, Any]:
+  """Evaluates the newest readable checkpoint of `workdir`; see the module
+  docstring.
+
+  `quantize`: a `moejax.quantize.SETTINGS` name; the routed experts' kernels
+  are quantized (weight-only) before evaluating, and the result adds
+  `quantize` and `expert_param_bytes` (their stored size).
+  `replay`: a trace folder (`moejax.trace`); the evaluation runs on its
+  batches with its experts (`num_batches` = all of them).
+  """
+  if quantize is not None:
+    quantize_lib.check_setting(quantize)
+  if replay is not None and (num_batches is not None or scramble_after is not None):
+    raise ValueError("--replay evaluates the trace's own batches: --num_batches and "
+                     "--scramble_after do not apply")
+  with opened(workdir, num_batches=num_batches, eval_capacity_factor=eval_capacity_factor,
+              dropless=dropless, group_by=group_by, scramble_after=scramble_after,
+              quantize=quantize) as run:
+    params, expert_bytes = quantize_lib.quantize_params(run.params, quantize)
+    if replay is None:
+      num_batches = run.num_batches
+      batches = run.global_batches(run.dataset.eval_batches(num_batches))
+    else:
+      # moejax.trace records through this module's `opened`.
+      from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
+      local = trace_lib.load(replay).replay_batches(run.config, run.dataset.vocab_size)
+      num_batches, batches = len(local), run.global_batches(local)
+    num_domains = 0 if replay else run.dataset.info.get("num_domains", 0)
+    result = evaluator_lib.Evaluator(run.graphdef, num_domains=num_domains).run(params, batches)
     if scramble_after is not None:
       before, scrambled = (
-          evaluator_lib.Evaluator(graphdef, num_domains=num_domains,
+          evaluator_lib.Evaluator(run.graphdef, num_domains=num_domains,
                                   loss_before=scramble_after, scramble=scramble
                                   ).run(params, batches)["loss"]
           for scramble in (False, True))
-  moe = config.model.moe
+  config, moe = run.config, run.config.model.moe
   out: dict[str, Any] = {
-      "workdir": run.path, "step": step, "num_batches": num_batches,
+      "workdir": run.run.path, "step": run.step, "num_batches": num_batches,
       "tokens": int(num_batches * config.train.batch_size * config.train.seq_len),
-      "router": moe.router, "capacity_factor": trained.model.moe.capacity_factor,
+      "router": moe.router, "capacity_factor": run.trained.model.moe.capacity_factor,
       "eval_capacity_factor": (None if dropless else (
           moe.eval_capacity_factor if moe.eval_capacity_factor is not None
           else moe.capacity_factor)),
       "dropless": bool(dropless or moe.capacity_factor == 0), "group_by": moe.group_by,
-      "quantize": quantize, "expert_param_bytes": expert_bytes}
+      "quantize": quantize, "expert_param_bytes": expert_bytes, "replay": replay}
   if scramble_after is not None:
     out.update({"scramble_after": scramble_after, "eval/loss_before": before,
                 "eval/loss_before_scrambled": scrambled,
@@ -158,6 +209,9 @@ def _define_flags() -> dict[str, Any]:
       "scramble_after": flags.DEFINE_integer(
           "scramble_after", None, "Measure the routing leak: replace tokens from this "
           "position on (see the module docstring)."),
+      "replay": flags.DEFINE_string(
+          "replay", None, "A trace folder (python -m moejax.trace record): evaluate its "
+          "batches with its experts, weighted by this run's routers."),
       "out": flags.DEFINE_string("out", None, "Write the JSON here (default: print it)."),
   }
 
@@ -199,7 +253,8 @@ def main(argv, cli: dict[str, Any]):
   json_cli(argv, cli, lambda: evaluate(
       cli["workdir"].value, num_batches=cli["num_batches"].value,
       eval_capacity_factor=cli["eval_capacity_factor"].value, dropless=cli["dropless"].value,
-      group_by=cli["group_by"].value, scramble_after=cli["scramble_after"].value))
+      group_by=cli["group_by"].value, scramble_after=cli["scramble_after"].value,
+      replay=cli["replay"].value))
 
 
 if __name__ == "__main__":

@@ -138,9 +138,10 @@ def make_mesh(config: ml_collections.ConfigDict,
 
 def global_batch(local_batch: dict[str, np.ndarray],
                  sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays split over the batch mesh axes."""
-  return {name: jax.make_array_from_process_local_data(sharding, value)
-          for name, value in local_batch.items()}
+  """This process's rows -> global arrays split over the batch mesh axes
+  (every array of a nested batch, e.g. a replay's "routes")."""
+  return jax.tree.map(lambda value: jax.make_array_from_process_local_data(sharding, value),
+                      local_batch)
 
 
 def _reader_sizes(config, batch_size: int, num_devices: int) -> Optional[dict[str, int]]:

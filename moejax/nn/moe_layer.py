@@ -31,6 +31,10 @@ from moejax.parallel import expert_parallel
 from moejax.routing import MoEConfig, RouteContext
 
 
+# What a trace records of each token in each MoE layer (`Routing.token_choices`).
+TRACE_FIELDS = ("experts", "weights", "kept")
+
+
 def _positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -47,13 +51,14 @@ def routing_aux(routing: routing_lib.Routing) -> dict[str, jax.Array]:
 def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
                    make_experts: Callable, rng: Optional[jax.Array], *,
                    axis_name: Any = None, dispatcher: Callable, ctx: RouteContext,
-                   dtype, expert_dropout: float):
+                   dtype, expert_dropout: float, trace: bool = False):
   """route -> dispatch -> experts -> combine for one device's groups.
 
   Args:
     groups: <float>[G, S, D] tokens in routing groups.
     extras: per-token int/bool arrays [G, S] for the router (`token_ids`,
-      `mask`, `sequence`; absent keys are None in the context).
+      `mask`, `sequence`, and `replay` [G, S, K]; absent keys are None in
+      the context).
     router: the `routing.Router` module.
     make_experts: routing -> a `dispatch.base.Experts` (the layer's
       `nn.Experts`, or their expert-parallel wrapper sized for the routing).
@@ -63,9 +68,12 @@ def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
     ctx: the `RouteContext` without the per-token fields and rng.
     dtype: expert compute dtype.
     expert_dropout: dropout rate on the experts' hidden units in training.
+    trace: also return each token's choices (`Routing.token_choices`).
 
   Returns:
-    y <dtype>[G, S, D] and the router's `routing_aux`.
+    y <dtype>[G, S, D] and the router's `routing_aux`, with the per-token
+    "per_token": {"first_expert": <int32>[G, S], and with `trace`
+    "experts", "weights", "kept": [G, S, K']}.
   """
   # The router gets the layer's key as is (its noise is what it was before
   # expert dropout existed); dropout draws from a key folded from it.
@@ -74,7 +82,7 @@ def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
     dropout_rng = jax.random.fold_in(rng, 1)
   ctx = ctx._replace(rng=rng, token_ids=extras.get("token_ids"),
                      mask=extras.get("mask"), sequence=extras.get("sequence"),
-                     axis_name=axis_name)
+                     replay=extras.get("replay"), axis_name=axis_name)
   routing = router(groups, ctx)
   experts = make_experts(routing)
   if expert_dropout > 0 and not ctx.deterministic:
@@ -83,7 +91,9 @@ def routed_forward(groups: jax.Array, extras: dict[str, jax.Array], router,
     experts = DropoutExperts(experts, expert_dropout, dropout_rng)
   y = dispatcher(groups.astype(dtype), routing, experts)
   aux = routing_aux(routing)
-  aux["first_expert"] = routing.first_expert()
+  aux["per_token"] = {"first_expert": routing.first_expert()}
+  if trace:
+    aux["per_token"].update(zip(TRACE_FIELDS, routing.token_choices()))
   return y, aux
 
 
@@ -189,7 +199,8 @@ class MoELayer(nnx.Module):
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True,
                rng: Optional[jax.Array] = None, token_ids: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, Any]]:
+               mask: Optional[jax.Array] = None, replay: Optional[jax.Array] = None,
+               trace: bool = False) -> tuple[jax.Array, dict[str, Any]]:
     """Applies the layer.
 
     Args:
@@ -200,11 +211,17 @@ class MoELayer(nnx.Module):
         them, e.g. hash).
       mask: <bool>[B, L] True at real positions; padding takes no expert
         capacity and counts in no router loss or metric. None = all real.
+      replay: <int>[B, L, K] experts each token goes to instead of the
+        router's choice, weighted by the router's scores there (a recorded
+        trace, `moejax.trace`); routers with `replayable` only.
+      trace: also return each token's choices as a trace records them.
 
     Returns:
       y: [B, L, D] in `dtype` (the layer output, without the residual).
       aux: `aux_loss`, `z_loss`, `weighted_loss` (scalars), the router
-        metrics, and `first_expert` <int32>[B, L] (-1: no expert).
+        metrics, and `first_expert` <int32>[B, L] (-1: no expert); with
+        `trace`, "trace": {"experts", "weights", "kept": [B, L, K']} in rank
+        order (`Routing.token_choices`).
     """
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be [B, L, {self.d_model}], got shape {x.shape}")
@@ -215,7 +232,7 @@ class MoELayer(nnx.Module):
       zero = jnp.zeros((), jnp.float32)
       aux = {"aux_loss": zero, "z_loss": zero, "weighted_loss": zero}
     else:
-      y, aux = self._route_and_run(x, deterministic, rng, token_ids, mask)
+      y, aux = self._route_and_run(x, deterministic, rng, token_ids, mask, replay, trace)
     if self.shared is not None:
       shared = self.shared(tokens)
       if self.shared_gate is not None:  # Qwen2-MoE: sigmoid(x w) per token
@@ -258,7 +275,7 @@ class MoELayer(nnx.Module):
                          f"{batch * length} tokens of the batch")
     return group_size
 
-  def _route_and_run(self, x, deterministic, rng, token_ids, mask):
+  def _route_and_run(self, x, deterministic, rng, token_ids, mask, replay, trace):
     """[B, L, D] -> ([B*L, D] in the order of x, aux)."""
     cfg = self.cfg
     batch, length, _ = x.shape
@@ -275,6 +292,14 @@ class MoELayer(nnx.Module):
       extras["mask"] = mask.astype(bool)
     if token_ids is not None and routing_lib.get_router(cfg.router).uses_token_ids:
       extras["token_ids"] = token_ids.astype(jnp.int32)
+    if replay is not None:
+      if not self.router.replayable:
+        raise ValueError(f"router={cfg.router!r} cannot replay recorded routing (a "
+                         f"trace); the token-choice routers can")
+      if replay.shape != (batch, length, cfg.k):
+        raise ValueError(f"replay must be <int>[B, L, K] = {[batch, length, cfg.k]}, "
+                         f"got {list(replay.shape)}")
+      extras["replay"] = replay.astype(jnp.int32)
     extras = {name: self._to_groups(value, group_size, axes)
               for name, value in extras.items()}
     capacity_factor = cfg.capacity_factor
@@ -286,11 +311,15 @@ class MoELayer(nnx.Module):
         routed_forward, groups, extras, self.router, self.experts, rng,
         mesh=mesh, dropless_exchange=cfg.dropless_exchange, group_axes=axes,
         dispatcher=self._dispatcher, ctx=ctx, dtype=self.dtype,
-        expert_dropout=cfg.expert_dropout)
+        expert_dropout=cfg.expert_dropout, trace=trace)
     aux["weighted_loss"] = (self.aux_loss_weight * aux["aux_loss"]
                             + self.z_loss_weight * aux["z_loss"])
-    # A small int array, on every device (readable by every process).
-    aux["first_expert"] = self._from_groups(aux["first_expert"], batch, length, ())
+    # Small per-token arrays, on every device (readable by every process).
+    per_token = {name: self._from_groups(value, batch, length, ())
+                 for name, value in aux.pop("per_token").items()}
+    aux["first_expert"] = per_token.pop("first_expert")
+    if trace:
+      aux["trace"] = per_token
     spec = explicit_spec(x)
     y = self._from_groups(y, batch, length, None if spec is None else spec[0])
     return y.reshape(batch * length, -1), aux

@@ -126,13 +126,27 @@ class DecoderBlock(nnx.Module):
     self.is_moe = self.ffn.routed
 
   def __call__(self, x: jax.Array, *, deterministic: bool, rng: Optional[jax.Array],
-               token_ids: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """<float32>[B, L, D] -> (<float32>[B, L, D], the FFN's aux)."""
+               token_ids: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               replay: Optional[jax.Array] = None, trace: bool = False,
+               previous: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """<float32>[B, L, D] -> (<float32>[B, L, D], the FFN's aux).
+
+    replay, trace: see `MoELayer`. With `trace` an MoE block's aux["trace"]
+    also holds its router input "router_input" <float32>[B, L, D] and, given
+    `previous` (the router input of the MoE layer before), "predicted": the
+    experts this layer's router picks for `previous` (cross-layer
+    predictability, as Megatron-Core's routing tools measure it)."""
     x = x + checkpoint_name(self.attention(self.attention_norm(x)),
                             "attention_out").astype(jnp.float32)
-    y, aux = self.ffn(self.ffn_norm(x), deterministic=deterministic, rng=rng,
-                      token_ids=token_ids, mask=mask)
+    hidden = self.ffn_norm(x)
+    y, aux = self.ffn(hidden, deterministic=deterministic, rng=rng, token_ids=token_ids,
+                      mask=mask, replay=replay, trace=trace)
+    if trace and self.is_moe:
+      aux["trace"]["router_input"] = hidden
+      if previous is not None:
+        _, ahead = self.ffn(previous, deterministic=True, token_ids=token_ids, mask=mask,
+                            trace=True)
+        aux["trace"]["predicted"] = ahead["trace"]["experts"]
     return x + checkpoint_name(y, "ffn_out").astype(jnp.float32), aux
 
   def decode(self, x: jax.Array, cache, index: jax.Array, token_ids: jax.Array):
@@ -156,12 +170,13 @@ def remat_policy(name: str):
 
 
 def _apply_block(block: DecoderBlock, x, key, *, deterministic, token_ids, mask, remat,
-                 in_scan: bool = False):
-  """block(x) under the remat policy `remat`."""
-  def run(block, x, key):
-    return block(x, deterministic=deterministic, rng=key, token_ids=token_ids, mask=mask)
+                 in_scan: bool = False, replay=None, trace: bool = False, previous=None):
+  """block(x) under the remat policy `remat` (see `DecoderBlock.__call__`)."""
+  def run(block, x, key, replay, previous):
+    return block(x, deterministic=deterministic, rng=key, token_ids=token_ids, mask=mask,
+                 replay=replay, trace=trace, previous=previous)
   if remat == "none":
-    return run(block, x, key)
+    return run(block, x, key, replay, previous)
   # A pure function of the block's state (jax.checkpoint, not nnx.remat: the
   # block's variables may come from an outer trace, e.g. router state held
   # fixed under jax.grad, which nnx transforms refuse). The forward pass
@@ -170,10 +185,10 @@ def _apply_block(block: DecoderBlock, x, key, *, deterministic, token_ids, mask,
   # inside one, the loop boundary does that and the barrier only costs time.
   graphdef, state = nnx.split(block)
 
-  def pure(state, x, key):
-    return run(nnx.merge(graphdef, state), x, key)
+  def pure(state, x, key, replay, previous):
+    return run(nnx.merge(graphdef, state), x, key, replay, previous)
   return jax.checkpoint(pure, policy=remat_policy(remat), prevent_cse=not in_scan)(
-      state, x, key)
+      state, x, key, replay, previous)
 
 
 class _Unit(nnx.Module):
@@ -375,7 +390,8 @@ def _average_aux(layer_aux: list[dict[str, jax.Array]], aux_loss_weight: float,
 def _layer_report(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """One MoE layer's routing metrics (what metrics.jsonl logs per layer)."""
   report = {name: aux[name] for name in ROUTER_METRICS + ("aux_loss", "expert_load",
-                                                           "first_expert") if name in aux}
+                                                           "first_expert", "trace")
+            if name in aux}
   if "load_max_over_mean" in aux:
     report["max_violation"] = aux["load_max_over_mean"] - 1.0
   return report
@@ -522,8 +538,9 @@ class TransformerLM(nnx.Module):
       _cast_params(self, storage_dtype)
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
-               rng: Optional[jax.Array] = None,
-               mask: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+               routes: Optional[Mapping[int, jax.Array]] = None,
+               trace: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token logits.
 
     Args:
@@ -532,6 +549,10 @@ class TransformerLM(nnx.Module):
       rng: key for router noise; split into one key per layer.
       mask: <bool>[B, L] True at real positions (None = all): padding takes
         no expert capacity and counts in no router loss or metric.
+      routes: {MoE layer index i: <int>[B, L, K] experts} for every MoE
+        layer, replayed instead of the routers' choices (the routers weight
+        them; `moejax.trace`), or None.
+      trace: every MoE layer also reports each token's choices (below).
 
     Returns:
       logits: <float32>[B, L, V]; position l depends on tokens[:, :l+1] only
@@ -542,23 +563,42 @@ class TransformerLM(nnx.Module):
         max load / mean load - 1), and the router metrics in ROUTER_METRICS
         that the routers report (absent without MoE layers); plus "layers":
         {Transformer layer index i: that MoE layer's scalars, its
-        expert_load <float32>[E] and first_expert <int32>[B, L]}.
+        expert_load <float32>[E] and first_expert <int32>[B, L]}; with
+        `trace` also "trace": {"experts", "weights", "kept" [B, L, K'] (see
+        `Routing.token_choices`) and, in every MoE layer but the first,
+        "predicted" <int32>[B, L, K']: the experts its router picks from the
+        previous MoE layer's router input}.
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
+    moe_indices = [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+    if routes is not None and sorted(routes) != moe_indices:
+      raise ValueError(f"routes must give experts for every MoE layer {moe_indices}, "
+                       f"got layers {sorted(routes)}")
     x = self._embed(tokens)  # [B, L, D]
     num_layers = len(self.moe_layers)
     keys = [None] * num_layers
     if not deterministic and rng is not None:
       keys = list(jax.random.split(rng, num_layers))  # layer i's key is keys[i], either layout
+    replays = [None if routes is None else routes.get(i) for i in range(num_layers)]
 
-    def layer(block, x, key, in_scan):
+    def layer(block, carry, layer_input, in_scan):
+      # With trace, the carry also holds the last MoE layer's router input.
+      x, previous = carry if trace else (carry, None)
+      key, replay = layer_input
       x, aux = _apply_block(block, x, key, deterministic=deterministic, token_ids=tokens,
-                            mask=mask, remat=self.remat, in_scan=in_scan)
-      return x, (aux if block.is_moe else None)
+                            mask=mask, remat=self.remat, in_scan=in_scan, replay=replay,
+                            trace=trace, previous=previous)
+      if trace and block.is_moe:
+        previous = aux["trace"].pop("router_input")
+      return ((x, previous) if trace else x), (aux if block.is_moe else None)
 
-    x, outputs = self.layout.walk(self, layer, x, keys)
+    carry = (x, jnp.zeros_like(x)) if trace else x
+    carry, outputs = self.layout.walk(self, layer, carry, list(zip(keys, replays)))
+    x = carry[0] if trace else carry
     layer_aux = {index: aux for index, aux in enumerate(outputs) if aux is not None}
+    if trace and layer_aux:  # the first MoE layer has no MoE layer before it
+      layer_aux[min(layer_aux)]["trace"].pop("predicted", None)
     aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
     aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
     return self._logits(x), aux

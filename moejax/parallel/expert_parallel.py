@@ -468,16 +468,16 @@ def _per_device(core: Callable, core_kwargs: dict[str, Any], batch_axes: tuple[s
                 router_graphdef, make_experts: Callable) -> Callable:
   """The body of `shard_routed`'s shard_map: (groups, extras, router state,
   expert state, rng) of one device -> (y, aux averaged over the shards,
-  first_expert). `make_experts(expert_state, routing)` gives its experts."""
+  per-token arrays). `make_experts(expert_state, routing)` gives its experts."""
   def local(groups, extras, router_state, state, rng):
     if rng is not None and batch_axes:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(batch_axes))
     y, aux = core(groups, extras, nnx.merge(router_graphdef, router_state),
                   functools.partial(make_experts, state), rng,
                   axis_name=batch_axes or None, **core_kwargs)
-    first_expert = aux.pop("first_expert")
+    per_token = aux.pop("per_token")
     real_tokens = None if "mask" not in extras else jnp.sum(extras["mask"], dtype=jnp.int32)
-    return y, mean_over_shards(aux, batch_axes, real_tokens), first_expert
+    return y, mean_over_shards(aux, batch_axes, real_tokens), per_token
   return local
 
 
@@ -499,7 +499,7 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
   Args:
     core: see above.
     groups: <float>[G, S, D] tokens in routing groups (router precision).
-    extras: per-token arrays [G, S] for the router, split like the groups.
+    extras: per-token arrays [G, S, ...] for the router, split like the groups.
     router: the `routing.Router` module.
     experts: the `nn.Experts` module with kernels [E, D, H] / [E, H, D].
     rng: router-noise / dropout key or None; under a mesh each batch shard
@@ -514,7 +514,8 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
   Returns:
     y: <dtype>[G, S, D] combined expert outputs.
     aux: the router's losses and metrics averaged over all groups, and the
-      per-token `first_expert` <int32>[G, S].
+      core's per-token arrays "per_token" ({name: [G, S, ...]}, split like
+      the groups).
   """
   if mesh is None:
     return core(groups, extras, router, lambda routing: experts, rng, axis_name=None,
@@ -538,6 +539,6 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
   replicated = PartitionSpec()
   in_specs = (batch_spec, {name: batch_spec for name in extras}, replicated,
               _expert_specs(state, mesh, expert_axes, model_axes), replicated)
-  y, aux, first_expert = _shard_map(local, mesh, (groups, extras, router_state, state, rng),
-                                    in_specs, (batch_spec, replicated, batch_spec))
-  return y, dict(aux, first_expert=first_expert)
+  y, aux, per_token = _shard_map(local, mesh, (groups, extras, router_state, state, rng),
+                                 in_specs, (batch_spec, replicated, batch_spec))
+  return y, dict(aux, per_token=per_token)

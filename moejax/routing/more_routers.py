@@ -152,7 +152,8 @@ class HashRouter(TokenChoiceRouter):
       raise ValueError("router='hash' needs the token ids (RouteContext.token_ids)")
     cfg = self.cfg
     num_groups, num_tokens, _ = x.shape
-    experts = hashing.hash_experts(ctx.token_ids, cfg.experts, cfg.k, cfg.hash_seed)
+    experts = (hashing.hash_experts(ctx.token_ids, cfg.experts, cfg.k, cfg.hash_seed)
+               if ctx.replay is None else ctx.replay.astype(jnp.int32))
     weights = jnp.full(experts.shape, cfg.routed_scaling_factor / cfg.k, jnp.float32)
     priority = jnp.zeros((num_groups, num_tokens), jnp.float32)
     return token_choice(experts, weights, priority, num_experts=cfg.experts,

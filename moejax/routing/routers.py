@@ -65,6 +65,9 @@ class RouteContext(NamedTuple):
     num_sequences: number of sequences in the global batch (for `sequence`).
     axis_name: the mesh axes the groups are split over under shard_map
       (losses over the global batch all-reduce over them), or None.
+    replay: <int32>[G, S, K] experts to route each token to instead of the
+      router's own choice (a recorded trace, `moejax.trace`), weighted by the
+      router's scores there; None = route. Routers with `replayable` only.
   """
   capacity_factor: float
   deterministic: bool = True
@@ -74,6 +77,7 @@ class RouteContext(NamedTuple):
   sequence: Optional[jax.Array] = None
   num_sequences: Optional[int] = None
   axis_name: Any = None
+  replay: Optional[jax.Array] = None
 
 
 ROUTERS: dict[str, type["Router"]] = {}
@@ -139,6 +143,7 @@ class Router(nnx.Module):
   scoring: ClassVar[str] = ""
   dispatchers: ClassVar[tuple[str, ...]] = ("gather", "einsum", "dropless")
   uses_token_ids: ClassVar[bool] = False
+  replayable: ClassVar[bool] = False  # honours RouteContext.replay
 
   def __init__(self, cfg: MoEConfig, *, d_model: int,
                tokens_per_group: Optional[int] = None, rngs: nnx.Rngs):
@@ -333,8 +338,9 @@ class TokenChoiceRouter(LogitRouter):
   `routing.scores` (softmax, Mixtral's softmax over the top-K, DeepSeek-V3's
   sigmoid), a selection bias and group-limited routing."""
 
-  scoring = "softmax/softmax_topk/sigmoid of x W (score_fn), top-K per token"
+  scoring = "softmax/softmax_topk/sigmoid/sqrtsoftplus of x W (score_fn), top-K per token"
   uses_bias = True
+  replayable = True
 
   @classmethod
   def validate(cls, cfg: MoEConfig) -> None:
@@ -392,19 +398,25 @@ class TokenChoiceRouter(LogitRouter):
 
   @classmethod
   def select(cls, logits: jax.Array, cfg: MoEConfig, ctx: RouteContext,
-             bias: Optional[jax.Array]) -> scores_lib.Selection:
+             bias: Optional[jax.Array], experts: Optional[jax.Array] = None
+             ) -> scores_lib.Selection:
+    """The top-K of `cfg.score_fn`, or `experts` <int>[G, S, K] weighted by it."""
     del ctx
     return scores_lib.select_experts(
         logits, top_k=cfg.k, score_fn=cfg.score_fn, renormalize=cfg.renormalize_weights,
         bias=bias, num_groups=cfg.num_groups, top_groups=cfg.top_groups,
-        routed_scaling_factor=cfg.routed_scaling_factor)
+        routed_scaling_factor=cfg.routed_scaling_factor, experts=experts)
 
   @classmethod
   def route_logits(cls, logits, cfg, ctx, bias=None):
     num_tokens = logits.shape[1]
-    selection = cls.select(logits, cfg, ctx, bias)
-    if cfg.force_balance:
-      selection = balanced_selection(selection, cfg)
+    if ctx.replay is not None:  # recorded experts, weighted by this router
+      selection = TokenChoiceRouter.select(logits, cfg, ctx, bias, experts=ctx.replay)
+    elif cfg.force_balance:
+      selection = TokenChoiceRouter.select(logits, cfg, ctx, bias,
+                                           experts=balanced_experts(logits.shape, cfg))
+    else:
+      selection = cls.select(logits, cfg, ctx, bias)
     routing = token_choice(
         selection.experts, selection.weights, selection.priority,
         num_experts=cfg.experts, capacity=cls.capacity(cfg, num_tokens, ctx.capacity_factor),
@@ -417,31 +429,13 @@ class TokenChoiceRouter(LogitRouter):
                            _choices(selection.experts, cfg.experts), cfg, ctx)
 
 
-def balanced_selection(selection: scores_lib.Selection,
-                       cfg: MoEConfig) -> scores_lib.Selection:
+def balanced_experts(shape: tuple[int, ...], cfg: MoEConfig) -> jax.Array:
   """`cfg.force_balance`: token s of a group takes experts (s K + j) mod E,
   j < K (distinct for K <= E; every expert gets S K / E tokens when E divides
-  S K), weighted by the router's scores there (renormalized and scaled as the
-  router's own weights)."""
-  num_groups, num_tokens, _ = selection.scores.shape
+  S K). <int32>[G, S, K] for logits of `shape` [G, S, E]."""
+  num_groups, num_tokens, _ = shape
   slots = jnp.arange(num_tokens, dtype=jnp.int32)[:, None] * cfg.k + jnp.arange(cfg.k)
-  experts = jnp.broadcast_to(slots % cfg.experts, (num_groups, num_tokens, cfg.k))
-  return selection_at(selection, experts, cfg)
-
-
-def selection_at(selection: scores_lib.Selection, experts: jax.Array,
-                 cfg: MoEConfig) -> scores_lib.Selection:
-  """`selection` sending each token to `experts` <int>[G, S, K] chosen
-  otherwise than by its top-K (Sinkhorn's balanced assignment,
-  `force_balance`): weighted by the router's scores there, the first as the
-  priority, renormalized and scaled as the router's own weights."""
-  weights = jnp.take_along_axis(selection.scores, experts, axis=-1)
-  priority = weights[..., 0]
-  if cfg.renormalize_weights:
-    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  weights = weights * cfg.routed_scaling_factor
-  return selection._replace(experts=experts.astype(jnp.int32), weights=weights,
-                            priority=priority)
+  return jnp.broadcast_to(slots % cfg.experts, (num_groups, num_tokens, cfg.k))
 
 
 class SwitchRouter(TokenChoiceRouter):
@@ -483,14 +477,12 @@ class SinkhornRouter(TokenChoiceRouter):
             "token's experts depend on later tokens")
 
   @classmethod
-  def select(cls, logits, cfg, ctx, bias):
-    selection = super().select(logits, cfg, ctx, bias)
-    if ctx.deterministic:
-      return selection
-    from moejax.routing import sinkhorn  # pylint: disable=g-import-not-at-top
-    balanced = sinkhorn.sinkhorn_scores(logits, cfg.sinkhorn_iterations, ctx.mask)
-    _, experts = jax.lax.top_k(balanced, cfg.k)
-    return selection_at(selection, experts, cfg)
+  def select(cls, logits, cfg, ctx, bias, experts=None):
+    if experts is None and not ctx.deterministic:
+      from moejax.routing import sinkhorn  # pylint: disable=g-import-not-at-top
+      balanced = sinkhorn.sinkhorn_scores(logits, cfg.sinkhorn_iterations, ctx.mask)
+      _, experts = jax.lax.top_k(balanced, cfg.k)
+    return super().select(logits, cfg, ctx, bias, experts)
 
 
 class ExpertChoiceRouter(LogitRouter):

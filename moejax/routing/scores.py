@@ -76,8 +76,14 @@ def _limit_to_top_groups(select: jax.Array, num_groups: int, top_groups: int) ->
 def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
                    renormalize: bool = False, bias: Optional[jax.Array] = None,
                    num_groups: int = 1, top_groups: int = 1,
-                   routed_scaling_factor: float = 1.0) -> Selection:
+                   routed_scaling_factor: float = 1.0,
+                   experts: Optional[jax.Array] = None) -> Selection:
   """Selects each token's K experts and their weights (see the module docstring).
+
+  With `experts` given, the selection is skipped and each token goes to those
+  experts (a balanced assignment, a replayed trace), weighted as the rule
+  weights its own picks: the same code path, so given the experts the rule
+  would pick, the weights are bit for bit its own.
 
   Args:
     logits: <float32>[G, S, E] router logits (after any noise).
@@ -87,6 +93,8 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
     bias: <float32>[E] added to the selection scores only, or None.
     num_groups, top_groups: group-limited routing; 1, 1 = off.
     routed_scaling_factor: multiplies the weights.
+    experts: <int>[G, S, K] experts chosen otherwise (first = the priority),
+      or None to select the top-K.
 
   Returns:
     A `Selection`.
@@ -105,20 +113,22 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
   else:
     raise ValueError(f"unknown score_fn {score_fn!r}")
 
-  select = logits if on_logits else unbiased
-  if bias is not None:
-    select = select + bias.astype(jnp.float32)
-  if num_groups > 1:
-    select = _limit_to_top_groups(select, num_groups, top_groups)
-  # lax.top_k breaks ties towards the lower index, as the contract requires.
-  top_select, experts = jax.lax.top_k(select, top_k)
+  top_select = None
+  if experts is None:
+    select = logits if on_logits else unbiased
+    if bias is not None:
+      select = select + bias.astype(jnp.float32)
+    if num_groups > 1:
+      select = _limit_to_top_groups(select, num_groups, top_groups)
+    # lax.top_k breaks ties towards the lower index, as the contract requires.
+    top_select, experts = jax.lax.top_k(select, top_k)
   if score_fn == "softmax_topk":
     top_logits = jnp.take_along_axis(logits, experts, axis=-1)
     weights = jax.nn.softmax(top_logits, axis=-1)
     priority = jnp.take_along_axis(probs, experts[..., :1], axis=-1)[..., 0]
   else:
-    weights = (top_select if bias is None and num_groups == 1 and not on_logits
-               else jnp.take_along_axis(unbiased, experts, axis=-1))
+    weights = (top_select if top_select is not None and bias is None and num_groups == 1
+               and not on_logits else jnp.take_along_axis(unbiased, experts, axis=-1))
     priority = weights[..., 0]
     if renormalize:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)

@@ -89,6 +89,23 @@ class Routing:
     return jnp.where(jnp.any(weights > 0, axis=-1),
                      jnp.argmax(weights, axis=-1), -1).astype(jnp.int32)
 
+  def token_choices(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each token's experts in rank order, as a trace records them.
+
+    Returns (experts <int32>[G, S, K'], weights <float32>[G, S, K'], kept
+    <bool>[G, S, K']). Token choice: K' = K, the choices in selection order
+    (a dropped one has kept False and weight 0). Otherwise (expert choice,
+    Soft MoE): K' = E, the experts by descending combine weight, kept where
+    the weight is > 0 (expert choice gives a token 0..E experts).
+    """
+    if self.choices_per_token is not None:
+      shape = (self.num_groups, self.num_tokens, self.choices_per_token)
+      kept = self.kept.reshape(shape)
+      return (self.expert.reshape(shape).astype(jnp.int32),
+              jnp.where(kept, self.weight.reshape(shape), 0.0).astype(jnp.float32), kept)
+    weights, experts = jax.lax.top_k(self.combine_weights(), self.num_experts)
+    return experts.astype(jnp.int32), weights, weights > 0
+
   @property
   def kept(self) -> jax.Array:
     """<bool>[G, A] whether each assignment got a slot."""

@@ -82,6 +82,13 @@ def train_config() -> ml_collections.ConfigDict:
   # change training (fine-tuning, a lower learning rate after a divergence);
   # the differences are recorded in workdir/config_changes.jsonl.
   train.resume_with_changes = False
+  # Record a routing trace of the eval batches every N steps (0 = never) into
+  # workdir/traces/step_<N>/ (`moejax.trace`).
+  train.trace_every = 0
+  # Train on a trace's batches with its recorded experts (R3 routing replay,
+  # arXiv 2510.11370): step s uses the trace's batch s mod its batch count;
+  # evaluation stays on the run's own eval batches and routing. None = off.
+  train.replay_trace = ml_collections.config_dict.placeholder(str)
   return train
 
 
@@ -211,6 +218,12 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
   _require(isinstance(train.resume_with_changes, bool),
            f"config.train.resume_with_changes must be true or false, got "
            f"{train.resume_with_changes!r}")
+  trace_every = train.get("trace_every", 0)
+  _require(_is_int(trace_every) and trace_every >= 0,
+           f"config.train.trace_every must be an integer >= 0 (0 = off), got {trace_every!r}")
+  replay = train.get("replay_trace")
+  _require(replay is None or (isinstance(replay, str) and replay.strip() != ""),
+           f"config.train.replay_trace must be a trace folder or None, got {replay!r}")
   _check_optimizer(train)
 
 

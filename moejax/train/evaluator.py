@@ -33,7 +33,7 @@ from moejax.train import steps as steps_lib
 # Per-layer values computed from the mean expert load over the batches, not
 # averaged per batch; and per-layer aux entries that are not scalars.
 _FROM_LOAD = ("max_violation", "load_max_over_mean")
-_NOT_SCALARS = ("expert_load", "first_expert")
+_NOT_SCALARS = ("expert_load", "first_expert", "trace")
 
 
 def _layer_scalars(layers: dict[int, dict[str, jax.Array]]) -> dict[str, jax.Array]:
@@ -58,8 +58,10 @@ def _next_row(tokens: jax.Array) -> jax.Array:
 
 
 def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
-                   loss_before: Optional[int] = None, scramble: bool = False):
-  """A jitted (params, batch) -> (loss sum, target count, loads, joint, scalars).
+                   loss_before: Optional[int] = None, scramble: bool = False,
+                   trace: bool = False):
+  """A jitted (params, batch) -> (loss sum, target count, loads, joint, scalars,
+  traces).
 
   loads: <float32>[MoE layers, E] expert load; joint: <float32>[MoE layers,
   num_domains, E] counts of (domain, first expert) over real tokens when the
@@ -68,7 +70,11 @@ def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
   `frozen`: the rest of a LoRA model's state (as in `steps.make_train_step`).
   With `loss_before` = P only positions < P count in the loss, and with
   `scramble` positions >= P hold another row's tokens (rows are independent
-  windows of the corpus). Routing always sees the batch's own padding mask."""
+  windows of the corpus). Routing always sees the batch's own padding mask.
+  A batch with "routes" ({MoE layer: <int>[B, L, K]}) replays them
+  (`TransformerLM.__call__`); with `trace`, traces is {"batch": the
+  batch's inputs, targets and weights [B, L], "layers": {MoE layer: its
+  "trace" arrays [B, L, ...]}} on every device, else {}."""
   def eval_step(params, frozen, batch):
     mask = steps_lib.padding_mask(batch)
     inputs, weights = batch["inputs"], batch["weights"]
@@ -78,7 +84,8 @@ def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
       if scramble:
         inputs = jnp.where(positions >= loss_before, _next_row(inputs), inputs)
     states = (params,) if frozen is None else (params, frozen)
-    logits, aux = nnx.merge(graphdef, *states)(inputs, mask=mask)
+    logits, aux = nnx.merge(graphdef, *states)(inputs, mask=mask, routes=batch.get("routes"),
+                                               trace=trace)
     total, count = steps_lib.cross_entropy(logits, batch["targets"], weights)
     loads = steps_lib.replicated(steps_lib.layer_loads(aux))
     layers = aux.get("layers", {})
@@ -92,7 +99,12 @@ def make_eval_step(graphdef, *, num_domains: int = 0, frozen: Any = None,
       else:
         joints.append(jnp.zeros((0, loads.shape[-1]), jnp.float32))
     joint = jnp.stack(joints) if joints else jnp.zeros((0, 0, 0), jnp.float32)
-    return total, count, loads, joint, _layer_scalars(layers)
+    traces = {}
+    if trace:  # every device holds the global rows (any process may write them)
+      traces = jax.tree.map(steps_lib.replicated, {
+          "batch": {name: batch[name] for name in ("inputs", "targets", "weights")},
+          "layers": {index: layer["trace"] for index, layer in layers.items()}})
+    return total, count, loads, joint, _layer_scalars(layers), traces
   return steps_lib.jit_with_frozen(eval_step, frozen)
 
 
@@ -100,9 +112,10 @@ class Evaluator:
   """Runs one eval step over batches and sums what it returns."""
 
   def __init__(self, graphdef, *, num_domains: int = 0, frozen: Any = None,
-               loss_before: Optional[int] = None, scramble: bool = False):
+               loss_before: Optional[int] = None, scramble: bool = False,
+               trace: bool = False):
     self.step = make_eval_step(graphdef, num_domains=num_domains, frozen=frozen,
-                               loss_before=loss_before, scramble=scramble)
+                               loss_before=loss_before, scramble=scramble, trace=trace)
 
   def run(self, params, batches) -> dict[str, Any]:
     """Held-out loss and routing over `batches`.
@@ -112,12 +125,16 @@ class Evaluator:
       expert_load: <float64>[MoE layers, E] mean load over the batches.
       joint: <float64>[MoE layers, domains, E] summed (domain, expert) counts.
       scalars: {name: <float64>[MoE layers]} means over the batches.
+      traces: the steps' traces (see `make_eval_step`) as numpy [N, L, ...],
+        the batches' global rows one after the other (with `trace`; else {}).
     """
     total = count = 0.0
     loads = joint = 0.0
     scalars: dict[str, Any] = {}
+    traces: list[dict[int, dict[str, Any]]] = []
     for batch in batches:
-      b_total, b_count, b_loads, b_joint, b_scalars = self.step(params, batch)
+      b_total, b_count, b_loads, b_joint, b_scalars, b_traces = self.step(params, batch)
+      traces.append(jax.tree.map(np.asarray, b_traces))
       total += float(b_total)
       count += float(b_count)
       loads = loads + np.asarray(b_loads, np.float64)
@@ -126,7 +143,9 @@ class Evaluator:
         scalars[name] = scalars.get(name, 0.0) + np.asarray(value, np.float64)
     n = max(len(batches), 1)
     return {"loss": total / max(count, 1.0), "expert_load": np.asarray(loads) / n,
-            "joint": np.asarray(joint), "scalars": {k: v / n for k, v in scalars.items()}}
+            "joint": np.asarray(joint), "scalars": {k: v / n for k, v in scalars.items()},
+            "traces": (jax.tree.map(lambda *rows: np.concatenate(rows), *traces)
+                       if traces else {})}
 
 
 def layer_report(result: dict[str, Any], moe_layers: list[int],

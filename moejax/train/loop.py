@@ -13,6 +13,8 @@ The loop body is the train step; everything periodic is an action of
   * eval (every `eval_every` and the last): the one `Evaluator` on the run's
     eval batches, the per-layer report and the load heatmap; one
     metrics.jsonl record per step holds the log and eval scalars together;
+  * trace (every `trace_every`, if > 0): the same evaluation recording every
+    token's routing into traces/step_<N>/ (`moejax.trace`);
   * checkpoint (every `checkpoint_every`, the last, and on a stop signal):
     only a state that is finite and alive (`steps.make_health_check`) is
     saved, so the newest checkpoint always resumes;
@@ -20,6 +22,7 @@ The loop body is the train step; everything periodic is an action of
 """
 
 import dataclasses
+import os
 import signal
 import time
 from typing import Any, Optional
@@ -129,6 +132,10 @@ class Loop:
     self.num_domains = self.dataset.info.get("num_domains", 0)  # synthetic_mixture only
     self.evaluator = evaluator_lib.Evaluator(self.graphdef, num_domains=self.num_domains,
                                              frozen=frozen)
+    self.tracer = None  # the evaluator that also records (config.train.trace_every)
+    if config.train.get("trace_every"):
+      self.tracer = evaluator_lib.Evaluator(self.graphdef, num_domains=self.num_domains,
+                                            frozen=frozen, trace=True)
     self.moe_layers = model_lib.model_config(config).moe_layers
     self.batch_sharding = parallel.batch_sharding(self.mesh)
     self.eval_batches = [model_lib.global_batch(b, self.batch_sharding)
@@ -157,8 +164,9 @@ class Loop:
       self._check_finite(state)
       scalars.update(self._log_scalars(state, throughput))
       state.window_loads = None
-    if self.due(done, train.eval_every):
-      scalars.update(self._eval_scalars(done, state.params))
+    tracing = self.tracer is not None and done % train.trace_every == 0
+    if self.due(done, train.eval_every) or tracing:
+      scalars.update(self._eval_scalars(done, state.params, tracing))
     if scalars:
       self.record = self.writer.write(done, scalars)
       if self.due(done, train.log_every):
@@ -193,10 +201,15 @@ class Loop:
       scalars["data/entropy_floor"] = self.dataset.entropy_floor
     return scalars
 
-  def _eval_scalars(self, done: int, params) -> dict[str, float]:
+  def _eval_scalars(self, done: int, params, tracing: bool = False) -> dict[str, float]:
     """The evaluator's report, and the per-layer load heatmap (plots/ and
-    TensorBoard)."""
-    result = self.evaluator.run(params, self.eval_batches)
+    TensorBoard); with `tracing` also the routing trace (traces/step_<N>/),
+    and the report only if an eval is due."""
+    result = (self.tracer if tracing else self.evaluator).run(params, self.eval_batches)
+    if tracing:
+      self._write_trace(done, result)
+      if not self.due(done, self.config.train.eval_every):
+        return {}
     loads = result["expert_load"]
     if self.moe_layers and np.size(loads) and self.is_main:
       path = self.run.file(f"plots/expert_load_step{done}.png")
@@ -204,6 +217,21 @@ class Loop:
       routing_report.write_heatmap_image(self.run.file("tensorboard/routing"),
                                          "eval/expert_load", path, done)
     return evaluator_lib.layer_report(result, self.moe_layers)
+
+  def _write_trace(self, done: int, result: dict[str, Any]) -> None:
+    """traces/step_<done>/ from a tracing evaluation (kept if it exists: a
+    resumed run redoing the step records the same routing)."""
+    # moejax.trace reads runs through moejax.evaluate, which imports this package.
+    from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
+    out = self.run.file(f"traces/step_{done}")
+    if not self.is_main or os.path.exists(out):
+      return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    train = self.config.train
+    meta = trace_lib.trace_meta(self.config, step=done, vocab_size=self.dataset.vocab_size,
+                                loss=result["loss"], workdir=self.run.path, split="eval",
+                                num_batches=train.eval_batches)
+    trace_lib.save(trace_lib.from_traces(result["traces"], meta), out)
 
   def _save(self, state: TrainState, iterator) -> None:
     """Saves the state after a health check on the next step's batch: a state

@@ -76,8 +76,11 @@ def _loss_and_grads(graphdef, params, batch, rng, frozen=None):
     model = nnx.merge(graphdef, weights, *rest)
     # Training batches hold no padding (both datasets train on full windows),
     # so routing runs unmasked (the exact, cheaper path); eval batches are
-    # padded and pass their mask (`make_eval_step`).
-    logits, aux = model(batch["inputs"], deterministic=False, rng=rng)
+    # padded and pass their mask (`make_eval_step`), as do a replayed trace's
+    # batches (config.train.replay_trace), whose "routes" replace routing.
+    routes = batch.get("routes")
+    logits, aux = model(batch["inputs"], deterministic=False, rng=rng, routes=routes,
+                        mask=None if routes is None else padding_mask(batch))
     total_ce, count = cross_entropy(logits, batch["targets"], batch["weights"])
     ce = total_ce / jnp.maximum(count, 1.0)
     return ce + aux["weighted_loss"], (ce, aux)

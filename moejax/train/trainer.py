@@ -184,6 +184,10 @@ def _run(config, workdir: str, console: console_lib.Console,
       process_count=jax.process_count(), cache_dir=run.file("data_cache"))
   vocab_size = dataset.vocab_size
   model_lib.check(config, vocab_size)
+  if train.get("replay_trace"):
+    # moejax.trace reads runs through moejax.evaluate, which imports this package.
+    from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
+    dataset = trace_lib.ReplayDataset(trace_lib.load(train.replay_trace), dataset, config)
   mesh = model_lib.make_mesh(config)
   tx = optim.make_optimizer(train)
   fresh = not run.steps
