@@ -276,10 +276,7 @@ def _flat_params(model, config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not config.model.scan_layers:
     return flat
   nested = convert_layout(traverse_util.unflatten_dict(flat, sep="/"), scanned=False,
-                          num_layers=config.model.num_layers,
-                          moe_every=config.model.moe_every,
-                          first_dense_layers=config.model.first_dense_layers,
-                          router=config.model.moe.router)
+                          **model_lib.model_config(config).layout_args)
   return {"/".join(map(str, key)): v
           for key, v in traverse_util.flatten_dict(nested).items()}
 

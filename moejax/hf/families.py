@@ -280,6 +280,8 @@ def check_exportable(model: dict[str, Any], family: Family) -> None:
       (moe.get("num_shared_experts", 0) != 0 and not deepseek,
        f"num_shared_experts > 0 (no slot in {name})"),
       (model.get("moe_every", 1) != 1, "moe_every != 1 (dense layers between MoE layers)"),
+      (model.get("first_hash_layers", 0) != 0, f"first_hash_layers > 0 ({name} has no "
+                                                f"hash-routed layers)"),
       (model.get("first_dense_layers", 0) != 0 and not deepseek,
        f"first_dense_layers > 0 ({name} has no dense first layers)"),
       (deepseek and model.get("first_dense_layers", 0) != 0

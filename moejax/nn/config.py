@@ -79,16 +79,35 @@ def moe_layer_flags(*, num_layers: int, moe_every: int = 1, first_dense_layers: 
 
 
 def scan_layout(flags: tuple[bool, ...], moe_every: int,
-                first_dense_layers: int) -> tuple[int, int, int]:
+                first_dense_layers: int, first_hash_layers: int = 0) -> tuple[int, int, int]:
   """(start, period, units) of the scanned layout: layers [start, start +
   period * units) are `units` repeats of a `period`-layer unit (what
-  `scan_layers` stacks); the dense bottom layers below `start` and the layers
-  past the last whole unit stay unscanned. Without MoE layers every layer is
-  one unit."""
+  `scan_layers` stacks); the dense bottom layers and the units holding the
+  hash layers (`first_hash_layers`) below `start`, and the layers past the
+  last whole unit, stay unscanned. Without MoE layers every layer is one unit."""
   if not any(flags):
     return 0, 1, len(flags)
   period = moe_every
-  return first_dense_layers, period, (len(flags) - first_dense_layers) // period
+  start = min(first_dense_layers + first_hash_layers * period, len(flags))
+  return start, period, (len(flags) - start) // period
+
+
+def layer_moe_configs(moe: MoEConfig, flags: tuple[bool, ...], *,
+                      dense_hidden: Optional[int] = None,
+                      first_hash_layers: int = 0) -> list[MoEConfig]:
+  """Each layer's FFN options: the dense FFN (`MoEConfig.dense`) where
+  `flags` is False, the hash layer (`MoEConfig.hashed`) for the first
+  `first_hash_layers` MoE layers (DeepSeek-V4 routes its first three MoE
+  layers by token id), `moe` for the others. The one place the per-layer
+  options are decided (model, accounting)."""
+  out, seen = [], 0
+  for is_moe in flags:
+    if not is_moe:
+      out.append(moe.dense(dense_hidden))
+    else:
+      out.append(moe.hashed(seen) if seen < first_hash_layers else moe)
+      seen += 1
+  return out
 
 
 def check_finite_above(name: str, value: Any, bound: float) -> None:
@@ -132,6 +151,9 @@ class ModelConfig:
     dense_hidden: the FFN width of the dense layers of an MoE model (DeepSeek-
       V3's first layers); None = top_k * expert_hidden plus the shared experts.
     moe_every, first_dense_layers: the layer layout (`layer_flags`).
+    first_hash_layers: the first N MoE layers route by token-id hash with a
+      learned gate weighing the hashed experts (DeepSeek-V4;
+      `MoEConfig.hashed`), the others by `moe.router`.
     tie_embeddings: the output projection is the transposed embedding.
     rope_base: RoPE base (RoFormer, Su et al. 2021).
     dtype: compute dtype of the matmuls, one of DTYPES.
@@ -166,6 +188,7 @@ class ModelConfig:
   dense_hidden: Optional[int] = None
   moe_every: int = 1
   first_dense_layers: int = 0
+  first_hash_layers: int = 0
   tie_embeddings: bool = True
   rope_base: float = 10000.0
   dtype: str = "float32"
@@ -200,6 +223,10 @@ class ModelConfig:
     if self.first_dense_layers > self.num_layers:
       raise ValueError(f"config.model.first_dense_layers={self.first_dense_layers} must "
                        f"be in [0, config.model.num_layers={self.num_layers}]")
+    check_int("config.model.first_hash_layers", self.first_hash_layers, 0)
+    if self.first_hash_layers > len(self.moe_layers):
+      raise ValueError(f"config.model.first_hash_layers={self.first_hash_layers} exceeds "
+                       f"the {len(self.moe_layers)} MoE layers")
     if self.head_dim is None:
       if self.d_model % self.num_heads:
         raise ValueError(f"config.model.num_heads={self.num_heads} does not divide "
@@ -282,9 +309,17 @@ class ModelConfig:
     return [i for i, is_moe in enumerate(self.layer_flags) if is_moe]
 
   @property
+  def layout_args(self) -> dict[str, Any]:
+    """The keywords of `convert_layout` (and `LayerLayout`) for this model."""
+    return dict(num_layers=self.num_layers, moe_every=self.moe_every,
+                first_dense_layers=self.first_dense_layers, router=self.moe.router,
+                first_hash_layers=self.first_hash_layers)
+
+  @property
   def scan_layout(self) -> tuple[int, int, int]:
     """(start, period, units) of the scanned layout (`scan_layout`)."""
-    return scan_layout(self.layer_flags, self.moe_every, self.first_dense_layers)
+    return scan_layout(self.layer_flags, self.moe_every, self.first_dense_layers,
+                       self.first_hash_layers)
 
   def architecture(self, vocab_size: int,
                    tokens_per_group: Optional[int] = None) -> dict[str, Any]:
@@ -295,6 +330,7 @@ class ModelConfig:
                 latent=self.latent, dense_hidden=self.dense_hidden,
                 moe=dataclasses.asdict(self.moe), moe_every=self.moe_every,
                 first_dense_layers=self.first_dense_layers,
+                first_hash_layers=self.first_hash_layers,
                 tie_embeddings=self.tie_embeddings, tokens_per_group=tokens_per_group)
 
 

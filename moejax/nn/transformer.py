@@ -53,7 +53,8 @@ from moejax.nn.moe_layer import MoELayer
 from moejax.routing import MoEConfig
 from moejax.parallel.rules import gather_fsdp
 from moejax.nn.config import (COMPUTE_DTYPES, PARAM_DTYPES, REMAT_POLICIES, check_finite_above,
-                              check_int, moe_layer_flags, resolve_head_dim, scan_layout)
+                              check_int, layer_moe_configs, moe_layer_flags, resolve_head_dim,
+                              scan_layout)
 
 from jax.ad_checkpoint import checkpoint_name
 
@@ -234,10 +235,11 @@ class LayerLayout:
 
   @classmethod
   def of(cls, flags: tuple[bool, ...], moe_every: int, first_dense_layers: int,
-         scanned: bool) -> "LayerLayout":
+         scanned: bool, first_hash_layers: int = 0) -> "LayerLayout":
     if not scanned:
       return cls(len(flags), False)
-    return cls(len(flags), True, *scan_layout(flags, moe_every, first_dense_layers))
+    return cls(len(flags), True, *scan_layout(flags, moe_every, first_dense_layers,
+                                              first_hash_layers))
 
   @property
   def end(self) -> int:
@@ -453,6 +455,8 @@ class TransformerLM(nnx.Module):
       every layer dense.
     head_dim: P; default d_model // num_heads.
     moe_every, first_dense_layers: the layer layout (see `moe_layer_flags`).
+    first_hash_layers: the first N MoE layers are hash layers
+      (`nn.config.layer_moe_configs`).
     tie_embeddings: the output projection is the transposed embedding
       (Press & Wolf 2017); otherwise its own kernel [D, V].
     rope_base: RoPE base (RoFormer, Su et al. 2021).
@@ -489,7 +493,8 @@ class TransformerLM(nnx.Module):
                scan_layers: bool = False, remat: str = "none", param_dtype=jnp.float32,
                num_kv_heads: Optional[int] = None, qk_norm: str = "none",
                rms_norm_eps: float = 1e-6, latent: Optional[Mapping[str, int]] = None,
-               rope: Optional[Mapping[str, Any]] = None, dense_hidden: Optional[int] = None):
+               rope: Optional[Mapping[str, Any]] = None, dense_hidden: Optional[int] = None,
+               first_hash_layers: int = 0):
     head_dim, compute_dtype, storage_dtype, moe = _checked_options(
         vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, head_dim=head_dim,
         moe=moe, rope_base=rope_base, dtype=dtype, scan_layers=scan_layers, remat=remat,
@@ -504,18 +509,20 @@ class TransformerLM(nnx.Module):
     self.tie_embeddings, self.moe_layers, self.moe = tie_embeddings, flags, moe
     self.dtype, self.param_dtype = compute_dtype, storage_dtype
     self.scan_layers, self.remat = scan_layers, remat
-    self.layout = LayerLayout.of(flags, moe_every, first_dense_layers, scan_layers)
+    self.layout = LayerLayout.of(flags, moe_every, first_dense_layers, scan_layers,
+                                 first_hash_layers)
     self.embed = nnx.Embed(vocab_size, d_model, param_dtype=jnp.float32, rngs=rngs)
     # Every block is created in layer order from the same rngs in either
     # layout (the scanned stack is stacked afterwards), so a seed gives the
     # same weights whatever scan_layers.
     rope_options = Rope(**{**(rope or {}), "base": rope_base})
     blocks = [DecoderBlock(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
-                           moe=moe if is_moe else moe.dense(dense_hidden), rope_base=rope_base,
+                           moe=layer_moe, rope_base=rope_base,
                            dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group,
                            num_kv_heads=num_kv_heads, qk_norm=qk_norm,
                            rms_norm_eps=rms_norm_eps, latent=latent, rope=rope_options)
-              for is_moe in flags]
+              for layer_moe in layer_moe_configs(moe, flags, dense_hidden=dense_hidden,
+                                                 first_hash_layers=first_hash_layers)]
     for name, module in self.layout.modules(blocks).items():
       setattr(self, name, module)
     self.final_norm = rms_norm(d_model, rms_norm_eps, rngs)
@@ -693,7 +700,8 @@ def _cast_params(model: nnx.Module, dtype) -> None:
 
 def convert_layout(params: Mapping[str, Any], *, scanned: bool, num_layers: int,
                    moe_every: int = 1, first_dense_layers: int = 0,
-                   router: str = MoEConfig.router) -> dict[str, Any]:
+                   router: str = MoEConfig.router, first_hash_layers: int = 0
+                   ) -> dict[str, Any]:
   """The same weights in the other layer layout.
 
   Args:
@@ -701,15 +709,16 @@ def convert_layout(params: Mapping[str, Any], *, scanned: bool, num_layers: int,
       or a checkpoint's params) in the layout opposite to `scanned`.
     scanned: True maps unscanned (`layers/<i>`) -> scanned (`bottom`, `stack`,
       `top`); False maps back.
-    num_layers, moe_every, first_dense_layers, router: the model's layout
-      (as passed to `TransformerLM`).
+    num_layers, moe_every, first_dense_layers, router, first_hash_layers: the
+      model's layout (as passed to `TransformerLM`).
 
   Returns:
     A pure nested dict for `nnx.replace_by_pure_dict` on the other layout.
   """
   flags = moe_layer_flags(num_layers=num_layers, moe_every=moe_every,
                           first_dense_layers=first_dense_layers, router=router)
-  source, target = (LayerLayout.of(flags, moe_every, first_dense_layers, layout_scanned)
+  source, target = (LayerLayout.of(flags, moe_every, first_dense_layers, layout_scanned,
+                                   first_hash_layers)
                     for layout_scanned in (not scanned, scanned))
   per_layer, others = source.layer_params(flax.traverse_util.flatten_dict(dict(params)))
   return flax.traverse_util.unflatten_dict({**others, **target.block_params(per_layer)})

@@ -153,6 +153,12 @@ ROUTER_STATE_PATTERN = r"(^|/)router/"
 STACKED_PATTERN = r"^stack/"
 
 
+def leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
+  """The logical axes of one parameter from its pytree path and shape (the
+  rule `param_logical_axes` applies to every leaf)."""
+  return _leaf_axes(path, leaf)
+
+
 def _leaf_axes(path: tuple, leaf: Any) -> tuple[str, ...]:
   names = "/".join(key_name(key) for key in path)
   shape = tuple(getattr(leaf, "shape", ()))

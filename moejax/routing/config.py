@@ -73,6 +73,12 @@ class MoEConfig:
       in training (Switch Transformer §2.4).
     sinkhorn_iterations: Sinkhorn rounds of router="sinkhorn".
     hash_seed: seed of router="hash"'s token-id -> expert map.
+    hash_gate: router="hash" weights its hashed experts by a learned router's
+      scores there (`score_fn`, renormalized over the K when `renormalize`,
+      times `routed_scaling_factor`), as DeepSeek-V4's hash layers do
+      (inference/model.py `Gate.forward`: `tid2eid` picks, the gate's scores
+      weigh); False = 1/K each, no parameters (Hash Layers, Roller et al.
+      2021). `config.model.first_hash_layers` sets it.
     router_dtype: dtype of the router's logit matmul, "float32" (default) or
       "bfloat16" (transformers computes Mixtral's, Qwen3-MoE's, OLMoE's and
       GPT-OSS's router logits in the model's dtype); scores, selection and
@@ -123,6 +129,7 @@ class MoEConfig:
   expert_dropout: float = 0.0
   sinkhorn_iterations: int = 8
   hash_seed: int = 0
+  hash_gate: bool = False
   force_balance: bool = False
   router_dtype: str = "float32"
   router_logit_bias: bool = False
@@ -162,6 +169,18 @@ class MoEConfig:
     if self.score_fn == "softmax_topk":
       return True
     return self.k > 1 if self.renormalize is None else self.renormalize
+
+  def hashed(self, index: int = 0) -> "MoEConfig":
+    """The same options for hash layer `index` (`config.model.first_hash_layers`):
+    router="hash" with a gate (`hash_gate`) and its own map (hash_seed +
+    index: each of DeepSeek-V4's hash layers has its own table), the score
+    options kept, the options of a learned selection (balancing bias, expert
+    groups, noise, priority, forced balance) off."""
+    return dataclasses.replace(
+        self, router="hash", hash_gate=True, hash_seed=self.hash_seed + index,
+        bias_update_rate=0.0, num_groups=1,
+        top_groups=1, noise_std=0.0, jitter=0.0, batch_prioritized=False,
+        force_balance=False)
 
   def dense(self, hidden: Optional[int] = None) -> "MoEConfig":
     """The same options for a dense FFN layer (of hidden top_k * expert_hidden,
@@ -224,7 +243,7 @@ def validate_common(cfg: MoEConfig) -> None:
   if cfg.router_dtype not in ROUTER_DTYPES:
     raise ValueError(f"router_dtype must be one of {list(ROUTER_DTYPES)}, got "
                      f"{cfg.router_dtype!r}")
-  for name in ("router_logit_bias", "shared_expert_gate"):
+  for name in ("router_logit_bias", "shared_expert_gate", "hash_gate"):
     if not isinstance(getattr(cfg, name), bool):
       raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
   if cfg.shared_expert_gate and not cfg.num_shared_experts:

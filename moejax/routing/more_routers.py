@@ -123,37 +123,63 @@ class HashRouter(TokenChoiceRouter):
   a fixed random map token id -> K distinct experts (`hashing.hash_experts`),
   learned nothing, weight 1/K per expert. The token ids reach every MoE layer
   (`RouteContext.token_ids`); capacity and drops as for top-K token choice.
+
+  With `hash_gate` (DeepSeek-V4's hash layers, `config.model.first_hash_layers`)
+  the layer also has a learned router kernel whose scores (`score_fn`) weigh
+  the hashed experts, renormalized and scaled as the token-choice router's.
   """
 
-  scoring = "fixed hash of the token id"
+  scoring = "fixed hash of the token id (hash_gate: weighted by x W's scores)"
   uses_token_ids = True
   uses_bias = False
 
   def __init__(self, cfg: MoEConfig, *, d_model: int,
                tokens_per_group: Optional[int] = None, rngs: nnx.Rngs):
-    Router.__init__(self, cfg, d_model=d_model, tokens_per_group=tokens_per_group,
-                    rngs=rngs)
+    if cfg.hash_gate:
+      super().__init__(cfg, d_model=d_model, tokens_per_group=tokens_per_group, rngs=rngs)
+    else:
+      Router.__init__(self, cfg, d_model=d_model, tokens_per_group=tokens_per_group,
+                      rngs=rngs)
 
   @classmethod
   def validate(cls, cfg: MoEConfig) -> None:
     super().validate(cfg)
     for name in ("batch_prioritized", "noise_std", "jitter", "bias_update_rate"):
       if getattr(cfg, name):
-        raise ValueError(f"router='hash' has no router scores: {name} does not apply")
+        raise ValueError(f"router='hash' selects by token id: {name} does not apply")
     if cfg.num_groups > 1:
-      raise ValueError("router='hash' has no router scores: num_groups does not apply")
+      raise ValueError("router='hash' selects by token id: num_groups does not apply")
+    if not cfg.hash_gate and (cfg.router_logit_bias or cfg.router_dtype != "float32"):
+      raise ValueError("router='hash' without hash_gate has no router logits: "
+                       "router_logit_bias and router_dtype do not apply")
 
   @classmethod
   def router_params(cls, cfg, d_model, tokens_per_group=None):
+    if cfg.hash_gate:
+      return super().router_params(cfg, d_model, tokens_per_group)
     return 0
 
-  def __call__(self, x: jax.Array, ctx: RouteContext) -> Routing:
+  def _experts(self, ctx: RouteContext) -> jax.Array:
+    """<int32>[G, S, K]: the replayed experts, else the token ids' hash."""
+    if ctx.replay is not None:
+      return ctx.replay.astype(jnp.int32)
     if ctx.token_ids is None:
       raise ValueError("router='hash' needs the token ids (RouteContext.token_ids)")
+    return hashing.hash_experts(ctx.token_ids, self.cfg.experts, self.cfg.k,
+                                self.cfg.hash_seed)
+
+  @classmethod
+  def route_logits(cls, logits, cfg, ctx, bias=None):
+    # hash_gate: the hashed experts (in ctx.replay, see __call__) weighted by
+    # the scores, through the token-choice router's own path.
+    return TokenChoiceRouter.route_logits(logits, cfg, ctx, bias)
+
+  def __call__(self, x: jax.Array, ctx: RouteContext) -> Routing:
+    experts = self._experts(ctx)
+    if self.cfg.hash_gate:
+      return super().__call__(x, ctx._replace(replay=experts))
     cfg = self.cfg
     num_groups, num_tokens, _ = x.shape
-    experts = (hashing.hash_experts(ctx.token_ids, cfg.experts, cfg.k, cfg.hash_seed)
-               if ctx.replay is None else ctx.replay.astype(jnp.int32))
     weights = jnp.full(experts.shape, cfg.routed_scaling_factor / cfg.k, jnp.float32)
     priority = jnp.zeros((num_groups, num_tokens), jnp.float32)
     return token_choice(experts, weights, priority, num_experts=cfg.experts,

@@ -108,7 +108,7 @@ def validate(cfg: MoEConfig) -> None:
   validate_common(cfg)
   cls.validate(cfg)
   if (cfg.router_logit_bias or cfg.router_dtype != "float32") and (
-      not issubclass(cls, LogitRouter) or cls.uses_token_ids):
+      not issubclass(cls, LogitRouter) or (cls.uses_token_ids and not cfg.hash_gate)):
     raise ValueError(f"router_logit_bias and router_dtype apply to routers that select on "
                      f"learned logits; router={cfg.router!r} does not")
   if cfg.force_balance and (not issubclass(cls, TokenChoiceRouter) or cls.uses_token_ids):

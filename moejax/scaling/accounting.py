@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional
 from moejax.data import tokenizers
 from moejax.data.pipeline import SYNTHETIC
 from moejax import routing as routing_lib
-from moejax.nn.config import ModelConfig, moe_layer_flags, resolve_head_dim
+from moejax.nn.config import ModelConfig, layer_moe_configs, moe_layer_flags, resolve_head_dim
 from moejax.routing import MoEConfig
 from moejax.routing import capacity as capacity_lib
 
@@ -90,7 +90,8 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
                  tie_embeddings: bool = True, num_kv_heads: Optional[int] = None,
                  qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
                  dense_hidden: Optional[int] = None,
-                 tokens_per_group: Optional[int] = None) -> dict[str, int]:
+                 tokens_per_group: Optional[int] = None,
+                 first_hash_layers: int = 0) -> dict[str, int]:
   """Parameter counts of `TransformerLM` with the same keywords.
 
   Per block: 2 RMSNorm scales (2 D), attention (`attention_params`: q, k, v,
@@ -122,9 +123,10 @@ def param_counts(*, vocab_size: int, num_layers: int, d_model: int, num_heads: i
   attention = attention_params(d_model, num_heads, head_dim, num_kv_heads, qk_norm, latent)
   non_embedding = active = float(d_model)  # final RMSNorm
   expert = 0
-  for is_moe in flags:
-    ffn = _ffn_counts(d_model, moe if is_moe else moe.dense(dense_hidden), is_moe,
-                      tokens_per_group)
+  layer_moes = layer_moe_configs(moe, flags, dense_hidden=dense_hidden,
+                                 first_hash_layers=first_hash_layers)
+  for is_moe, layer_moe in zip(flags, layer_moes):
+    ffn = _ffn_counts(d_model, layer_moe, is_moe, tokens_per_group)
     block = 2 * d_model + attention
     non_embedding += block + ffn["total"]
     active += block + ffn["active"]
@@ -154,7 +156,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                           causal: bool = True, num_kv_heads: Optional[int] = None,
                           qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
                           dense_hidden: Optional[int] = None,
-                          tokens_per_group: Optional[int] = None) -> float:
+                          tokens_per_group: Optional[int] = None,
+                          first_hash_layers: int = 0) -> float:
   """Training FLOPs per token (forward + backward) of `TransformerLM`.
 
   Kaplan et al. 2020, Table 1: C_forward = 2 N + 2 n_layer n_ctx d_attn, and
@@ -181,7 +184,8 @@ def train_flops_per_token(*, vocab_size: int, num_layers: int, d_model: int,
                         moe_every=moe_every, first_dense_layers=first_dense_layers,
                         tie_embeddings=tie_embeddings, num_kv_heads=num_kv_heads,
                         qk_norm=qk_norm, latent=latent, dense_hidden=dense_hidden,
-                        tokens_per_group=tokens_per_group)
+                        tokens_per_group=tokens_per_group,
+                        first_hash_layers=first_hash_layers)
   active_non_embedding = counts["active_per_token"] - counts["embedding"]
   output_projection = d_model * vocab_size
   attention_forward = ((2 if causal else 4) * num_layers * seq_len
@@ -253,7 +257,8 @@ def _flops_by_part(active: dict[str, float], padding: float, *, num_layers: int,
 def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int,
                       d_model: int, num_heads: int, head_dim: int, num_layers: int,
                       tie_embeddings: bool, num_kv_heads: Optional[int], qk_norm: str,
-                      latent: Optional[Mapping[str, int]], dense_hidden: Optional[int]):
+                      latent: Optional[Mapping[str, int]], dense_hidden: Optional[int],
+                      first_hash_layers: int = 0):
   """(parameters, active parameters per token, capacity-padding FLOPs) by
   component (see `breakdown`)."""
   params = dict.fromkeys(COMPONENTS, 0.0)
@@ -264,8 +269,9 @@ def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int
   params["attention"] = active["attention"] = num_layers * attention_params(
       d_model, num_heads, head_dim, num_kv_heads, qk_norm, latent)
   padding = 0.0
-  for is_moe in flags:
-    layer_moe = moe if is_moe else moe.dense(dense_hidden)
+  layer_moes = layer_moe_configs(moe, flags, dense_hidden=dense_hidden,
+                                 first_hash_layers=first_hash_layers)
+  for is_moe, layer_moe in zip(flags, layer_moes):
     ffn = _ffn_counts(d_model, layer_moe, is_moe, num_tokens)
     shared = (_kernels_per_mlp(moe.activation) * d_model * layer_moe.num_shared_experts
               * layer_moe.hidden + _shared_gate(d_model, layer_moe))
@@ -281,7 +287,7 @@ def _component_counts(flags, moe: MoEConfig, num_tokens: int, *, vocab_size: int
     params["experts"] += ffn["expert"]
     routed_active = ffn["active"] - router - shared
     active["experts"] += routed_active
-    padding += 6 * routed_active * (_capacity_overhead(moe, num_tokens) - 1)
+    padding += 6 * routed_active * (_capacity_overhead(layer_moe, num_tokens) - 1)
   return params, active, padding
 
 
@@ -291,7 +297,8 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
               first_dense_layers: int = 0, tie_embeddings: bool = True,
               causal: bool = True, num_kv_heads: Optional[int] = None,
               qk_norm: str = "none", latent: Optional[Mapping[str, int]] = None,
-              dense_hidden: Optional[int] = None) -> dict[str, dict[str, float]]:
+              dense_hidden: Optional[int] = None,
+              first_hash_layers: int = 0) -> dict[str, dict[str, float]]:
   """Parameters and training FLOPs per token of `TransformerLM`, by component.
 
   Args: those of `train_flops_per_token`, plus `batch_size` (global), needed
@@ -323,7 +330,8 @@ def breakdown(*, vocab_size: int, num_layers: int, d_model: int, num_heads: int,
   params, active, padding = _component_counts(
       flags, moe, num_tokens, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
       head_dim=head_dim, num_layers=num_layers, tie_embeddings=tie_embeddings,
-      num_kv_heads=num_kv_heads, qk_norm=qk_norm, latent=latent, dense_hidden=dense_hidden)
+      num_kv_heads=num_kv_heads, qk_norm=qk_norm, latent=latent, dense_hidden=dense_hidden,
+      first_hash_layers=first_hash_layers)
   params = {name: int(value) for name, value in params.items()}
   vocabulary = ("embedding", "output")
   params["total"] = sum(params[name] for name in COMPONENTS)
@@ -368,7 +376,8 @@ def counts_from_config(config, vocab_size: Optional[int] = None) -> dict[str, fl
       tie_embeddings=model.tie_embeddings, num_kv_heads=model.get("num_kv_heads"),
       qk_norm=model.get("qk_norm", "none"),
       latent=ModelConfig.from_mapping(model, check=False).latent,
-      dense_hidden=model.get("dense_hidden"))
+      dense_hidden=model.get("dense_hidden"),
+      first_hash_layers=model.get("first_hash_layers", 0))
   cfg = MoEConfig.from_mapping(moe)
   routed = routing_lib.get_router(cfg.router).routed
   counts = {"num_experts": cfg.experts if routed else 0,

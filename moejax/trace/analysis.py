@@ -20,8 +20,8 @@ kept assignments only. Per MoE layer i, `report["layers"][str(i)]` holds:
                        K experts per token picked without preference it is
                        `coactivation_random` = (K - 1) E / (K (E - 1)) (0.57
                        at K=2, E=8): pairs above it are preferred together.
-  coactivation_random  that baseline (NaN when tokens keep different numbers
-                       of experts, e.g. expert choice or drops).
+  coactivation_random  that baseline, K the mean number of kept experts per
+                       token (exact when every token keeps K).
   specialization_bits  I(token id; first expert) in bits, the plug-in
                        estimate over the trace (biased upward when ids are
                        rare: compare it with `specialization_bits_shuffled`,
@@ -95,11 +95,10 @@ def coactivation_lift(chosen: np.ndarray) -> np.ndarray:
 
 def coactivation_random(chosen: np.ndarray) -> float:
   """The lift of K experts per token picked without preference (see module)."""
-  sizes = chosen.sum(axis=1)
   num_experts = chosen.shape[1]
-  if not len(sizes) or np.any(sizes != sizes[0]) or sizes[0] < 1 or num_experts < 2:
+  k = float(chosen.sum(axis=1).mean()) if len(chosen) else 0.0
+  if k <= 0 or num_experts < 2:
     return float("nan")
-  k = float(sizes[0])
   return (k - 1) * num_experts / (k * (num_experts - 1))
 
 

@@ -70,6 +70,9 @@ def train_config() -> ml_collections.ConfigDict:
   train.grad_clip = 1.0
   train.b1 = 0.9
   train.b2 = 0.95
+  # adamw, or muon: Muon on the matrices (per expert, per scanned layer), AdamW
+  # on embeddings, routers and norms (moejax.train.optim).
+  train.optimizer = "adamw"
   # Storage dtype of the AdamW moments (computed in float32 either way).
   train.moment_dtype = "float32"   # float32 | bfloat16
   train.log_every = 10
@@ -225,6 +228,9 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
   _require(replay is None or (isinstance(replay, str) and replay.strip() != ""),
            f"config.train.replay_trace must be a trace folder or None, got {replay!r}")
   _check_optimizer(train)
+  optimizer = train.get("optimizer", "adamw")
+  _require(optimizer in ("adamw", "muon"),
+           f"config.train.optimizer must be 'adamw' or 'muon', got {optimizer!r}")
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:

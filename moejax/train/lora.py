@@ -334,10 +334,8 @@ def attach(config: ml_collections.ConfigDict, vocab_size: int, mesh, graphdef, p
       {"inputs": np.zeros((train.batch_size // jax.process_count(), train.seq_len),
                           np.int32)}, parallel.batch_sharding(mesh))["inputs"]
   if scanned:  # to this run's unscanned layout
-    pure = transformer_lib.convert_layout(
-        nnx.to_pure_dict(params), scanned=False, num_layers=config.model.num_layers,
-        moe_every=config.model.moe_every,
-        first_dense_layers=config.model.first_dense_layers, router=config.model.moe.router)
+    pure = transformer_lib.convert_layout(nnx.to_pure_dict(params), scanned=False,
+                                          **model_lib.model_config(config).layout_args)
     graphdef, params = model_lib.abstract(config, vocab_size)
     nnx.replace_by_pure_dict(params, pure)
   # `apply` traces as on one device, so its inputs are replicated for it (a

@@ -25,6 +25,7 @@ RESUMABLE_KEYS = (
     "config.train.steps", "config.train.log_every", "config.train.eval_every",
     "config.train.checkpoint_every", "config.train.keep_checkpoints",
     "config.train.peak_flops_per_device", "config.train.resume_with_changes", "config.mesh.*",
+    "config.train.trace_every",
     # Recomputing activations changes no number; the grouped-matmul kernels
     # compute the same products (to float rounding) on another backend.
     "config.model.remat", "config.model.moe.grouped_matmul",
@@ -33,7 +34,7 @@ RESUMABLE_KEYS = (
 )
 # Keys that change the layout of the checkpointed arrays: refused even with
 # resume_with_changes (the restore could not read the checkpoint).
-LAYOUT_KEYS = ("config.model.scan_layers",)
+LAYOUT_KEYS = ("config.model.scan_layers", "config.train.optimizer")
 CHANGES_FILE = "config_changes.jsonl"
 _ABSENT = "<absent>"
 
@@ -100,6 +101,11 @@ def check(saved: Optional[dict], config: ml_collections.ConfigDict, *, step: int
     return []
   changes = differences(saved, config)
   for c in changes:
+    if c.key == "config.train.optimizer":
+      raise ConfigChangedError(
+          f"checkpoint step {step} in {workdir} holds the optimizer state of "
+          f"train.optimizer={c.saved!r} and this config asks for {c.given!r}; resume with "
+          f"--config.train.optimizer={c.saved!r}, or start a new --workdir")
     if c.key in LAYOUT_KEYS:
       layout = {True: "scanned layers", False: "unscanned layers"}
       raise ConfigChangedError(

@@ -50,6 +50,7 @@ from flax import nnx
 
 from moejax import run as run_lib
 from moejax.nn import transformer as transformer_lib
+from moejax.nn.config import ModelConfig
 from moejax.train import checkpoints
 
 # Written into the new run's workdir when it is upcycled: the dense run and step.
@@ -95,9 +96,7 @@ def _flat(tree) -> dict[str, Any]:
 
 
 def _layout_args(config) -> dict[str, Any]:
-  model = config.model
-  return dict(num_layers=model.num_layers, moe_every=model.moe_every,
-              first_dense_layers=model.first_dense_layers, router=model.moe.router)
+  return ModelConfig.from_mapping(config.model, check=False).layout_args
 
 
 def _expert_copies(name: str, value, dense_flat: dict, dense_name: str, granularity: int,
