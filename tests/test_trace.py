@@ -18,7 +18,7 @@ from moejax import routing
 from moejax import run as run_lib
 from moejax import trace as trace_lib
 from moejax import train as train_lib
-from moejax.nn import TransformerLM
+from moejax.nn import MoELayer, TransformerLM
 from moejax.routing import scores as scores_lib
 from moejax.trace import analysis
 from moejax.train import config as config_lib
@@ -173,20 +173,31 @@ def test_fine_tuning_on_a_replayed_trace_trains_the_routers(runs, tmp_path):
 
 
 def test_replayed_routing_is_the_given_experts_with_router_gradients():
-  moe = routing.MoEConfig(router="topk", num_experts=4, top_k=2, capacity_factor=0.0,
-                          dispatch="dropless", expert_hidden=8)
-  model = TransformerLM(vocab_size=20, num_layers=2, d_model=8, num_heads=2, moe=moe,
+  layer = MoELayer(d_model=8, rngs=nnx.Rngs(0), router="topk", num_experts=4, top_k=2,
+                   capacity_factor=0.0, dispatch="dropless", expert_hidden=8)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  replay = jax.random.permutation(jax.random.key(1), jnp.broadcast_to(
+      jnp.arange(4), (2, 6, 4)), axis=-1, independent=True)[..., :2]
+  _, aux = layer(x, replay=replay, trace=True)
+  np.testing.assert_array_equal(aux["trace"]["experts"], replay)
+  assert np.all(np.asarray(aux["trace"]["weights"]) > 0)
+  grads = nnx.grad(lambda m: jnp.sum(m(x, replay=replay)[0] ** 2))(layer)
+  assert float(jnp.abs(grads.router.kernel[...]).sum()) > 0
+  with pytest.raises(ValueError, match="replay must be"):
+    layer(x, replay=replay[..., :1])
+  chooser = MoELayer(d_model=8, rngs=nnx.Rngs(0), router="expert_choice", num_experts=4,
+                     capacity_factor=1.0, expert_hidden=8)
+  with pytest.raises(ValueError, match="cannot replay"):
+    chooser(x, replay=replay)
+
+
+def test_routes_must_cover_every_moe_layer():
+  model = TransformerLM(vocab_size=20, num_layers=2, d_model=8, num_heads=2,
+                        moe=routing.MoEConfig(num_experts=4, top_k=2, expert_hidden=8,
+                                              capacity_factor=0.0, dispatch="dropless"),
                         rngs=nnx.Rngs(0))
-  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, 20)
-  routes = {i: jax.random.permutation(jax.random.key(i), jnp.broadcast_to(
-      jnp.arange(4), (2, 6, 4)), axis=-1, independent=True)[..., :2] for i in (0, 1)}
-  _, aux = model(tokens, routes=routes, trace=True)
-  for i in (0, 1):
-    np.testing.assert_array_equal(aux["layers"][i]["trace"]["experts"], routes[i])
-  grads = nnx.grad(lambda m: jnp.sum(m(tokens, routes=routes)[0] ** 2))(model)
-  assert float(jnp.abs(grads.layers[0].ffn.router.kernel[...]).sum()) > 0
   with pytest.raises(ValueError, match="every MoE layer"):
-    model(tokens, routes={0: routes[0]})
+    model(jnp.zeros((2, 6), jnp.int32), routes={0: jnp.zeros((2, 6, 2), jnp.int32)})
 
 
 @pytest.mark.parametrize("score_fn,renormalize,bias", [

@@ -282,6 +282,8 @@ def check_exportable(model: dict[str, Any], family: Family) -> None:
       (model.get("moe_every", 1) != 1, "moe_every != 1 (dense layers between MoE layers)"),
       (model.get("first_hash_layers", 0) != 0, f"first_hash_layers > 0 ({name} has no "
                                                 f"hash-routed layers)"),
+      (moe.get("swiglu_limit", 0.0) != 0, f"swiglu_limit > 0 ({name} does not clamp its "
+                                          f"SwiGLU)"),
       (model.get("first_dense_layers", 0) != 0 and not deepseek,
        f"first_dense_layers > 0 ({name} has no dense first layers)"),
       (deepseek and model.get("first_dense_layers", 0) != 0

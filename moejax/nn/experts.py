@@ -36,8 +36,9 @@ class _FeedForwardParams(nnx.Module):
   """Kernels `wi` (or `wi_gate`/`wi_up` for swiglu) [*, D, H] and `wo` [*, H, D]."""
 
   def __init__(self, lead: tuple[int, ...], d_model: int, hidden: int,
-               activation: str, dtype, rngs: nnx.Rngs):
+               activation: str, dtype, rngs: nnx.Rngs, swiglu_limit: float = 0.0):
     self.activation = activation
+    self.swiglu_limit = float(swiglu_limit)
     self.act = _hidden_activation(activation)
     self.dtype = dtype
     init = _kernel_init(batched=bool(lead))
@@ -59,7 +60,16 @@ class _FeedForwardParams(nnx.Module):
     # Named for remat="save_matmuls" (moejax.nn.transformer.MATMUL_NAMES).
     pre = [checkpoint_name(matmul(x, kernel), "ffn_hidden")
            for kernel in self._input_kernels()]
-    hidden = self.act(pre[0]) if len(pre) == 1 else self.act(pre[0]) * pre[1]
+    if len(pre) == 1:
+      hidden = self.act(pre[0])
+    else:
+      gate, up = pre
+      if self.swiglu_limit > 0:
+        # DeepSeek-V4 (inference/model.py, Expert.forward): the up projection is
+        # clamped to [-limit, limit], the gate from above only.
+        up = jnp.clip(up, -self.swiglu_limit, self.swiglu_limit)
+        gate = jnp.minimum(gate, self.swiglu_limit)
+      hidden = self.act(gate) * up
     if hidden_fn is not None:
       hidden = hidden_fn(hidden)
     return (out_matmul or matmul)(hidden.astype(self.dtype), weight(self.wo, self.dtype))
@@ -76,8 +86,8 @@ class Experts(_FeedForwardParams):
   """E independent MLPs with batched kernels [E, D, H] and [E, H, D]."""
 
   def __init__(self, *, num_experts: int, d_model: int, hidden: int, activation: str,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    super().__init__((num_experts,), d_model, hidden, activation, dtype, rngs)
+               dtype=jnp.float32, rngs: nnx.Rngs, swiglu_limit: float = 0.0):
+    super().__init__((num_experts,), d_model, hidden, activation, dtype, rngs, swiglu_limit)
 
   def __call__(self, buffer: jax.Array, hidden_fn=None) -> jax.Array:
     """[E, N, D] -> [E, N, D]: expert e on its N rows. `hidden_fn` (e.g.
@@ -122,8 +132,8 @@ class MLP(_FeedForwardParams):
   """A dense MLP with kernels [D, H] and [H, D], applied to [T, D] tokens."""
 
   def __init__(self, *, d_model: int, hidden: int, activation: str,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    super().__init__((), d_model, hidden, activation, dtype, rngs)
+               dtype=jnp.float32, rngs: nnx.Rngs, swiglu_limit: float = 0.0):
+    super().__init__((), d_model, hidden, activation, dtype, rngs, swiglu_limit)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # 2-D dots: a 3-D operand ran ~2.2x slower forward+backward on XLA:CPU.

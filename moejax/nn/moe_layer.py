@@ -173,7 +173,8 @@ class MoELayer(nnx.Module):
     if not self.routed:
       # The baseline: one FFN with the active hidden width of top_k experts.
       self.ffn = MLP(d_model=d_model, hidden=moe.top_k * moe.expert_hidden,
-                     activation=moe.activation, dtype=dtype, rngs=rngs)
+                     activation=moe.activation, dtype=dtype, rngs=rngs,
+                     swiglu_limit=moe.swiglu_limit)
     else:
       self._dispatcher = dispatch_lib.get_dispatcher(routing_lib.resolve_dispatch(moe),
                                                      grouped_matmul=moe.grouped_matmul)
@@ -188,11 +189,13 @@ class MoELayer(nnx.Module):
                                tokens_per_group=tokens_per_group or moe.group_size,
                                rngs=rngs)
       self.experts = Experts(num_experts=moe.experts, d_model=d_model, hidden=moe.hidden,
-                             activation=moe.activation, dtype=dtype, rngs=rngs)
+                             activation=moe.activation, dtype=dtype, rngs=rngs,
+                             swiglu_limit=moe.swiglu_limit)
     self.shared = self.shared_gate = nnx.data(None)
     if moe.num_shared_experts:
       self.shared = MLP(d_model=d_model, hidden=moe.num_shared_experts * moe.hidden,
-                        activation=moe.activation, dtype=dtype, rngs=rngs)
+                        activation=moe.activation, dtype=dtype, rngs=rngs,
+                        swiglu_limit=moe.swiglu_limit)
       if moe.shared_expert_gate:
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.shared_gate = nnx.Param(init(rngs.params(), (d_model, 1), jnp.float32))

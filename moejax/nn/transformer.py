@@ -391,8 +391,8 @@ def _average_aux(layer_aux: list[dict[str, jax.Array]], aux_loss_weight: float,
 
 def _layer_report(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """One MoE layer's routing metrics (what metrics.jsonl logs per layer)."""
-  report = {name: aux[name] for name in ROUTER_METRICS + ("aux_loss", "expert_load",
-                                                           "first_expert", "trace")
+  report = {name: aux[name] for name in ROUTER_METRICS + (
+      "aux_loss", "expert_load", "first_expert", "trace", routing_lib.QB_QUANTILE)
             if name in aux}
   if "load_max_over_mean" in aux:
     report["max_violation"] = aux["load_max_over_mean"] - 1.0

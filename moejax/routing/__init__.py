@@ -11,7 +11,7 @@ from moejax.routing.capacity import (expert_choice_capacity, is_dropless,
                                      token_choice_capacity)
 from moejax.routing.config import AUX_LOSS_TYPES, GROUP_BY, SCORE_FNS, MoEConfig
 from moejax.routing.losses import load_balancing_loss, router_z_loss
-from moejax.routing.routers import (ROUTERS, LogitRouter, RouteContext, Router,
+from moejax.routing.routers import (QB_QUANTILE, ROUTERS, LogitRouter, RouteContext, Router,
                                     RouterState, TokenChoiceRouter, apply_jitter,
                                     get_router, register_router, resolve_dispatch,
                                     route, validate)
@@ -21,7 +21,7 @@ from moejax.routing.types import Routing
 del more_routers
 
 __all__ = [
-    "AUX_LOSS_TYPES", "GROUP_BY", "LogitRouter", "MoEConfig", "ROUTERS", "RouteContext",
+    "AUX_LOSS_TYPES", "GROUP_BY", "LogitRouter", "QB_QUANTILE", "MoEConfig", "ROUTERS", "RouteContext",
     "Router", "RouterState", "Routing", "SCORE_FNS", "Selection", "TokenChoiceRouter",
     "apply_jitter", "expert_choice_capacity", "get_router", "is_dropless",
     "load_balancing_loss", "register_router", "resolve_dispatch", "route",

@@ -52,6 +52,9 @@ class MoEConfig:
       row blocks) or "auto" (blocked on CPU; on GPU/TPU tokamax when
       installed, else xla).
     activation: "gelu" or "swiglu".
+    swiglu_limit: > 0 clamps SwiGLU's up projection to [-limit, limit] and
+      its gate from above at limit, in the routed, shared and dense FFNs
+      (DeepSeek-V4; GPT-OSS clamps at 7); 0 = off.
     num_shared_experts: always-active experts (DeepSeekMoE).
     granularity: fine-grained split of each expert (Krajewski et al. 2024).
     batch_prioritized: serve slots by descending top-1 score (V-MoE BPR).
@@ -67,6 +70,15 @@ class MoEConfig:
     noise_std: Gaussian noise on the router logits (noisy top-k).
     aux_loss_type: one of AUX_LOSS_TYPES (see `routing.balancing`).
     aux_loss_weight, z_loss_weight: weights of the router losses.
+    quantile_balancing: quantile balancing (Megatron-Core's
+      `moe_router_load_balancing_type="quantile_balancing"`): each token takes
+      the top-K of logits - beta, a per-expert bias [E] that after each step
+      becomes the column quantile of (logits - each token's (K+1)-th value)
+      that would give every expert S K / E tokens (a dual coordinate-descent
+      step), averaged over devices, EMA-blended (`quantile_balancing_ema`, 0 =
+      replaced each step) and re-centered. Weights are the `score_fn` scores at
+      the picks. Learned token-choice routers; set aux_loss_weight=0 for the
+      method as published.
     bias_update_rate: u of auxiliary-loss-free balancing (Wang et al. 2024);
       0 = off. The bias moves by u * sign(mean load - load) after each step.
     expert_dropout: dropout rate on the hidden units of the routed experts
@@ -112,6 +124,7 @@ class MoEConfig:
   dropless_exchange: str = "auto"
   grouped_matmul: str = "auto"
   activation: str = "gelu"
+  swiglu_limit: float = 0.0
   num_shared_experts: int = 0
   granularity: int = 1
   batch_prioritized: bool = False
@@ -126,6 +139,8 @@ class MoEConfig:
   aux_loss_weight: float = 1e-2
   z_loss_weight: float = 1e-3
   bias_update_rate: float = 0.0
+  quantile_balancing: bool = False
+  quantile_balancing_ema: float = 0.0
   expert_dropout: float = 0.0
   sinkhorn_iterations: int = 8
   hash_seed: int = 0
@@ -246,6 +261,21 @@ def validate_common(cfg: MoEConfig) -> None:
   for name in ("router_logit_bias", "shared_expert_gate", "hash_gate"):
     if not isinstance(getattr(cfg, name), bool):
       raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+  if not _is_number(cfg.swiglu_limit) or cfg.swiglu_limit < 0:
+    raise ValueError(f"swiglu_limit must be a finite number >= 0 (0 = off), got "
+                     f"{cfg.swiglu_limit!r}")
+  if cfg.swiglu_limit and cfg.activation != "swiglu":
+    raise ValueError(f"swiglu_limit clamps SwiGLU; activation={cfg.activation!r}")
+  if not isinstance(cfg.quantile_balancing, bool):
+    raise ValueError(f"quantile_balancing must be true or false, got "
+                     f"{cfg.quantile_balancing!r}")
+  if not _is_number(cfg.quantile_balancing_ema) or not 0 <= cfg.quantile_balancing_ema < 1:
+    raise ValueError(f"quantile_balancing_ema must be in [0, 1), got "
+                     f"{cfg.quantile_balancing_ema!r}")
+  if cfg.quantile_balancing and (cfg.bias_update_rate or cfg.num_groups > 1
+                                 or cfg.force_balance):
+    raise ValueError("quantile_balancing is its own selection bias: it excludes "
+                     "bias_update_rate, num_groups > 1 and force_balance")
   if cfg.shared_expert_gate and not cfg.num_shared_experts:
     raise ValueError("shared_expert_gate needs num_shared_experts > 0")
   if cfg.score_fn not in SCORE_FNS:

@@ -267,7 +267,7 @@ class LogitRouter(Router):
     if cfg.router_logit_bias:
       self.logit_bias = nnx.Param(jnp.zeros((cfg.experts,), jnp.float32))
     self.bias = nnx.data(None)
-    if cfg.bias_update_rate > 0:
+    if cfg.bias_update_rate > 0 or cfg.quantile_balancing:
       self.bias = RouterState(jnp.zeros((cfg.experts,), jnp.float32))
 
   @classmethod
@@ -275,6 +275,9 @@ class LogitRouter(Router):
     if cfg.bias_update_rate > 0 and not cls.uses_bias:
       raise ValueError(f"bias_update_rate applies to token-choice routers; "
                        f"router={cfg.router!r} has no selection bias")
+    if cfg.quantile_balancing and not cls.uses_bias:
+      raise ValueError(f"quantile_balancing applies to the learned token-choice routers; "
+                       f"router={cfg.router!r} selects its own way")
 
   @classmethod
   def route_logits(cls, logits: jax.Array, cfg: MoEConfig, ctx: RouteContext,
@@ -320,8 +323,15 @@ class LogitRouter(Router):
   def after_step(self, aux: dict[str, jax.Array]) -> None:
     """Auxiliary-loss-free balancing (Wang et al. 2024, Algorithm 1):
     b_e <- b_e + u * sign(mean load - load_e), from the global batch's load
-    (`expert_load`, averaged over devices and processes by the layer)."""
+    (`expert_load`, averaged over devices and processes by the layer); or
+    quantile balancing's beta <- ema beta + (1 - ema) quantile, re-centered
+    (Megatron-Core `_update_router_qb_beta`)."""
     if self.bias is None:
+      return
+    if self.cfg.quantile_balancing:
+      ema = self.cfg.quantile_balancing_ema
+      beta = ema * self.bias[...] + (1.0 - ema) * jax.lax.stop_gradient(aux[QB_QUANTILE])
+      self.bias[...] = beta - jnp.mean(beta)
       return
     load = jax.lax.stop_gradient(aux["expert_load"]).astype(jnp.float32)
     step = self.cfg.bias_update_rate * jnp.sign(jnp.mean(load) - load)
@@ -410,6 +420,11 @@ class TokenChoiceRouter(LogitRouter):
   @classmethod
   def route_logits(cls, logits, cfg, ctx, bias=None):
     num_tokens = logits.shape[1]
+    quantile = None
+    if cfg.quantile_balancing and ctx.replay is None:
+      experts, quantile = quantile_selection(logits, bias, cfg.k, ctx)
+      ctx = ctx._replace(replay=experts)
+      bias = None  # beta selects; the weights are the unbiased scores
     if ctx.replay is not None:  # recorded experts, weighted by this router
       selection = TokenChoiceRouter.select(logits, cfg, ctx, bias, experts=ctx.replay)
     elif cfg.force_balance:
@@ -421,12 +436,40 @@ class TokenChoiceRouter(LogitRouter):
         selection.experts, selection.weights, selection.priority,
         num_experts=cfg.experts, capacity=cls.capacity(cfg, num_tokens, ctx.capacity_factor),
         batch_prioritized=cfg.batch_prioritized, mask=ctx.mask)
-    routing = routing.replace(metrics={
-        **routing.metrics,
-        "router_entropy": jax.lax.stop_gradient(
-            metrics_lib.router_entropy(selection.scores, ctx.mask))})
-    return _balancing_loss(routing, selection.scores,
+    metrics = {**routing.metrics, "router_entropy": jax.lax.stop_gradient(
+        metrics_lib.router_entropy(selection.scores, ctx.mask))}
+    if quantile is not None:
+      metrics[QB_QUANTILE] = quantile
+    return _balancing_loss(routing.replace(metrics=metrics), selection.scores,
                            _choices(selection.experts, cfg.experts), cfg, ctx)
+
+
+# The per-expert quantile a quantile-balancing router reports for its update.
+QB_QUANTILE = "qb_quantile"
+
+
+def quantile_selection(logits: jax.Array, beta: jax.Array, k: int, ctx: RouteContext
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Quantile balancing's selection and its next bias (Megatron-Core
+  `qb_dual_update`): experts <int32>[G, S, K], the top-K of logits - beta per
+  token, and <float32>[E] the column quantile over the T = G S tokens: with
+  alpha_t a token's (K+1)-th largest logits - beta, the (T K / E + 1)-th
+  largest logits - alpha of each expert's column (its bias for T K / E
+  tokens). In evaluation, or with padding, the quantile is beta (no update)."""
+  num_groups, num_tokens, num_experts = logits.shape
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  values, experts = jax.lax.top_k(logits - beta, min(k + 1, num_experts))
+  experts = experts[..., :k]
+  if ctx.deterministic or ctx.mask is not None or k + 1 > num_experts:
+    return experts, beta
+  total = num_groups * num_tokens
+  if total * k % num_experts:
+    raise ValueError(f"quantile_balancing needs the {total} tokens a device routes times "
+                     f"top_k={k} to be a multiple of num_experts={num_experts}")
+  alpha = values[..., -1:].reshape(total, 1)
+  columns = (logits.reshape(total, num_experts) - alpha).T  # [E, T]
+  quantile = jax.lax.top_k(columns, total * k // num_experts + 1)[0][:, -1]
+  return experts.astype(jnp.int32), quantile
 
 
 def balanced_experts(shape: tuple[int, ...], cfg: MoEConfig) -> jax.Array:

@@ -42,6 +42,8 @@ def _layer_scalars(layers: dict[int, dict[str, jax.Array]]) -> dict[str, jax.Arr
     return {}
   names = set.intersection(*(set(layer) for layer in layers.values()))
   names -= set(_FROM_LOAD) | set(_NOT_SCALARS)
+  names = {name for name in names if all(jnp.ndim(layer[name]) == 0
+                                         for layer in layers.values())}
   return {name: jnp.stack([jnp.asarray(layer[name], jnp.float32)
                            for layer in layers.values()]) for name in sorted(names)}
 
