@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moejax import evaluate as evaluate_lib
 from moejax import routing
 from moejax import run as run_lib
 from moejax import train as train_lib
@@ -258,3 +259,37 @@ def test_the_recipes_train_with_falling_loss(option, tmp_path):
   steps, losses = run_lib.Run(workdir).series("train/loss")
   # From about 6.7 to 6.4 in 25 steps (a tiny model on the synthetic mixture).
   assert steps == [5, 10, 15, 20, 25, 30] and losses[-1] < losses[0] - 0.15, losses
+
+
+def test_balanced_hash_table_evens_a_zipf_stream_the_random_hash_does_not():
+  """Hash Layers' balanced assignment against the random hash at E=8, K=1,
+  on a Zipf(0.8) stream over 5,000 ids."""
+  rng = np.random.default_rng(0)
+  probs = 1.0 / np.arange(1, 5001) ** 0.8
+  stream = rng.choice(5000, size=200_000, p=probs / probs.sum())
+  counts = np.bincount(stream, minlength=5000)
+  ratio = lambda experts: (lambda load: load.max() / load.mean())(  # noqa: E731
+      np.bincount(np.ravel(experts), minlength=8))
+  assert ratio(hashing.hash_experts(jnp.asarray(stream), 8, 1)) > 1.3
+  assert ratio(hashing.balanced_table(counts, 8, 1)[stream]) < 1.001
+  # By hand: ids of counts 10, 6, 5, 3, 1 onto 2 experts, greedily to the
+  # lighter one: 10 -> a; 6 -> b; 5 -> b (6 < 10); 3 -> a (11 > 10); 1 -> b.
+  table = hashing.balanced_table(np.array([10, 6, 5, 3, 1, 0]), 2, 1)
+  a = table[0, 0]
+  assert [int(table[i, 0] == a) for i in range(5)] == [1, 0, 0, 1, 0]
+  # An id never counted keeps its random expert.
+  assert table[5, 0] == int(hashing.hash_experts(jnp.array([5]), 2, 1)[0, 0])
+
+
+def test_a_run_starts_with_the_balanced_table_of_its_training_data(tmp_path):
+  config = _tiny()
+  config.model.moe.update(router="hash", hash_table="balanced", top_k=1, num_experts=4)
+  config.train.update(steps=2, log_every=2, eval_every=2, checkpoint_every=2)
+  workdir = str(tmp_path / "balanced")
+  train_lib.train_and_evaluate(config, workdir)
+  with evaluate_lib.opened(workdir) as run:
+    dataset = run.dataset
+    counts = sum(np.bincount(np.asarray(dataset.train_batch(s)["inputs"]).ravel(),
+                             minlength=dataset.vocab_size) for s in range(32))
+    table = nnx.merge(run.graphdef, run.params).layers[0].ffn.router.table[...]
+  np.testing.assert_array_equal(table, hashing.balanced_table(counts, 4, 1, seed=0))

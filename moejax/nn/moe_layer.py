@@ -146,12 +146,14 @@ class MoELayer(nnx.Module):
       parameters, Soft MoE, need it; `TransformerLM` passes it).
     dtype: compute dtype of the experts; the router is always float32.
     rngs: parameter initialization.
+    vocab_size: V, for routers with per-id state (`Router.uses_vocab`: the
+      balanced hash table); `TransformerLM` passes it.
     **options: `MoEConfig` fields (see its docstring for each).
   """
 
   def __init__(self, *, d_model: int, moe: Optional[MoEConfig] = None,
                tokens_per_group: Optional[int] = None, dtype=jnp.float32,
-               rngs: nnx.Rngs, **options):
+               rngs: nnx.Rngs, vocab_size: Optional[int] = None, **options):
     if moe is None:
       moe = MoEConfig.from_mapping(options)
     elif options:
@@ -185,9 +187,10 @@ class MoELayer(nnx.Module):
             and not routing_lib.is_dropless(factor)):
           raise ValueError(f"dispatch='dropless' has no capacity; set {name}=0 "
                            f"(got {name}={factor})")
+      extra = {"vocab_size": vocab_size} if router_cls.uses_vocab else {}
       self.router = router_cls(moe, d_model=d_model,
                                tokens_per_group=tokens_per_group or moe.group_size,
-                               rngs=rngs)
+                               rngs=rngs, **extra)
       self.experts = Experts(num_experts=moe.experts, d_model=d_model, hidden=moe.hidden,
                              activation=moe.activation, dtype=dtype, rngs=rngs,
                              swiglu_limit=moe.swiglu_limit)

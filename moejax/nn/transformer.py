@@ -107,7 +107,8 @@ class DecoderBlock(nnx.Module):
                moe: MoEConfig, rope_base: float, dtype, rngs: nnx.Rngs,
                tokens_per_group: Optional[int] = None, num_kv_heads: Optional[int] = None,
                qk_norm: str = "none", rms_norm_eps: float = 1e-6,
-               latent: Optional[Mapping[str, int]] = None, rope: Optional[Rope] = None):
+               latent: Optional[Mapping[str, int]] = None, rope: Optional[Rope] = None,
+               vocab_size: Optional[int] = None):
     # The norms normalize in float32 whatever the compute dtype: the consumers
     # cast (the router keeps float32, attention and experts cast to `dtype`).
     rope = rope or Rope(base=rope_base)
@@ -123,7 +124,7 @@ class DecoderBlock(nnx.Module):
                                            qk_norm=qk_norm, norm_epsilon=rms_norm_eps)
     self.ffn_norm = rms_norm(d_model, rms_norm_eps, rngs)
     self.ffn = MoELayer(d_model=d_model, moe=moe, tokens_per_group=tokens_per_group,
-                        dtype=dtype, rngs=rngs)
+                        dtype=dtype, rngs=rngs, vocab_size=vocab_size)
     self.is_moe = self.ffn.routed
 
   def __call__(self, x: jax.Array, *, deterministic: bool, rng: Optional[jax.Array],
@@ -520,7 +521,8 @@ class TransformerLM(nnx.Module):
                            moe=layer_moe, rope_base=rope_base,
                            dtype=compute_dtype, rngs=rngs, tokens_per_group=tokens_per_group,
                            num_kv_heads=num_kv_heads, qk_norm=qk_norm,
-                           rms_norm_eps=rms_norm_eps, latent=latent, rope=rope_options)
+                           rms_norm_eps=rms_norm_eps, latent=latent, rope=rope_options,
+                           vocab_size=vocab_size)
               for layer_moe in layer_moe_configs(moe, flags, dense_hidden=dense_hidden,
                                                  first_hash_layers=first_hash_layers)]
     for name, module in self.layout.modules(blocks).items():
@@ -673,6 +675,18 @@ class TransformerLM(nnx.Module):
     return self._logits(x), {"index": index + tokens.shape[1],
                              "keys": jnp.stack([k for k, _ in caches]),
                              "values": jnp.stack([v for _, v in caches])}
+
+  def fill_hash_tables(self, counts) -> int:
+    """Builds every balanced hash table (`MoEConfig.hash_table="balanced"`)
+    from the training data's token counts <int>[V]; returns how many layers
+    have one. Eager (not under jit): a run calls it once when it starts."""
+    filled = 0
+    for index, is_moe in enumerate(self.moe_layers):
+      router = getattr(self.layout.block(self, index).ffn, "router", None) if is_moe else None
+      if getattr(router, "table", None) is not None:
+        router.fill_table(counts)
+        filled += 1
+    return filled
 
   def after_step(self, aux: dict[str, Any]) -> None:
     """Updates every router's state outside the optimizer from the forward

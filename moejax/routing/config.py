@@ -85,6 +85,10 @@ class MoEConfig:
       in training (Switch Transformer §2.4).
     sinkhorn_iterations: Sinkhorn rounds of router="sinkhorn".
     hash_seed: seed of router="hash"'s token-id -> expert map.
+    hash_table: router="hash"'s map: "random" (the fixed pseudo-random
+      hash of the id) or "balanced" (Hash Layers' balanced assignment: a
+      table [V, K] built from the training data's id frequencies when a run
+      starts, `hashing.balanced_table`, stored with the parameters).
     hash_gate: router="hash" weights its hashed experts by a learned router's
       scores there (`score_fn`, renormalized over the K when `renormalize`,
       times `routed_scaling_factor`), as DeepSeek-V4's hash layers do
@@ -145,6 +149,7 @@ class MoEConfig:
   sinkhorn_iterations: int = 8
   hash_seed: int = 0
   hash_gate: bool = False
+  hash_table: str = "random"
   force_balance: bool = False
   router_dtype: str = "float32"
   router_logit_bias: bool = False
@@ -236,6 +241,9 @@ def check_grouped_matmul(name: str) -> None:
                      "installed: pip install tokamax")
 
 
+HASH_TABLES = ("random", "balanced")
+
+
 def validate_common(cfg: MoEConfig) -> None:
   """The checks every router shares; ValueError naming the option."""
   for name in ("num_experts", "top_k", "expert_hidden", "granularity", "min_capacity",
@@ -261,6 +269,8 @@ def validate_common(cfg: MoEConfig) -> None:
   for name in ("router_logit_bias", "shared_expert_gate", "hash_gate"):
     if not isinstance(getattr(cfg, name), bool):
       raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+  if cfg.hash_table not in HASH_TABLES:
+    raise ValueError(f"hash_table must be one of {list(HASH_TABLES)}, got {cfg.hash_table!r}")
   if not _is_number(cfg.swiglu_limit) or cfg.swiglu_limit < 0:
     raise ValueError(f"swiglu_limit must be a finite number >= 0 (0 = off), got "
                      f"{cfg.swiglu_limit!r}")

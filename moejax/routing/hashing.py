@@ -7,6 +7,7 @@ Letters: G groups, S tokens per group, E experts, K choices per token.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # 2^32 / golden ratio, odd: multiples of it by distinct integers are distinct
 # mod 2^32 and spread over the whole word (Knuth's multiplicative hashing).
@@ -77,3 +78,34 @@ def hash_experts(token_ids: jax.Array, num_experts: int, top_k: int,
   # keys of the token gives K distinct experts by construction.
   _, experts = jax.lax.top_k(_expert_keys(token_ids, num_experts, seed), top_k)
   return experts.astype(jnp.int32)
+
+
+def balanced_table(counts: np.ndarray, num_experts: int, top_k: int,
+                   seed: int = 0) -> np.ndarray:
+  """Hash Layers' balanced assignment (Roller et al. 2021, §3, "Balanced"):
+  token ids in order of decreasing frequency (ties in a `seed`-shuffled
+  order) each go to the K experts with the least total frequency so far, so
+  the expert loads of the counted stream are as even as its most frequent ids
+  allow. Ids never counted keep the random map (`hash_experts`).
+
+  Args:
+    counts: <int>[V] occurrences of every id in the training data.
+    num_experts, top_k: E, K.
+    seed: breaks ties between equally frequent ids and equally loaded experts.
+
+  Returns:
+    <int32>[V, K]: row v holds id v's experts, least loaded first.
+  """
+  counts = np.asarray(counts, np.float64)
+  table = np.array(hash_experts(jnp.arange(len(counts), dtype=jnp.int32), num_experts,
+                                  top_k, seed))
+  rng = np.random.default_rng(seed)
+  shuffled = rng.permutation(len(counts))
+  order = shuffled[np.argsort(-counts[shuffled], kind="stable")]
+  loads = np.zeros(num_experts)
+  tiebreak = rng.random(num_experts) * 1e-9  # never outweighs a count of 1
+  for token in order[counts[order] > 0]:
+    experts = np.argsort(loads + tiebreak, kind="stable")[:top_k]
+    table[token] = experts
+    loads[experts] += counts[token]
+  return table.astype(np.int32)

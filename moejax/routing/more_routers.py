@@ -18,7 +18,7 @@ from moejax.routing import hashing
 from moejax.routing import metrics as metrics_lib
 from moejax.routing import soft_moe
 from moejax.routing.config import MoEConfig
-from moejax.routing.routers import (RouteContext, Router, TokenChoiceRouter,
+from moejax.routing.routers import (RouteContext, Router, RouterState, TokenChoiceRouter,
                                     register_router)
 from moejax.routing.token_choice import token_choice
 from moejax.routing.types import Routing
@@ -131,15 +131,33 @@ class HashRouter(TokenChoiceRouter):
 
   scoring = "fixed hash of the token id (hash_gate: weighted by x W's scores)"
   uses_token_ids = True
+  uses_vocab = True
   uses_bias = False
 
   def __init__(self, cfg: MoEConfig, *, d_model: int,
-               tokens_per_group: Optional[int] = None, rngs: nnx.Rngs):
+               tokens_per_group: Optional[int] = None, rngs: nnx.Rngs,
+               vocab_size: Optional[int] = None):
     if cfg.hash_gate:
       super().__init__(cfg, d_model=d_model, tokens_per_group=tokens_per_group, rngs=rngs)
     else:
       Router.__init__(self, cfg, d_model=d_model, tokens_per_group=tokens_per_group,
                       rngs=rngs)
+    self.table = nnx.data(None)
+    if cfg.hash_table == "balanced":
+      if not vocab_size:
+        raise ValueError("hash_table='balanced' needs the vocabulary size (the model "
+                         "passes it)")
+      # The random map until `fill_table` (a run's start) balances it.
+      self.table = RouterState(hashing.hash_experts(
+          jnp.arange(vocab_size, dtype=jnp.int32), cfg.experts, cfg.k, cfg.hash_seed))
+
+  def fill_table(self, counts) -> None:
+    """Sets the balanced table from the training data's id counts <int>[V]
+    (`hashing.balanced_table`); a stacked (scanned) table gets it in every unit."""
+    table = jnp.asarray(hashing.balanced_table(counts, self.cfg.experts, self.cfg.k,
+                                               self.cfg.hash_seed))
+    current = self.table[...]
+    self.table[...] = jnp.broadcast_to(table, current.shape).astype(current.dtype)
 
   @classmethod
   def validate(cls, cfg: MoEConfig) -> None:
@@ -165,6 +183,8 @@ class HashRouter(TokenChoiceRouter):
       return ctx.replay.astype(jnp.int32)
     if ctx.token_ids is None:
       raise ValueError("router='hash' needs the token ids (RouteContext.token_ids)")
+    if self.table is not None:
+      return jnp.take(self.table[...], ctx.token_ids, axis=0)
     return hashing.hash_experts(ctx.token_ids, self.cfg.experts, self.cfg.k,
                                 self.cfg.hash_seed)
 

@@ -144,6 +144,7 @@ class Router(nnx.Module):
   dispatchers: ClassVar[tuple[str, ...]] = ("gather", "einsum", "dropless")
   uses_token_ids: ClassVar[bool] = False
   replayable: ClassVar[bool] = False  # honours RouteContext.replay
+  uses_vocab: ClassVar[bool] = False  # __init__ takes vocab_size=V
 
   def __init__(self, cfg: MoEConfig, *, d_model: int,
                tokens_per_group: Optional[int] = None, rngs: nnx.Rngs):

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
 from moejax import data as data_lib
 from moejax import model as model_lib
@@ -196,6 +198,8 @@ def _run(config, workdir: str, console: console_lib.Console,
     with parallel.activate(mesh):
       graphdef, params, frozen, record = _initial_params(config, run, vocab_size, mesh,
                                                          fresh, console)
+      if fresh and not lora_lib.enabled(config):
+        params = _balanced_hash_tables(config, graphdef, params, dataset, console)
       opt_state = jax.jit(lambda p: tx.init(steps_lib.trainable(p)))(params)
     start, params, opt_state, iterator = _restore(
         checkpointer, config, dataset, params, opt_state, changes, console)
@@ -236,6 +240,32 @@ def _initial_params(config, run: run_lib.Run, vocab_size: int, mesh, fresh: bool
         "upcycle_from": os.path.abspath(config.init.upcycle_from), "step": source_step,
         "upcycle_noise": config.init.upcycle_noise})
   return graphdef, params, None, None
+
+
+# Training batches counted for the balanced hash tables (hash_table="balanced").
+HASH_TABLE_BATCHES = 32
+
+
+def _balanced_hash_tables(config, graphdef, params, dataset, console):
+  """`params` with every balanced hash table built from the token counts of
+  the first HASH_TABLE_BATCHES training batches (this process's rows, summed
+  over processes), laid out as before; unchanged without such a table."""
+  moe = config.model.moe
+  if moe.get("hash_table", "random") != "balanced" or not (
+      moe.router == "hash" or config.model.get("first_hash_layers", 0)):
+    return params
+  counts = np.zeros(dataset.vocab_size, np.int64)
+  for step in range(HASH_TABLE_BATCHES):
+    counts += np.bincount(np.asarray(dataset.train_batch(step)["inputs"]).ravel(),
+                          minlength=dataset.vocab_size)
+  counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(
+      -1, dataset.vocab_size).sum(axis=0)
+  model = nnx.merge(graphdef, params)
+  layers = model.fill_hash_tables(counts)
+  console.print(f"Balanced hash tables of {layers} layer(s) from the id counts of "
+                f"{int(counts.sum()):,} training tokens")
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return jax.device_put(nnx.state(model), shardings)
 
 
 def _restore(checkpointer, config, dataset, params, opt_state, changes, console):
