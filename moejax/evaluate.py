@@ -49,6 +49,7 @@ from moejax import model as model_lib
 from moejax import parallel
 from moejax import quantize as quantize_lib
 from moejax import run as run_lib
+from moejax import trace as trace_lib
 from moejax.train import checkpoints
 from moejax.train import evaluator as evaluator_lib
 from moejax.train import lora as lora_lib
@@ -159,8 +160,6 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
       num_batches = run.num_batches
       batches = run.global_batches(run.dataset.eval_batches(num_batches))
     else:
-      # moejax.trace records through this module's `opened`.
-      from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
       local = trace_lib.load(replay).replay_batches(run.config, run.dataset.vocab_size)
       num_batches, batches = len(local), run.global_batches(local)
     num_domains = 0 if replay else run.dataset.info.get("num_domains", 0)

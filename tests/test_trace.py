@@ -21,6 +21,7 @@ from moejax import train as train_lib
 from moejax.nn import MoELayer, TransformerLM
 from moejax.routing import scores as scores_lib
 from moejax.trace import analysis
+from moejax.trace import recorder
 from moejax.train import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def runs(tmp_path_factory):
   for index, learning_rate in enumerate((3e-3, 3e-2)):
     workdir = str(root / f"run{index}")
     train_lib.train_and_evaluate(_tiny_config(learning_rate), workdir)
-    trace = trace_lib.record(workdir, str(root / f"trace{index}"))
+    trace = recorder.record(workdir, str(root / f"trace{index}"))
     out[index] = (workdir, trace, run_lib.Run(workdir).metrics())
   return out
 

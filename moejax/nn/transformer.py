@@ -558,9 +558,8 @@ class TransformerLM(nnx.Module):
       rng: key for router noise; split into one key per layer.
       mask: <bool>[B, L] True at real positions (None = all): padding takes
         no expert capacity and counts in no router loss or metric.
-      routes: {MoE layer index i: <int>[B, L, K] experts} for every MoE
-        layer, replayed instead of the routers' choices (the routers weight
-        them; `moejax.trace`), or None.
+      routes: {MoE layer i: <int>[B, L, K]} for every MoE layer, replayed
+        instead of the routers' choices (which weight them), or None.
       trace: every MoE layer also reports each token's choices (below).
 
     Returns:
@@ -580,16 +579,12 @@ class TransformerLM(nnx.Module):
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
-    moe_indices = [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
-    if routes is not None and sorted(routes) != moe_indices:
-      raise ValueError(f"routes must give experts for every MoE layer {moe_indices}, "
-                       f"got layers {sorted(routes)}")
     x = self._embed(tokens)  # [B, L, D]
     num_layers = len(self.moe_layers)
     keys = [None] * num_layers
     if not deterministic and rng is not None:
       keys = list(jax.random.split(rng, num_layers))  # layer i's key is keys[i], either layout
-    replays = [None if routes is None else routes.get(i) for i in range(num_layers)]
+    replays = self._replays(routes)
 
     def layer(block, carry, layer_input, in_scan):
       # With trace, the carry also holds the last MoE layer's router input.
@@ -611,6 +606,14 @@ class TransformerLM(nnx.Module):
     aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
     aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
     return self._logits(x), aux
+
+  def _replays(self, routes: Optional[Mapping[int, jax.Array]]) -> list[Optional[jax.Array]]:
+    """[num_layers] the replayed experts of each layer (None: routed)."""
+    moe_indices = [i for i, is_moe in enumerate(self.moe_layers) if is_moe]
+    if routes is not None and sorted(routes) != moe_indices:
+      raise ValueError(f"routes must give experts for every MoE layer {moe_indices}, "
+                       f"got layers {sorted(routes)}")
+    return [None if routes is None else routes.get(i) for i in range(len(self.moe_layers))]
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """<int>[B, L] -> <float32>[B, L, D]."""

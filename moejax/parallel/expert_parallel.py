@@ -513,9 +513,8 @@ def shard_routed(core: Callable, groups: jax.Array, extras: dict[str, jax.Array]
 
   Returns:
     y: <dtype>[G, S, D] combined expert outputs.
-    aux: the router's losses and metrics averaged over all groups, and the
-      core's per-token arrays "per_token" ({name: [G, S, ...]}, split like
-      the groups).
+    aux: the router's losses and metrics averaged over all groups, and
+      "per_token": the core's per-token arrays {name: [G, S, ...]}.
   """
   if mesh is None:
     return core(groups, extras, router, lambda routing: experts, rng, axis_name=None,

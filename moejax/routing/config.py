@@ -244,6 +244,25 @@ def check_grouped_matmul(name: str) -> None:
 HASH_TABLES = ("random", "balanced")
 
 
+def _validate_recipes(cfg: MoEConfig) -> None:
+  """The checks of the 2026 options (hash table, SwiGLU clamp, quantile
+  balancing); ValueError naming the option."""
+  if cfg.hash_table not in HASH_TABLES:
+    raise ValueError(f"hash_table must be one of {list(HASH_TABLES)}, got {cfg.hash_table!r}")
+  if not _is_number(cfg.swiglu_limit) or cfg.swiglu_limit < 0:
+    raise ValueError(f"swiglu_limit must be a finite number >= 0 (0 = off), got "
+                     f"{cfg.swiglu_limit!r}")
+  if cfg.swiglu_limit and cfg.activation != "swiglu":
+    raise ValueError(f"swiglu_limit clamps SwiGLU; activation={cfg.activation!r}")
+  if not _is_number(cfg.quantile_balancing_ema) or not 0 <= cfg.quantile_balancing_ema < 1:
+    raise ValueError(f"quantile_balancing_ema must be in [0, 1), got "
+                     f"{cfg.quantile_balancing_ema!r}")
+  if cfg.quantile_balancing and (cfg.bias_update_rate or cfg.num_groups > 1
+                                 or cfg.force_balance):
+    raise ValueError("quantile_balancing is its own selection bias: it excludes "
+                     "bias_update_rate, num_groups > 1 and force_balance")
+
+
 def validate_common(cfg: MoEConfig) -> None:
   """The checks every router shares; ValueError naming the option."""
   for name in ("num_experts", "top_k", "expert_hidden", "granularity", "min_capacity",
@@ -266,26 +285,10 @@ def validate_common(cfg: MoEConfig) -> None:
   if cfg.router_dtype not in ROUTER_DTYPES:
     raise ValueError(f"router_dtype must be one of {list(ROUTER_DTYPES)}, got "
                      f"{cfg.router_dtype!r}")
-  for name in ("router_logit_bias", "shared_expert_gate", "hash_gate"):
+  for name in ("router_logit_bias", "shared_expert_gate", "hash_gate", "quantile_balancing"):
     if not isinstance(getattr(cfg, name), bool):
       raise ValueError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
-  if cfg.hash_table not in HASH_TABLES:
-    raise ValueError(f"hash_table must be one of {list(HASH_TABLES)}, got {cfg.hash_table!r}")
-  if not _is_number(cfg.swiglu_limit) or cfg.swiglu_limit < 0:
-    raise ValueError(f"swiglu_limit must be a finite number >= 0 (0 = off), got "
-                     f"{cfg.swiglu_limit!r}")
-  if cfg.swiglu_limit and cfg.activation != "swiglu":
-    raise ValueError(f"swiglu_limit clamps SwiGLU; activation={cfg.activation!r}")
-  if not isinstance(cfg.quantile_balancing, bool):
-    raise ValueError(f"quantile_balancing must be true or false, got "
-                     f"{cfg.quantile_balancing!r}")
-  if not _is_number(cfg.quantile_balancing_ema) or not 0 <= cfg.quantile_balancing_ema < 1:
-    raise ValueError(f"quantile_balancing_ema must be in [0, 1), got "
-                     f"{cfg.quantile_balancing_ema!r}")
-  if cfg.quantile_balancing and (cfg.bias_update_rate or cfg.num_groups > 1
-                                 or cfg.force_balance):
-    raise ValueError("quantile_balancing is its own selection bias: it excludes "
-                     "bias_update_rate, num_groups > 1 and force_balance")
+  _validate_recipes(cfg)
   if cfg.shared_expert_gate and not cfg.num_shared_experts:
     raise ValueError("shared_expert_gate needs num_shared_experts > 0")
   if cfg.score_fn not in SCORE_FNS:

@@ -80,10 +80,8 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
                    experts: Optional[jax.Array] = None) -> Selection:
   """Selects each token's K experts and their weights (see the module docstring).
 
-  With `experts` given, the selection is skipped and each token goes to those
-  experts (a balanced assignment, a replayed trace), weighted as the rule
-  weights its own picks: the same code path, so given the experts the rule
-  would pick, the weights are bit for bit its own.
+  Given `experts` (a balanced assignment, a replayed trace), they are weighted
+  on the rule's own code path: given its own picks, its weights bit for bit.
 
   Args:
     logits: <float32>[G, S, E] router logits (after any noise).
@@ -93,8 +91,7 @@ def select_experts(logits: jax.Array, *, top_k: int, score_fn: str = "softmax",
     bias: <float32>[E] added to the selection scores only, or None.
     num_groups, top_groups: group-limited routing; 1, 1 = off.
     routed_scaling_factor: multiplies the weights.
-    experts: <int>[G, S, K] experts chosen otherwise (first = the priority),
-      or None to select the top-K.
+    experts: <int>[G, S, K] experts chosen otherwise, or None (top-K).
 
   Returns:
     A `Selection`.

@@ -5,10 +5,11 @@ r"""Routing traces: which experts every token took, in every MoE layer.
     python -m moejax.trace analyze TRACE [TRACE2] --out=DIR
     python -m moejax.evaluate --workdir=DIR --replay=TRACE
 
-`record` runs the newest checkpoint of a run over N batches (the run's eval
-batches by default, the first ones training evaluated on; `--split=train`:
-the first N training batches) with the evaluation's routing and writes what
-each MoE layer decided for each token. `load(TRACE)` reads it back as numpy
+`record` (`moejax.trace.recorder.record`) runs the newest checkpoint of a
+run over N batches (the run's eval batches by default, the first ones
+training evaluated on; `--split=train`: the first N training batches) with
+the evaluation's routing and writes what each MoE layer decided for each
+token. `load(TRACE)` reads it back as numpy
 arrays; `moejax.trace.analysis` dissects one trace or compares two; the
 evaluator replays one (`Trace.replay_batches`). A run records a trace of its
 eval batches every `config.train.trace_every` steps (`traces/step_<N>/`).
@@ -44,11 +45,9 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from moejax import evaluate as evaluate_lib
 from moejax import model as model_lib
 from moejax import routing
 from moejax.data import base as data_base
-from moejax.train import evaluator as evaluator_lib
 
 FORMAT = "moejax.trace/1"
 _TOKENS = ("inputs", "targets", "weights")
@@ -209,30 +208,6 @@ def load(path: str) -> Trace:
       raise TraceError(f"{path}: layer{index}.npz has {layer['experts'].shape[:2]} tokens, "
                        f"tokens.npz {shape}")
   return Trace(meta=meta, layers=layers, path=path, **arrays)
-
-
-def record(workdir: str, out: Optional[str], *, num_batches: Optional[int] = None,
-           split: str = "eval") -> Trace:
-  """Records the routing of the newest checkpoint of `workdir` over
-  `num_batches` batches of `split` (see the module docstring); writes it to
-  `out` unless None. Returns the trace."""
-  if split not in ("eval", "train"):
-    raise TraceError(f"--split={split!r} must be 'eval' or 'train'")
-  if out is not None:
-    check_out(out)
-  with evaluate_lib.opened(workdir, num_batches=num_batches) as run:
-    n = run.num_batches
-    local = (run.dataset.eval_batches(n) if split == "eval"
-             else [run.dataset.train_batch(step) for step in range(n)])
-    result = evaluator_lib.Evaluator(run.graphdef, trace=True).run(
-        run.params, run.global_batches(local))
-  meta = trace_meta(run.config, step=run.step, vocab_size=run.dataset.vocab_size,
-                    loss=result["loss"], workdir=run.run.path, split=split, num_batches=n)
-  trace = from_traces(result["traces"], meta)
-  if out is not None:
-    if jax.process_index() == 0:
-      trace.path = save(trace, out)
-  return trace
 
 
 def trace_meta(config, *, step: int, vocab_size: int, loss: float, workdir: str,

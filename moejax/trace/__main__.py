@@ -21,6 +21,7 @@ from absl import logging
 from moejax import run as run_lib
 from moejax import trace as trace_lib
 from moejax.trace import analysis
+from moejax.trace import recorder
 from moejax.train import checkpoints
 
 _USAGE = ("usage: python -m moejax.trace record --workdir=DIR --out=TRACE [--num_batches=N] "
@@ -50,7 +51,7 @@ def _record(args, cli) -> str:
     _usage_error(f"record takes no positional arguments, got {args}")
   if not cli["workdir"].value or not cli["out"].value:
     _usage_error("record needs --workdir and --out")
-  trace = trace_lib.record(cli["workdir"].value, cli["out"].value,
+  trace = recorder.record(cli["workdir"].value, cli["out"].value,
                            num_batches=cli["num_batches"].value, split=cli["split"].value)
   return (f"recorded {int(trace.mask.sum())} tokens x {len(trace.layers)} MoE layers "
           f"(step {trace.meta['step']}, eval/loss {trace.meta['eval/loss']:.6f}) "

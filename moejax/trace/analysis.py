@@ -193,31 +193,19 @@ def analyze(trace: Trace, other: Optional[Trace] = None, *, seed: int = 0
   return report
 
 
-def write_figures(report: dict[str, Any], out: str) -> list[str]:
-  """PNG figures of a report into the folder `out`; returns their paths."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(out, exist_ok=True)
-  layers = list(report["layers"])
+def _load_figure(plt, report, layers):
   num_experts = report["num_experts"]
-  paths = []
-
-  def save(fig, name):
-    path = os.path.join(out, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    paths.append(path)
-
   load = np.array([report["layers"][i]["load"] for i in layers]) * num_experts
   fig, ax = plt.subplots(figsize=(max(4, 0.5 * num_experts + 2), 0.5 * len(layers) + 1.8))
   image = ax.imshow(load, cmap="viridis", aspect="auto")
   ax.set(xlabel="expert", ylabel="MoE layer", yticks=range(len(layers)), yticklabels=layers,
          title="expert load / uniform load")
   fig.colorbar(image, ax=ax)
-  save(fig, "load.png")
+  return fig
 
+
+def _concentration_figure(plt, report, layers):
+  num_experts = report["num_experts"]
   fig, ax = plt.subplots(figsize=(5, 4))
   for i in layers:
     ranked = np.sort(report["layers"][i]["load"])[::-1]
@@ -227,8 +215,10 @@ def write_figures(report: dict[str, Any], out: str) -> list[str]:
   ax.axhline(1 / num_experts, color="gray", linestyle="--", label="uniform")
   ax.set(xlabel="expert rank", ylabel="load", title="routing concentration")
   ax.legend(fontsize=7)
-  save(fig, "concentration.png")
+  return fig
 
+
+def _coactivation_figure(plt, report, layers):
   cols = min(4, len(layers))
   rows = math.ceil(len(layers) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
@@ -243,8 +233,10 @@ def write_figures(report: dict[str, Any], out: str) -> list[str]:
     fig.colorbar(image, ax=ax, fraction=0.046)
   for ax in list(axes.flat)[len(layers):]:
     ax.axis("off")
-  save(fig, "coactivation.png")
+  return fig
 
+
+def _per_layer_figure(plt, report, layers):
   series = {"id purity": [report["layers"][i]["id_purity"] for i in layers],
             "predictability": [report["layers"][i].get("predictability", np.nan)
                                for i in layers]}
@@ -261,5 +253,26 @@ def write_figures(report: dict[str, Any], out: str) -> list[str]:
          title="specialization, predictability" + (", stability" if "stability" in report
                                                    else ""))
   ax.legend(fontsize=7)
-  save(fig, "per_layer.png")
+  return fig
+
+
+_FIGURES = {"load.png": _load_figure, "concentration.png": _concentration_figure,
+            "coactivation.png": _coactivation_figure, "per_layer.png": _per_layer_figure}
+
+
+def write_figures(report: dict[str, Any], out: str) -> list[str]:
+  """PNG figures of a report into the folder `out`; returns their paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(out, exist_ok=True)
+  layers = list(report["layers"])
+  paths = []
+  for name, draw in _FIGURES.items():
+    fig = draw(plt, report, layers)
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
   return paths
