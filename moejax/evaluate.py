@@ -2,7 +2,7 @@ r"""Evaluates a run's newest checkpoint on its own, with other routing settings.
 
     python -m moejax.evaluate --workdir=DIR [--num_batches=N]
         [--eval_capacity_factor=F | --dropless] [--group_by=batch|sequence]
-        [--scramble_after=P] [--replay=TRACE] [--out=FILE]
+        [--scramble_after=P] [--replay=TRACE] [--dtype=float32|bfloat16] [--out=FILE]
 
 Loads the parameters of the newest checkpoint of DIR (no optimizer state)
 with the config they were trained with, and prints (or writes to --out) one
@@ -28,6 +28,8 @@ Routing settings (parameters are unchanged by all of them):
                             replacement): a causal model scores the same both
                             ways; the difference is what routing leaks from the
                             future (`eval/future_leak` = scrambled - real).
+  --dtype=...               the compute dtype (`model.dtype`; parameters as
+                            stored): routing in bfloat16 against float32.
   --replay=TRACE            a routing trace (`python -m moejax.trace record`):
                             evaluates the trace's batches with every MoE layer
                             sending each token to the trace's experts, weighted
@@ -115,15 +117,17 @@ class Opened(NamedTuple):
 def opened(workdir: str, *, num_batches: Optional[int] = None,
            eval_capacity_factor: Optional[float] = None, dropless: bool = False,
            group_by: Optional[str] = None, scramble_after: Optional[int] = None,
-           quantize: Optional[str] = None) -> Iterator[Opened]:
+           quantize: Optional[str] = None, dtype: Optional[str] = None
+           ) -> Iterator[Opened]:
   """The one way the tools open a run: its newest checkpoint's parameters
-  with its config under the evaluation's settings (`eval_config`), on the
-  reader mesh, active while the `with` block runs. Settings that do not
-  apply to the run are one ValueError."""
+  with its config under the evaluation's settings (`eval_config`; `dtype`:
+  the compute dtype, default as trained), on the reader mesh, active while
+  the `with` block runs. Settings that do not apply to the run are one
+  ValueError."""
   run = run_lib.Run(workdir)
   _, trained = run.newest()
   config = eval_config(trained, eval_capacity_factor=eval_capacity_factor,
-                       dropless=dropless, group_by=group_by)
+                       dropless=dropless, group_by=group_by, dtype=dtype)
   num_batches = num_batches or config.train.eval_batches
   _check_settings(workdir, config, dropless=dropless, quantize=quantize,
                   num_batches=num_batches, scramble_after=scramble_after)
@@ -137,7 +141,8 @@ def opened(workdir: str, *, num_batches: Optional[int] = None,
 def evaluate(workdir: str, *, num_batches: Optional[int] = None,
              eval_capacity_factor: Optional[float] = None, dropless: bool = False,
              group_by: Optional[str] = None, scramble_after: Optional[int] = None,
-             quantize: Optional[str] = None, replay: Optional[str] = None) -> dict[str, Any]:
+             quantize: Optional[str] = None, replay: Optional[str] = None,
+             dtype: Optional[str] = None) -> dict[str, Any]:
   """Evaluates the newest readable checkpoint of `workdir`; see the module
   docstring.
 
@@ -145,7 +150,8 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
   are quantized (weight-only) before evaluating, and the result adds
   `quantize` and `expert_param_bytes` (their stored size).
   `replay`: a trace folder (`moejax.trace`); the evaluation runs on its
-  batches with its experts (`num_batches` = all of them).
+  batches with its experts (`num_batches` = all of them). `dtype`: the
+  compute dtype of the evaluation (`model.dtype`; default as trained).
   """
   if quantize is not None:
     quantize_lib.check_setting(quantize)
@@ -154,7 +160,7 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
                      "--scramble_after do not apply")
   with opened(workdir, num_batches=num_batches, eval_capacity_factor=eval_capacity_factor,
               dropless=dropless, group_by=group_by, scramble_after=scramble_after,
-              quantize=quantize) as run:
+              quantize=quantize, dtype=dtype) as run:
     params, expert_bytes = quantize_lib.quantize_params(run.params, quantize)
     if replay is None:
       num_batches = run.num_batches
@@ -179,7 +185,8 @@ def evaluate(workdir: str, *, num_batches: Optional[int] = None,
           moe.eval_capacity_factor if moe.eval_capacity_factor is not None
           else moe.capacity_factor)),
       "dropless": bool(dropless or moe.capacity_factor == 0), "group_by": moe.group_by,
-      "quantize": quantize, "expert_param_bytes": expert_bytes, "replay": replay}
+      "quantize": quantize, "expert_param_bytes": expert_bytes, "replay": replay,
+      "dtype": config.model.dtype}
   if scramble_after is not None:
     out.update({"scramble_after": scramble_after, "eval/loss_before": before,
                 "eval/loss_before_scrambled": scrambled,
@@ -208,6 +215,8 @@ def _define_flags() -> dict[str, Any]:
       "scramble_after": flags.DEFINE_integer(
           "scramble_after", None, "Measure the routing leak: replace tokens from this "
           "position on (see the module docstring)."),
+      "dtype": flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype "
+                                 "of the evaluation (default: as trained)."),
       "replay": flags.DEFINE_string(
           "replay", None, "A trace folder (python -m moejax.trace record): evaluate its "
           "batches with its experts, weighted by this run's routers."),
@@ -253,7 +262,7 @@ def main(argv, cli: dict[str, Any]):
       cli["workdir"].value, num_batches=cli["num_batches"].value,
       eval_capacity_factor=cli["eval_capacity_factor"].value, dropless=cli["dropless"].value,
       group_by=cli["group_by"].value, scramble_after=cli["scramble_after"].value,
-      replay=cli["replay"].value))
+      replay=cli["replay"].value, dtype=cli["dtype"].value))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 COLABS = sorted((pathlib.Path(__file__).resolve().parents[1] / "colabs").glob("*.ipynb"))
 STUDIES = {"experts", "capacity", "expert_choice", "z_loss", "granularity", "upcycling", "lora",
-           "bias_balancing"}
+           "bias_balancing", "hash_layers", "routing_stability"}
 
 
 def test_there_are_notebooks():

@@ -23,7 +23,8 @@ from moejax.train import config as config_lib
 from moejax import train as trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDIES = ("experts", "capacity", "expert_choice", "z_loss", "granularity", "bias_balancing")
+STUDIES = ("experts", "capacity", "expert_choice", "z_loss", "granularity", "bias_balancing",
+           "hash_layers", "routing_stability")
 
 
 def _tiny_config(**moe) -> ml_collections.ConfigDict:

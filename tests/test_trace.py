@@ -273,3 +273,15 @@ def test_coactivation_lift_of_pairs_without_preference_is_the_random_baseline():
   pairs = np.array([[1, 1, 0, 0], [0, 0, 1, 1]] * 10, bool)
   lift = analysis.coactivation_lift(pairs)
   assert lift[0, 1] == pytest.approx(2.0) and lift[0, 2] == 0.0 and lift[1, 1] == 0.0
+
+
+def test_a_bfloat16_trace_of_the_same_checkpoint_routes_almost_the_same(runs):
+  workdir, trace, _ = runs[0]
+  half = recorder.record(workdir, None, dtype="bfloat16")
+  assert half.meta["dtype"] == "bfloat16" and trace.meta["dtype"] == "float32"
+  assert abs(half.meta["eval/loss"] - trace.meta["eval/loss"]) < 0.02
+  changed = analysis.stability(trace, half)["changed_any_layer"]
+  assert 0.0 <= changed < 0.5
+  replayed = evaluate_lib.evaluate(workdir, replay=trace.path, dtype="bfloat16")
+  assert replayed["dtype"] == "bfloat16"
+  assert abs(replayed["eval/loss"] - trace.meta["eval/loss"]) < 0.02

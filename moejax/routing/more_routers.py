@@ -167,9 +167,6 @@ class HashRouter(TokenChoiceRouter):
         raise ValueError(f"router='hash' selects by token id: {name} does not apply")
     if cfg.num_groups > 1:
       raise ValueError("router='hash' selects by token id: num_groups does not apply")
-    if not cfg.hash_gate and (cfg.router_logit_bias or cfg.router_dtype != "float32"):
-      raise ValueError("router='hash' without hash_gate has no router logits: "
-                       "router_logit_bias and router_dtype do not apply")
 
   @classmethod
   def router_params(cls, cfg, d_model, tokens_per_group=None):

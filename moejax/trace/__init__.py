@@ -18,7 +18,7 @@ Layout of a trace folder (N rows = sequences, L positions, K' choices):
   trace.json     what was recorded: `format`, `workdir`, `step`, `split`,
                  `num_batches`, `batch_size`, `seq_len`, `vocab_size`,
                  `router`, `num_experts`, `top_k`, `choices` (K'),
-                 `moe_layers`, `eval/loss` (nats per target token over the
+                 `moe_layers`, `dtype` (compute), `devices`, `eval/loss` (nats per target token over the
                  recorded batches, as `moejax.evaluate` computes it).
   tokens.npz     inputs <int32>[N, L] (the token ids), targets <int32>[N, L],
                  weights <float32>[N, L] (loss weights; 0 = padding).
@@ -222,6 +222,7 @@ def trace_meta(config, *, step: int, vocab_size: int, loss: float, workdir: str,
           "router": moe.router,
           "num_experts": typed.experts, "top_k": typed.k,
           "moe_layers": model_lib.model_config(config).moe_layers,
+          "dtype": config.model.dtype, "devices": jax.device_count(),
           "eval/loss": float(loss)}
 
 

@@ -1,7 +1,7 @@
 r"""python -m moejax.trace record|analyze (see `moejax.trace`).
 
     python -m moejax.trace record --workdir=DIR --out=TRACE [--num_batches=N]
-        [--split=eval|train]
+        [--split=eval|train] [--dtype=float32|bfloat16]
     python -m moejax.trace analyze TRACE [TRACE2] --out=DIR
 
 `record` writes a trace folder and prints a one-line summary; `analyze`
@@ -38,6 +38,8 @@ def _define_flags():
                                           "the run's train.eval_batches)."),
       "split": flags.DEFINE_enum("split", "eval", ["eval", "train"], "record: the run's "
                                  "eval batches or its first training batches."),
+      "dtype": flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "record: the "
+                                 "compute dtype (default: as trained)."),
   }
 
 
@@ -52,7 +54,8 @@ def _record(args, cli) -> str:
   if not cli["workdir"].value or not cli["out"].value:
     _usage_error("record needs --workdir and --out")
   trace = recorder.record(cli["workdir"].value, cli["out"].value,
-                           num_batches=cli["num_batches"].value, split=cli["split"].value)
+                           num_batches=cli["num_batches"].value, split=cli["split"].value,
+                           dtype=cli["dtype"].value)
   return (f"recorded {int(trace.mask.sum())} tokens x {len(trace.layers)} MoE layers "
           f"(step {trace.meta['step']}, eval/loss {trace.meta['eval/loss']:.6f}) "
           f"to {trace.path}")

@@ -11,16 +11,17 @@ from moejax.train import evaluator as evaluator_lib
 
 
 def record(workdir: str, out: Optional[str], *, num_batches: Optional[int] = None,
-           split: str = "eval") -> trace_lib.Trace:
+           split: str = "eval", dtype: Optional[str] = None) -> trace_lib.Trace:
   """Records the routing of the newest checkpoint of `workdir` over
   `num_batches` batches of `split` (the run's eval batches, the first ones
-  training evaluated on, or its first training batches); writes it to
-  `out` unless None. Returns the trace."""
+  training evaluated on, or its first training batches), computing in
+  `dtype` (default as trained); writes it to `out` unless None. Returns the
+  trace."""
   if split not in ("eval", "train"):
     raise trace_lib.TraceError(f"--split={split!r} must be 'eval' or 'train'")
   if out is not None:
     trace_lib.check_out(out)
-  with evaluate_lib.opened(workdir, num_batches=num_batches) as run:
+  with evaluate_lib.opened(workdir, num_batches=num_batches, dtype=dtype) as run:
     n = run.num_batches
     local = (run.dataset.eval_batches(n) if split == "eval"
              else [run.dataset.train_batch(step) for step in range(n)])

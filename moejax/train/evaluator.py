@@ -178,14 +178,15 @@ def layer_report(result: dict[str, Any], moe_layers: list[int],
 
 
 def eval_config(config: ml_collections.ConfigDict, *, eval_capacity_factor=None,
-                dropless: bool = False, group_by: Optional[str] = None
-                ) -> ml_collections.ConfigDict:
+                dropless: bool = False, group_by: Optional[str] = None,
+                dtype: Optional[str] = None) -> ml_collections.ConfigDict:
   """The config with the evaluation's routing settings; ValueError names a bad one.
 
   eval_capacity_factor: every MoE layer evaluates with capacity factor F;
   dropless: no capacity (token-choice routers, the dropless dispatcher);
   group_by: the routing groups of the evaluation (group_size as the group_by
-  implies). Parameters are unchanged by all of them."""
+  implies); dtype: the compute dtype (`model.dtype`). Parameters are
+  unchanged by all of them."""
   config = ml_collections.ConfigDict(config.to_dict())
   moe = config.model.moe
   if dropless and eval_capacity_factor is not None:
@@ -204,6 +205,8 @@ def eval_config(config: ml_collections.ConfigDict, *, eval_capacity_factor=None,
   if group_by is not None:
     moe.group_by = group_by
     moe.group_size = None
+  if dtype is not None:
+    config.model.dtype = dtype
   try:
     config_lib.validate_config(config)
   except ValueError as e:
