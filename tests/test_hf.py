@@ -198,8 +198,11 @@ mesh = parallel.make_mesh({{"data": 2, "fsdp": 1, "expert": 4, "model": 1}})
 model, _ = hf.from_pretrained({os.path.join(FIXTURES, 'qwen3_moe')!r}, mesh=mesh)
 kernel = model.layers[0].ffn.experts.wi_gate[...]
 assert kernel.sharding.spec[0] == "expert", kernel.sharding
+from flax import nnx
+graphdef, state = nnx.split(model)
 with parallel.activate(mesh):
-  logits, _ = model(jnp.asarray(reference["tokens"], jnp.int32))
+  logits, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(
+      state, jnp.asarray(reference["tokens"], jnp.int32))
 print(float(np.abs(np.asarray(logits) - reference["logits"]).max()))
 """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
