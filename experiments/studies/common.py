@@ -290,24 +290,36 @@ def evaluate_points(workdir: str, points: Sequence[sweep.Point],
   skip). Results go to the point's evaluations.json ({name: result}); settings
   already there are not recomputed, so an interrupted study resumes.
   """
-  from moejax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  for name, make_kwargs in settings.items():
+    def evaluate(point, directory, make_kwargs=make_kwargs):
+      kwargs = make_kwargs(point)
+      if kwargs is None:
+        return None
+      return evaluate_lib.evaluate(directory, num_batches=num_batches, **kwargs)
+    measure_points(workdir, points, name, evaluate)
+
+
+def measure_points(workdir: str, points: Sequence[sweep.Point], key: str,
+                   measure: Callable[[sweep.Point, str], Any]) -> None:
+  """Stores `measure(point, run directory)` under `key` in each finished
+  point's evaluations.json, once (an interrupted study resumes where it
+  stopped); a measure of None is not stored."""
   for point in points:
     if run_status(workdir, point.name) != "finished":
       continue
     directory = point_dir(workdir, point.name)
     path = os.path.join(directory, EVALUATIONS)
-    results = {}
-    if os.path.exists(path):
-      results = run_lib.read_json(path)
-    for name, make_kwargs in settings.items():
-      kwargs = make_kwargs(point)
-      if kwargs is None or name in results:
-        continue
-      start = time.perf_counter()
-      results[name] = evaluate_lib.evaluate(directory, num_batches=num_batches, **kwargs)
-      logging.info("%s, eval %s: loss %.4f (%.0f s)", point.name, name,
-                   results[name]["eval/loss"], time.perf_counter() - start)
-      run_lib.write_json(path, results)
+    results = run_lib.read_json(path) if os.path.exists(path) else {}
+    if key in results:
+      continue
+    start = time.perf_counter()
+    value = measure(point, directory)
+    if value is None:
+      continue
+    results[key] = value
+    logging.info("%s, %s (%.0f s): %s", point.name, key, time.perf_counter() - start,
+                 f"loss {value['eval/loss']:.4f}" if "eval/loss" in value else value)
+    run_lib.write_json(path, results)
 
 
 def load_results(folder: str) -> tuple[list[dict], dict[str, Any]]:

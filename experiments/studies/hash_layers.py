@@ -26,15 +26,12 @@ hash layer) and cross-layer predictability.
     python -m experiments.studies.hash_layers --workdir=/tmp/hash_study
 """
 
-import os
 import sys
 from typing import Any, Optional, Sequence
 
 from absl import app
-from absl import logging
 
 from experiments.studies import common
-from moejax import run as run_lib
 from moejax.trace import analysis
 from moejax.trace import recorder
 
@@ -65,26 +62,20 @@ def get_sweep(scale: str) -> list[tuple[str, dict]]:
   return common.seeded_sweep(configs, _SCALES, scale)
 
 
+def _trace_summary(point, directory: str) -> dict[str, Any]:
+  """Per MoE layer: the analysis of the run's routing on its eval batches."""
+  del point
+  report = analysis.analyze(recorder.record(directory, None))
+  return {layer: {name: values.get(name) for name in (
+      "id_purity", "predictability", "load_max_over_mean", "specialization_bits")}
+          for layer, values in report["layers"].items()}
+
+
 def postprocess(workdir: str, points, scale: str) -> None:
-  """Records each finished run's routing on its eval batches and keeps the
-  per-layer analysis in its evaluations.json (an interrupted study resumes)."""
+  """Records each finished run's routing and keeps its per-layer analysis in
+  its evaluations.json."""
   del scale
-  for point in points:
-    if common.run_status(workdir, point.name) != "finished":
-      continue
-    directory = common.point_dir(workdir, point.name)
-    path = os.path.join(directory, common.EVALUATIONS)
-    results = run_lib.read_json(path) if os.path.exists(path) else {}
-    if TRACE_KEY in results:
-      continue
-    report = analysis.analyze(recorder.record(directory, None))
-    results[TRACE_KEY] = {
-        layer: {name: values.get(name) for name in (
-            "id_purity", "predictability", "load_max_over_mean", "specialization_bits")}
-        for layer, values in report["layers"].items()}
-    logging.info("%s: id purity per MoE layer %s", point.name,
-                 {k: round(v["id_purity"], 3) for k, v in results[TRACE_KEY].items()})
-    run_lib.write_json(path, results)
+  common.measure_points(workdir, points, TRACE_KEY, _trace_summary)
 
 
 def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]

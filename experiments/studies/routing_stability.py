@@ -30,11 +30,9 @@ import sys
 from typing import Any, Optional, Sequence
 
 from absl import app
-from absl import logging
 
 from experiments.studies import common
 from moejax import evaluate as evaluate_lib
-from moejax import run as run_lib
 from moejax import trace as trace_lib
 from moejax.trace import analysis
 from moejax.trace import recorder
@@ -101,16 +99,8 @@ def _measure(directory: str, devices: int) -> dict[str, Any]:
 
 def postprocess(workdir: str, points, scale: str) -> None:
   """`_measure` each finished run once (kept in its evaluations.json)."""
-  for point in points:
-    if common.run_status(workdir, point.name) != "finished":
-      continue
-    directory = common.point_dir(workdir, point.name)
-    path = os.path.join(directory, common.EVALUATIONS)
-    results = run_lib.read_json(path) if os.path.exists(path) else {}
-    if KEY not in results:
-      results[KEY] = _measure(directory, _SCALES[scale]["devices"])
-      logging.info("%s: %s", point.name, results[KEY])
-      run_lib.write_json(path, results)
+  devices = _SCALES[scale]["devices"]
+  common.measure_points(workdir, points, KEY, lambda _, directory: _measure(directory, devices))
 
 
 def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]

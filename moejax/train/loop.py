@@ -33,6 +33,7 @@ import numpy as np
 
 from moejax import model as model_lib
 from moejax import parallel
+from moejax import trace as trace_lib
 from moejax.train import evaluator as evaluator_lib
 from moejax.train import metrics as metrics_lib
 from moejax.train import routing_report
@@ -221,8 +222,6 @@ class Loop:
   def _write_trace(self, done: int, result: dict[str, Any]) -> None:
     """traces/step_<done>/ from a tracing evaluation (kept if it exists: a
     resumed run redoing the step records the same routing)."""
-    # moejax.trace reads runs through moejax.evaluate, which imports this package.
-    from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
     out = self.run.file(f"traces/step_{done}")
     if not self.is_main or os.path.exists(out):
       return

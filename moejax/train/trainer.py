@@ -34,6 +34,7 @@ from moejax import data as data_lib
 from moejax import model as model_lib
 from moejax import parallel
 from moejax import run as run_lib
+from moejax import trace as trace_lib
 from moejax.scaling import accounting
 from moejax.train import checkpoints
 from moejax.train import config as config_lib
@@ -187,8 +188,6 @@ def _run(config, workdir: str, console: console_lib.Console,
   vocab_size = dataset.vocab_size
   model_lib.check(config, vocab_size)
   if train.get("replay_trace"):
-    # moejax.trace reads runs through moejax.evaluate, which imports this package.
-    from moejax import trace as trace_lib  # pylint: disable=g-import-not-at-top
     dataset = trace_lib.ReplayDataset(trace_lib.load(train.replay_trace), dataset, config)
   mesh = model_lib.make_mesh(config)
   tx = optim.make_optimizer(train)
