@@ -426,7 +426,7 @@ def lower_steps(config, devices: list) -> tuple[Any, dict[str, Any], dict[str, A
                               sharding=parallel.batch_sharding(mesh))
   with parallel.activate(mesh):
     train_step = steps_lib.make_train_step(graphdef, tx, optim.learning_rate_schedule(train),
-                                           config.seed)
+                                           config.seed, qk_clip_tau=train.qk_clip_tau)
     lowered = {
         "train step": train_step.lower(params, opt_state, batch,
                                        jax.ShapeDtypeStruct((), jnp.int32)),

@@ -1,7 +1,8 @@
 """The routing and optimizer recipes of 2026: DeepSeek-V4's hash layers
-(`config.model.first_hash_layers`, `MoEConfig.hash_gate`) and Muon on MoE
-(`config.train.optimizer="muon"`), each against a transcription of the
-published formula."""
+(`config.model.first_hash_layers`, `MoEConfig.hash_gate`), Muon on MoE
+(`config.train.optimizer="muon"`) and Kimi K2's QK-clip
+(`config.train.qk_clip_tau`), each against a transcription of the published
+formula."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from moejax import routing
 from moejax import run as run_lib
 from moejax import train as train_lib
 from moejax.nn import Experts, TransformerLM
+from moejax.nn.attention import CausalSelfAttention, LatentAttention, clip_factors
 from moejax.nn.config import ModelConfig
 from moejax.routing import RouteContext, hashing
 from moejax.routing import routers as routers_lib
@@ -247,9 +249,12 @@ def _tiny(**train):
   return config
 
 
-@pytest.mark.parametrize("option", ["first_hash_layers", "muon", "quantile_balancing"])
+@pytest.mark.parametrize("option", ["first_hash_layers", "muon", "quantile_balancing",
+                                    "muon_qk_clip"])
 def test_the_recipes_train_with_falling_loss(option, tmp_path):
-  config = _tiny(optimizer="muon" if option == "muon" else "adamw")
+  config = _tiny(optimizer="muon" if option.startswith("muon") else "adamw")
+  if option == "muon_qk_clip":
+    config.train.qk_clip_tau = 1.0
   if option == "first_hash_layers":
     config.model.first_hash_layers = 2
   if option == "quantile_balancing":
@@ -259,6 +264,13 @@ def test_the_recipes_train_with_falling_loss(option, tmp_path):
   steps, losses = run_lib.Run(workdir).series("train/loss")
   # From about 6.7 to 6.4 in 25 steps (a tiny model on the synthetic mixture).
   assert steps == [5, 10, 15, 20, 25, 30] and losses[-1] < losses[0] - 0.15, losses
+  logged = run_lib.Run(workdir).series("train/max_attention_logit")[1]
+  if option == "muon_qk_clip":
+    # S_max of each step, before its clip: the weights it saw were clipped
+    # after the step before, so it stays near tau = 1 (moved by one update).
+    assert len(logged) == 6 and max(logged) < 1.5, logged
+  else:
+    assert logged == []
 
 
 def test_balanced_hash_table_evens_a_zipf_stream_the_random_hash_does_not():
@@ -293,3 +305,105 @@ def test_a_run_starts_with_the_balanced_table_of_its_training_data(tmp_path):
                              minlength=dataset.vocab_size) for s in range(32))
     table = nnx.merge(run.graphdef, run.params).layers[0].ffn.router.table[...]
   np.testing.assert_array_equal(table, hashing.balanced_table(counts, 4, 1, seed=0))
+
+
+def _reference_max_logits(attention, x):
+  """Each head's largest causal logit, from the projections in numpy."""
+  length = x.shape[1]
+  positions = jnp.arange(length, dtype=jnp.int32)
+  if isinstance(attention, LatentAttention):
+    q, latents, k_rope, _ = attention._project(x, positions)
+    kv = np.einsum("bmr,rnp->bnmp", np.asarray(latents[:, 0]), np.asarray(attention.kv_up[...]))
+    k_rope = np.broadcast_to(np.asarray(k_rope), kv.shape[:3] + (attention.rope_dim,))
+    k = np.concatenate([kv[..., :attention.nope], k_rope], axis=-1)
+    scale = (attention.nope + attention.rope_dim) ** -0.5
+  else:
+    q, k, _, _ = attention._project(x, positions)
+    k = np.repeat(np.asarray(k), q.shape[1] // k.shape[1], axis=1)  # head n reads n // G
+    scale = q.shape[-1] ** -0.5
+  scores = np.einsum("bnlp,bnmp->bnlm", np.asarray(q), k) * scale
+  causal = np.tril(np.ones((length, length), bool))
+  return np.where(causal, scores, -np.inf).max(axis=(0, 2, 3))
+
+
+@pytest.mark.parametrize("kind", ["multi_head", "grouped", "latent", "latent_full_query"])
+def test_qk_clip_caps_each_heads_largest_logit_at_tau(kind):
+  """Kimi K2's QK-clip (arXiv 2507.20534, §2.1): gamma_h = min(1, tau /
+  S_max^h); after it each head's largest logit on the same tokens is
+  min(S_max^h, tau), with the weights split as the paper splits them."""
+  rngs = nnx.Rngs(0)
+  if kind.startswith("latent"):
+    attention = LatentAttention(d_model=32, num_heads=4, kv_rank=16,
+                                q_rank=0 if kind == "latent_full_query" else 24,
+                                nope=8, rope=8, v=12, rngs=rngs)
+  else:
+    attention = CausalSelfAttention(d_model=32, num_heads=4, head_dim=8, rngs=rngs,
+                                    num_kv_heads=2 if kind == "grouped" else None)
+  x = 3.0 * jax.random.normal(jax.random.key(1), (2, 9, 32))
+  y, largest = attention(x, max_logits=True)
+  np.testing.assert_allclose(y, attention(x), rtol=0, atol=0)
+  np.testing.assert_allclose(largest, _reference_max_logits(attention, x), rtol=1e-5)
+  tau = float(np.sort(np.asarray(largest))[1])  # two or three heads above tau
+  gamma = np.minimum(1.0, tau / np.asarray(largest))
+  before = {name: np.asarray(getattr(attention, name)[...]) for name in
+            ("qkv", "query", "kv", "q_up", "kv_up") if getattr(attention, name, None) is not None}
+  attention.clip_logits(largest, tau)
+  np.testing.assert_allclose(attention(x, max_logits=True)[1],
+                             np.minimum(np.asarray(largest), tau), rtol=1e-5)
+  after = {name: np.asarray(getattr(attention, name)[...]) for name in before}
+  root = np.sqrt(gamma)
+  if kind == "multi_head":  # [D, 3, N, P]: q and k by sqrt(gamma), v as is
+    factors = np.stack([root, root, np.ones(4)])[None, :, :, None]
+    np.testing.assert_allclose(after["qkv"], before["qkv"] * factors, rtol=1e-6)
+  elif kind == "grouped":  # the query by gamma; the shared key heads as they were
+    np.testing.assert_allclose(after["query"], before["query"] * gamma[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(after["kv"], before["kv"])
+  else:  # q_C and k_C by sqrt(gamma), q_R by gamma, v as is (k_R is shared)
+    name = "q_up" if "q_up" in before else "query"
+    np.testing.assert_allclose(after[name][..., :8], before[name][..., :8] * root[:, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(after[name][..., 8:], before[name][..., 8:] * gamma[:, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(after["kv_up"][..., :8],
+                               before["kv_up"][..., :8] * root[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(after["kv_up"][..., 8:], before["kv_up"][..., 8:])
+  np.testing.assert_allclose(clip_factors(jnp.array([-2.0, 0.5, 4.0]), 2.0), [1.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_the_models_qk_clip_gives_each_layer_its_own_factors(scan_layers):
+  model = TransformerLM(vocab_size=50, num_layers=3, d_model=32, num_heads=4,
+                        moe=dict(num_experts=4, top_k=2, expert_hidden=16, group_by="batch"),
+                        scan_layers=scan_layers, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(2), (2, 8), 0, 50)
+  _, aux = model(tokens, max_logits=True)
+  largest = np.asarray(aux["attention_max_logits"])  # [layers, N]
+  assert largest.shape == (3, 4)
+  tau = float(np.median(largest))
+
+  def qkv(i):  # a scanned layer's kernel is its unit's slice of the stacked one
+    kernel = np.asarray(model.layout.block(model, i).attention.qkv[...])
+    unit = model.layout.place(i)[1]
+    return kernel if unit is None else kernel[unit]
+  before = [qkv(i) for i in range(3)]
+  model.clip_logits(aux["attention_max_logits"], tau)
+  for i in range(3):
+    root = np.sqrt(np.minimum(1.0, tau / largest[i]))
+    factors = np.stack([root, root, np.ones(4)])[None, :, :, None]
+    np.testing.assert_allclose(qkv(i), before[i] * factors, rtol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(tau=-1.0), "config.train.qk_clip_tau must be a finite number >= 0"),
+    (dict(tau=100.0, qk_norm="head"), "normalizes away"),
+    (dict(tau=100.0, lora=4), "keeps frozen"),
+])
+def test_qk_clip_config_is_checked(overrides, message):
+  config = config_lib.default_config()
+  config.train.qk_clip_tau = overrides["tau"]
+  config.model.qk_norm = overrides.get("qk_norm", "none")
+  if "lora" in overrides:
+    config.finetune.update(base="/some/run")
+    config.finetune.lora.rank = overrides["lora"]
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate_config(config)

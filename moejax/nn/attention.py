@@ -197,7 +197,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0, *,
   return rotated.astype(x.dtype)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_logits: bool = False):
   """softmax(q k^T / sqrt(P) + causal mask) v, heads-major.
 
   Args:
@@ -206,7 +206,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
       query head n reads key/value head n // (N / K)).
 
   Returns:
-    [B, N, L, P] in the dtype of v.
+    [B, N, L, P] in the dtype of v; with `max_logits` also <float32>[N]
+    (see `_attend`).
 
   An explicit masked einsum in heads-major layout: on XLA:CPU (B=32, L=128,
   N=4, P=32, float32, 2 cores) it took 8.2 ms forward and 21.9 ms forward +
@@ -216,32 +217,52 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   """
   length = q.shape[-2]
   causal = jnp.tril(jnp.ones((length, length), dtype=bool))  # key m <= query l
-  return _attend(q, k, v, causal)
+  return _attend(q, k, v, causal, max_logits=max_logits)
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array,
-            scale: Optional[float] = None) -> jax.Array:
+            scale: Optional[float] = None, max_logits: bool = False):
   """softmax(q k^T * scale, keys where `visible` <bool>[L, M]) v; scale
   defaults to 1 / sqrt(P).
 
   q [B, N, L, P]; k [B, K, M, P], v [B, K, M, P'] -> [B, N, L, P'] in v's dtype. With
   K < N the query heads are viewed as [B, K, G, L, P] (head n = k G + g, the
   order of Hugging Face's `repeat_kv`), so no key or value is copied.
+  With `max_logits`, returns (context, <float32>[N]): each head's largest
+  visible logit q.k * scale over the batch (QK-clip's S_max, `clip_factors`).
   """
   batch, num_heads, length, head_dim = q.shape
   groups = num_heads // k.shape[1]
   scale = 1.0 / jnp.sqrt(jnp.float32(head_dim)) if scale is None else jnp.float32(scale)
-  if groups == 1:
-    scores = jnp.einsum("bnlp,bnmp->bnlm", q, k).astype(jnp.float32) * scale
-    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnlm,bnmp->bnlp", weights, v)
-  q = q.reshape(batch, k.shape[1], groups, length, head_dim)
-  scores = jnp.einsum("bkglp,bkmp->bkglm", q, k).astype(jnp.float32) * scale
-  scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+  heads, kv_heads = ("n", "n") if groups == 1 else ("kg", "k")
+  if groups > 1:
+    q = q.reshape(batch, k.shape[1], groups, length, head_dim)
+  scores = jnp.einsum(f"b{heads}lp,b{kv_heads}mp->b{heads}lm", q, k).astype(jnp.float32)
+  scores = jnp.where(visible, scores * scale, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  context = jnp.einsum("bkglm,bkmp->bkglp", weights, v)
-  return context.reshape(batch, num_heads, length, v.shape[-1])
+  context = jnp.einsum(f"b{heads}lm,b{kv_heads}mp->b{heads}lp", weights, v)
+  context = context.reshape(batch, num_heads, length, v.shape[-1])  # GQA: merge k, g
+  if not max_logits:
+    return context
+  # Every query sees at least itself, so no head's max is a masked entry.
+  return context, jnp.max(scores, axis=(0, -2, -1)).reshape(num_heads)
+
+
+def clip_factors(max_logits: jax.Array, tau: float) -> jax.Array:
+  """QK-clip's per-head factor gamma_h = min(1, tau / S_max^h) (Kimi K2,
+  arXiv 2507.20534, §2.1): <float32>[N], 1 where the head's largest logit
+  S_max^h (`_attend`'s max_logits) is at most tau. Scaling the head's query
+  and key weights so that their product shrinks by gamma_h scales every
+  logit of that head by gamma_h, capping the largest at tau."""
+  max_logits = max_logits.astype(jnp.float32)
+  return jnp.where(max_logits > tau, tau / jnp.maximum(max_logits, tau), 1.0)
+
+
+def _rescaled(param: nnx.Param, factors: jax.Array) -> None:
+  """param <- param * factors (broadcast), computed in float32 and stored in
+  the parameter's dtype."""
+  value = param[...]
+  param.set_value((value.astype(jnp.float32) * factors).astype(value.dtype))
 
 
 class CausalSelfAttention(nnx.Module):
@@ -299,8 +320,10 @@ class CausalSelfAttention(nnx.Module):
       self.key_norm = rms_norm(head_dim if per_head else num_kv_heads * head_dim,
                                norm_epsilon, rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, max_logits: bool = False):
     """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l.
+    With `max_logits`, returns (y, <float32>[N] each head's largest logit),
+    what `clip_logits` takes.
 
     Under a mesh that splits the heads (N over "model") every step keeps them
     split. On an Explicit mesh (sharding in types) a reshape may split or merge
@@ -310,7 +333,27 @@ class CausalSelfAttention(nnx.Module):
     """
     length = x.shape[1]
     q, k, v, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
-    return self._output(causal_attention(q, k, v), tokens, x.shape)
+    if not max_logits:
+      return self._output(causal_attention(q, k, v), tokens, x.shape)
+    context, largest = causal_attention(q, k, v, max_logits=True)
+    return self._output(context, tokens, x.shape), largest
+
+  def clip_logits(self, max_logits: jax.Array, tau: float) -> None:
+    """QK-clip (Kimi K2, arXiv 2507.20534, §2.1), after an optimizer step:
+    head h's logits shrink by gamma_h = `clip_factors(max_logits, tau)`.
+    Multi-head: the head's query and key kernels each by sqrt(gamma_h), as
+    Kimi does. Grouped-query: the query kernel by gamma_h (a key head serves
+    G query heads, which may need different factors). Refused with qk_norm,
+    which normalizes the projections (and bounds the logits itself)."""
+    if self.query_norm is not None:
+      raise ValueError(f"QK-clip rescales the query and key kernels, which qk_norm="
+                       f"{self.qk_norm!r} normalizes away; use one of the two")
+    gamma = clip_factors(max_logits, tau)  # [N]
+    if self.qkv is not None:
+      root = jnp.sqrt(gamma)
+      _rescaled(self.qkv, jnp.stack([root, root, jnp.ones_like(root)])[:, :, None])
+    else:
+      _rescaled(self.query, gamma[:, None])
 
   def cache_shapes(self, batch: int, max_length: int):
     """Shapes of the (keys, values) decode cache: [B, K, M, P] each."""
@@ -455,12 +498,29 @@ class LatentAttention(nnx.Module):
     keys [B, 1, M, Pr])."""
     return (batch, 1, max_length, self.kv_rank), (batch, 1, max_length, self.rope_dim)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l."""
+  def __call__(self, x: jax.Array, *, max_logits: bool = False):
+    """[B, L, D] -> [B, L, D] in `dtype`; position l attends to positions <= l.
+    With `max_logits`, (y, <float32>[N]) as `CausalSelfAttention`'s."""
     length = x.shape[1]
     q, latent, k_rope, tokens = self._project(x, jnp.arange(length, dtype=jnp.int32))
     causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    return self._attend(q, latent, k_rope, causal, tokens, x.shape)
+    return self._attend(q, latent, k_rope, causal, tokens, x.shape, max_logits)
+
+  def clip_logits(self, max_logits: jax.Array, tau: float) -> None:
+    """QK-clip for MLA (Kimi K2, arXiv 2507.20534, §2.1): head h's logit
+    q_C.k_C + q_R.k_R shrinks by gamma_h = `clip_factors(max_logits, tau)`
+    with q_C and k_C each scaled by sqrt(gamma_h) and q_R by gamma_h; the
+    rotary key k_R, shared by every head, is untouched. q_C and q_R are the
+    head's first Pn and last Pr columns of `query` (or `q_up`), k_C the first
+    Pn of `kv_up`."""
+    gamma = clip_factors(max_logits, tau)[:, None]  # [N, 1]
+    root = jnp.sqrt(gamma)
+    query = self.query if self.query is not None else self.q_up
+    _rescaled(query, jnp.concatenate([jnp.broadcast_to(root, (self.num_heads, self.nope)),
+                                      jnp.broadcast_to(gamma, (self.num_heads, self.rope_dim))],
+                                     axis=1))
+    _rescaled(self.kv_up, jnp.concatenate([jnp.broadcast_to(root, (self.num_heads, self.nope)),
+                                           jnp.ones((self.num_heads, self.v_dim))], axis=1))
 
   def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array):
     """As `CausalSelfAttention.decode`, with the compressed cache
@@ -500,17 +560,20 @@ class LatentAttention(nnx.Module):
     return (jnp.swapaxes(q, 1, 2), jnp.swapaxes(latent, 1, 2), jnp.swapaxes(k_rope, 1, 2),
             tokens)
 
-  def _attend(self, q, latents, k_rope, visible, tokens, shape) -> jax.Array:
+  def _attend(self, q, latents, k_rope, visible, tokens, shape, max_logits: bool = False):
     """Attention of q over the keys and values rebuilt from latents [B, 1, M,
-    Rkv] and k_rope [B, 1, M, Pr] -> [B, L, D]."""
+    Rkv] and k_rope [B, 1, M, Pr] -> [B, L, D] (and with `max_logits` each
+    head's largest logit <float32>[N])."""
     batch, length, d_model = shape
     kv = jnp.einsum("bmr,rnp->bnmp", latents[:, 0], weight(self.kv_up, self.dtype))
     k_nope, v = kv[..., :self.nope], kv[..., self.nope:]  # [B, N, M, Pn], [B, N, M, Pv]
     k = jnp.concatenate(
         [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + (self.rope_dim,))], axis=-1)
     scale = (self.nope + self.rope_dim) ** -0.5 * self.rope.softmax_factor
-    context = _attend(q, k, v, visible, scale)  # [B, N, L, Pv]
+    context = _attend(q, k, v, visible, scale, max_logits)  # [B, N, L, Pv]
+    context, largest = context if max_logits else (context, None)
     context = jnp.swapaxes(context, 1, 2).reshape(batch * length, self.num_heads, self.v_dim)
     y = jnp.einsum("tnp,npd->td", context, weight(self.out, self.dtype),
                    out_sharding=explicit_spec(tokens))
-    return y.reshape(batch, length, d_model)
+    y = y.reshape(batch, length, d_model)
+    return (y, largest) if max_logits else y

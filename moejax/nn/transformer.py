@@ -130,19 +130,26 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool, rng: Optional[jax.Array],
                token_ids: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
                replay: Optional[jax.Array] = None, trace: bool = False,
-               previous: Optional[jax.Array] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+               previous: Optional[jax.Array] = None, max_logits: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """<float32>[B, L, D] -> (<float32>[B, L, D], the FFN's aux).
+
+    With `max_logits` the aux also holds "attention_max_logits" <float32>[N],
+    each head's largest attention logit (for QK-clip, `clip_logits`).
 
     replay, trace: see `MoELayer`. With `trace` an MoE block's aux["trace"]
     also holds its router input "router_input" <float32>[B, L, D] and, given
     `previous` (the router input of the MoE layer before), "predicted": the
     experts this layer's router picks for `previous` (cross-layer
     predictability, as Megatron-Core's routing tools measure it)."""
-    x = x + checkpoint_name(self.attention(self.attention_norm(x)),
-                            "attention_out").astype(jnp.float32)
+    attended = self.attention(self.attention_norm(x), max_logits=max_logits)
+    attended, largest = attended if max_logits else (attended, None)
+    x = x + checkpoint_name(attended, "attention_out").astype(jnp.float32)
     hidden = self.ffn_norm(x)
     y, aux = self.ffn(hidden, deterministic=deterministic, rng=rng, token_ids=token_ids,
                       mask=mask, replay=replay, trace=trace)
+    if max_logits:
+      aux = {**aux, "attention_max_logits": largest}
     if trace and self.is_moe:
       aux["trace"]["router_input"] = hidden
       if previous is not None:
@@ -172,11 +179,12 @@ def remat_policy(name: str):
 
 
 def _apply_block(block: DecoderBlock, x, key, *, deterministic, token_ids, mask, remat,
-                 in_scan: bool = False, replay=None, trace: bool = False, previous=None):
+                 in_scan: bool = False, replay=None, trace: bool = False, previous=None,
+                 max_logits: bool = False):
   """block(x) under the remat policy `remat` (see `DecoderBlock.__call__`)."""
   def run(block, x, key, replay, previous):
     return block(x, deterministic=deterministic, rng=key, token_ids=token_ids, mask=mask,
-                 replay=replay, trace=trace, previous=previous)
+                 replay=replay, trace=trace, previous=previous, max_logits=max_logits)
   if remat == "none":
     return run(block, x, key, replay, previous)
   # A pure function of the block's state (jax.checkpoint, not nnx.remat: the
@@ -549,7 +557,8 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                rng: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
                routes: Optional[Mapping[int, jax.Array]] = None,
-               trace: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+               trace: bool = False, max_logits: bool = False
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token logits.
 
     Args:
@@ -561,6 +570,7 @@ class TransformerLM(nnx.Module):
       routes: {MoE layer i: <int>[B, L, K]} for every MoE layer, replayed
         instead of the routers' choices (which weight them), or None.
       trace: every MoE layer also reports each token's choices (below).
+      max_logits: also report each layer's attention logit maxima (below).
 
     Returns:
       logits: <float32>[B, L, V]; position l depends on tokens[:, :l+1] only
@@ -575,7 +585,8 @@ class TransformerLM(nnx.Module):
         `trace` also "trace": {"experts", "weights", "kept" [B, L, K'] (see
         `Routing.token_choices`) and, in every MoE layer but the first,
         "predicted" <int32>[B, L, K']: the experts its router picks from the
-        previous MoE layer's router input}.
+        previous MoE layer's router input}; with `max_logits` also
+        "attention_max_logits" <float32>[num_layers, N] (`clip_logits`).
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be <int>[B, L], got {tokens.dtype}{list(tokens.shape)}")
@@ -592,20 +603,29 @@ class TransformerLM(nnx.Module):
       key, replay = layer_input
       x, aux = _apply_block(block, x, key, deterministic=deterministic, token_ids=tokens,
                             mask=mask, remat=self.remat, in_scan=in_scan, replay=replay,
-                            trace=trace, previous=previous)
+                            trace=trace, previous=previous, max_logits=max_logits)
       if trace and block.is_moe:
         previous = aux["trace"].pop("router_input")
-      return ((x, previous) if trace else x), (aux if block.is_moe else None)
+      largest = aux.pop("attention_max_logits", None)
+      return ((x, previous) if trace else x), ((aux if block.is_moe else None), largest)
 
     carry = (x, jnp.zeros_like(x)) if trace else x
     carry, outputs = self.layout.walk(self, layer, carry, list(zip(keys, replays)))
     x = carry[0] if trace else carry
-    layer_aux = {index: aux for index, aux in enumerate(outputs) if aux is not None}
+    return self._logits(x), self._collect_aux(outputs, trace, max_logits)
+
+  def _collect_aux(self, outputs: list[tuple[Any, Any]], trace: bool, max_logits: bool
+                   ) -> dict[str, Any]:
+    """`__call__`'s aux from the layers' (MoE aux or None, max logits or
+    None)."""
+    layer_aux = {index: aux for index, (aux, _) in enumerate(outputs) if aux is not None}
     if trace and layer_aux:  # the first MoE layer has no MoE layer before it
       layer_aux[min(layer_aux)]["trace"].pop("predicted", None)
     aux = _average_aux(list(layer_aux.values()), self.aux_loss_weight, self.z_loss_weight)
     aux["layers"] = {index: _layer_report(layer_aux[index]) for index in sorted(layer_aux)}
-    return self._logits(x), aux
+    if max_logits:
+      aux["attention_max_logits"] = jnp.stack([largest for _, largest in outputs])
+    return aux
 
   def _replays(self, routes: Optional[Mapping[int, jax.Array]]) -> list[Optional[jax.Array]]:
     """[num_layers] the replayed experts of each layer (None: routed)."""
@@ -703,6 +723,21 @@ class TransformerLM(nnx.Module):
     inputs = [aux["layers"][index] if is_moe else None
               for index, is_moe in enumerate(self.moe_layers)]
     self.layout.walk(self, layer, None, inputs, update=True)
+
+
+  def clip_logits(self, max_logits: jax.Array, tau: float) -> None:
+    """QK-clip (Kimi K2's MuonClip, arXiv 2507.20534, §2.1) after an
+    optimizer step: every layer's attention rescales its query and key
+    weights so that each head whose largest logit in the forward pass,
+    `max_logits` <float32>[num_layers, N] (`__call__`'s
+    "attention_max_logits"), exceeded `tau` would have peaked at tau
+    (`CausalSelfAttention.clip_logits`, `LatentAttention.clip_logits`)."""
+    def layer(block, carry, largest, in_scan):
+      del in_scan
+      block.attention.clip_logits(largest, tau)
+      return carry, None
+
+    self.layout.walk(self, layer, None, list(max_logits), update=True)
 
 
 def _cast_params(model: nnx.Module, dtype) -> None:

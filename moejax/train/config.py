@@ -73,6 +73,10 @@ def train_config() -> ml_collections.ConfigDict:
   # adamw, or muon: Muon on the matrices (per expert, per scanned layer), AdamW
   # on embeddings, routers and norms (moejax.train.optim).
   train.optimizer = "adamw"
+  # QK-clip (Kimi K2's MuonClip): after each step, every attention head whose
+  # largest logit in the step exceeded tau has its query and key weights
+  # scaled to cap it at tau (Kimi: 100). 0 = off. Either optimizer.
+  train.qk_clip_tau = 0.0
   # Storage dtype of the AdamW moments (computed in float32 either way).
   train.moment_dtype = "float32"   # float32 | bfloat16
   train.log_every = 10
@@ -201,6 +205,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(_is_int(value) and (value == -1 or value > 0),
              f"config.mesh.{key} must be -1 (fill) or a positive integer, got {value!r}")
   lora.validate(config)
+  _check_qk_clip(config)
   data.validate_data_config(config.data)
 
 
@@ -231,6 +236,23 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
   optimizer = train.get("optimizer", "adamw")
   _require(optimizer in ("adamw", "muon"),
            f"config.train.optimizer must be 'adamw' or 'muon', got {optimizer!r}")
+  tau = train.get("qk_clip_tau", 0.0)
+  _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
+           and math.isfinite(tau) and tau >= 0,
+           f"config.train.qk_clip_tau must be a finite number >= 0 (0 = off), got {tau!r}")
+
+
+def _check_qk_clip(config: ml_collections.ConfigDict) -> None:
+  tau = config.train.qk_clip_tau
+  if not tau:
+    return
+  _require(config.model.qk_norm == "none",
+           f"config.train.qk_clip_tau={tau!r} rescales the query and key kernels, which "
+           f"config.model.qk_norm={config.model.qk_norm!r} normalizes away: set one of the two")
+  _require(not config.finetune.lora.rank,
+           f"config.train.qk_clip_tau={tau!r} changes the attention kernels, which a LoRA "
+           f"run (config.finetune.lora.rank={config.finetune.lora.rank}) keeps frozen: set "
+           f"config.train.qk_clip_tau=0")
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:

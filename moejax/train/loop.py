@@ -128,7 +128,8 @@ class Loop:
   def __post_init__(self):
     config, frozen = self.config, self.frozen
     self.train_step = steps_lib.make_train_step(self.graphdef, self.tx, self.schedule,
-                                                config.seed, frozen)
+                                                config.seed, frozen,
+                                                config.train.get("qk_clip_tau", 0.0))
     self.health_check = steps_lib.make_health_check(self.graphdef, config.seed, frozen)
     self.num_domains = self.dataset.info.get("num_domains", 0)  # synthetic_mixture only
     self.evaluator = evaluator_lib.Evaluator(self.graphdef, num_domains=self.num_domains,

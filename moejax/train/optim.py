@@ -110,6 +110,21 @@ def _rms_matched() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _auto_sharded(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` whose update runs with an Explicit mesh's axes made Auto (GSPMD
+  places the steps), its outputs laid out as the updates and state came in.
+  optax's Newton-Schulz reshapes each matrix to [batch, in, out], which an
+  Explicit mesh refuses where it merges a split axis (a kernel split over
+  "fsdp" or "model"); under Auto, XLA moves the pieces it needs."""
+  def update(updates, state, params=None):
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+      return tx.update(updates, state, params)
+    specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, (updates, state))
+    return jax.sharding.auto_axes(tx.update, out_sharding=specs)(updates, state, params)
+  return optax.GradientTransformation(tx.init, update)
+
+
 def _muon(train: ml_collections.ConfigDict, schedule: optax.Schedule
           ) -> optax.GradientTransformation:
   """Muon (Jordan et al. 2024: Nesterov momentum 0.95, then 5 Newton-Schulz
@@ -121,7 +136,8 @@ def _muon(train: ml_collections.ConfigDict, schedule: optax.Schedule
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: "adamw" if _dimensions_of(path, leaf) is None else "muon", params)
   muon = optax.chain(
-      scale_by_muon(beta=0.95, nesterov=True, weight_dimension_numbers=_dimensions_tree),
+      _auto_sharded(scale_by_muon(beta=0.95, nesterov=True,
+                                  weight_dimension_numbers=_dimensions_tree)),
       _rms_matched(),
       optax.add_decayed_weights(train.weight_decay),
       optax.scale_by_learning_rate(schedule))

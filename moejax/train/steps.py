@@ -30,7 +30,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
 # reports passes through by its own name, per layer too.
 _ALWAYS = ("aux_loss", "z_loss", "dropped_fraction", "load_max_over_mean", "router_entropy")
 _LOGGED_AS = {"load_max_over_mean": "expert_load_max_over_mean"}
-_NOT_LOGGED = ("layers", "weighted_loss")
+_NOT_LOGGED = ("layers", "weighted_loss", "attention_max_logits")
 
 
 def trainable(params: nnx.State) -> nnx.State:
@@ -68,7 +68,7 @@ def layer_loads(aux: dict[str, jax.Array]) -> jax.Array:
   return jnp.stack(loads).astype(jnp.float32)
 
 
-def _loss_and_grads(graphdef, params, batch, rng, frozen=None):
+def _loss_and_grads(graphdef, params, batch, rng, frozen=None, max_logits=False):
   weights, fixed = nnx.split_state(params, nnx.Param, ...)
   rest = (fixed,) if frozen is None else (fixed, frozen)
 
@@ -80,7 +80,8 @@ def _loss_and_grads(graphdef, params, batch, rng, frozen=None):
     # batches (config.train.replay_trace), whose "routes" replace routing.
     routes = batch.get("routes")
     logits, aux = model(batch["inputs"], deterministic=False, rng=rng, routes=routes,
-                        mask=None if routes is None else padding_mask(batch))
+                        mask=None if routes is None else padding_mask(batch),
+                        max_logits=max_logits)
     total_ce, count = cross_entropy(logits, batch["targets"], batch["weights"])
     ce = total_ce / jnp.maximum(count, 1.0)
     return ce + aux["weighted_loss"], (ce, aux)
@@ -111,7 +112,8 @@ def jit_with_frozen(step_fn, frozen, donate: tuple[int, ...] = ()):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, seed: int, frozen: Any = None):
+                    schedule: optax.Schedule, seed: int, frozen: Any = None,
+                    qk_clip_tau: float = 0.0):
   """A jitted (params, opt_state, batch, step) -> (params, opt_state, metrics, finite).
 
   `params` is the model's whole state (what checkpoints hold); the optimizer
@@ -122,11 +124,16 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
   only and `frozen` the rest of the model's state, which no step changes
   (router state included: `after_step` does not run). The router-noise key
   is made inside the step (no array exists before the step is traced), so
-  the step can be lowered for compile-only devices (`moejax.aot`)."""
+  the step can be lowered for compile-only devices (`moejax.aot`).
+
+  qk_clip_tau > 0 (config.train.qk_clip_tau): QK-clip after the update
+  (`TransformerLM.clip_logits`, from this step's forward pass), and the
+  largest attention logit of the step is logged as train/max_attention_logit
+  (before the clip)."""
   def train_step(params, frozen, opt_state, batch, step):
     rng = jax.random.fold_in(jax.random.key(seed), step)
-    (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(graphdef, params, batch, rng,
-                                                                frozen)
+    (total, (ce, aux)), grads, weights, fixed = _loss_and_grads(
+        graphdef, params, batch, rng, frozen, max_logits=qk_clip_tau > 0)
     updates, opt_state = tx.update(grads, opt_state, weights)
     weights = optax.apply_updates(weights, updates)
     if frozen is None:
@@ -134,6 +141,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
       # after the step, from this step's routing.
       model = nnx.merge(graphdef, weights, fixed)
       model.after_step(aux)
+      if qk_clip_tau > 0:
+        model.clip_logits(aux["attention_max_logits"], qk_clip_tau)
       params = nnx.state(model)
     else:
       params = nnx.merge_state(weights, fixed)
@@ -141,6 +150,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation,
     metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": grad_norm,
                "train/learning_rate": schedule(step), **_scalar_aux(aux),
                LOADS_KEY: replicated(layer_loads(aux))}
+    if qk_clip_tau > 0:
+      metrics["train/max_attention_logit"] = jnp.max(aux["attention_max_logits"])
     finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
     return params, opt_state, metrics, finite
 
