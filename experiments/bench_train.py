@@ -117,7 +117,8 @@ def benchmark(config, *, steps: int, warmup: int, profile_dir: str = "") -> dict
   with parallel.activate(mesh):
     graphdef, params = model_lib.init_params(config, dataset.vocab_size, mesh)
     opt_state = jax.jit(lambda p: tx.init(steps_lib.trainable(p)))(params)
-    train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed)
+    train_step = steps_lib.make_train_step(graphdef, tx, schedule, config.seed,
+                                           qk_clip_tau=config.train.qk_clip_tau)
     step_index = jnp.asarray(0, jnp.int32)
     start = time.perf_counter()
     compiled = train_step.lower(params, opt_state, batches[0], step_index).compile()

@@ -145,9 +145,10 @@ def test_gated_shared_expert():
 
 
 def test_latent_and_grouped_attention_on_an_fsdp_mesh():
-  # 8 host devices, fsdp 4 x expert 2: MLA's up projections are split over
-  # "fsdp" along their latent width (they have no model width), GQA's kv
-  # kernel along D; the logits are one device's.
+  # 8 host devices, fsdp 2 x expert 2 x model 2: MLA's up projections are
+  # split over "fsdp" along their latent width (they have no model width) and
+  # over "model" along the heads, GQA's kv kernel along D; the logits are one
+  # device's, and so is MLA's QK-clip (`clip_logits`) of the split heads.
   import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
   code = """
 import jax, jax.numpy as jnp
@@ -157,21 +158,34 @@ from moejax.nn.transformer import TransformerLM
 moe = dict(num_experts=8, top_k=2, expert_hidden=16, capacity_factor=0.0,
            dispatch="dropless", activation="swiglu", num_shared_experts=1)
 tokens = jax.random.randint(jax.random.key(1), (8, 6), 0, 64)
-mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "expert": 2, "model": 1})
+mesh = parallel.make_mesh({"data": 1, "fsdp": 2, "expert": 2, "model": 2})
 for extra in (dict(latent=dict(kv_rank=16, q_rank=24, nope=8, rope=8, v=12)),
               dict(num_kv_heads=2, qk_norm="head")):
   model = TransformerLM(vocab_size=64, num_layers=1, d_model=32, num_heads=4, moe=moe,
                         rngs=nnx.Rngs(0), tie_embeddings=False, **extra)
-  want, _ = model(tokens)
+  want, aux = model(tokens, max_logits=True)
+  clip = "latent" in extra
+  if clip:
+    clipped = nnx.clone(model)
+    clipped.clip_logits(aux["attention_max_logits"], 1.0)
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, parallel.param_shardings(state, mesh))
   specs = {"/".join(map(str, p)): x.sharding.spec for p, x in nnx.to_flat_state(state)}
   split = [p for p in specs if p.endswith(("q_up", "kv_up", "attention/kv"))]
   assert split and all(specs[p][0] == "fsdp" for p in split), specs
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
+  def step(s, t):
+    split_model = nnx.merge(graphdef, s)
+    logits, aux = split_model(t, max_logits=True)
+    if clip:
+      split_model.clip_logits(aux["attention_max_logits"], 1.0)
+    return logits, nnx.state(split_model)
   with parallel.activate(mesh):
-    got, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.device_put(tokens, batch))
+    got, state = jax.jit(step)(state, jax.device_put(tokens, batch))
   print(float(jnp.abs(got - want).max()))
+  if clip:
+    print(max(float(jnp.abs(a - b).max()) for a, b in
+              zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(clipped)))))
 """
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}

@@ -74,24 +74,6 @@ def test_eight_devices_expert_parallel_match_one_device(tmp_path, single_device)
 
 
 @pytest.mark.slow
-def test_muon_with_qk_clip_on_a_split_mesh_matches_one_device(tmp_path):
-  # Kernels split over "fsdp" and "model", experts over "expert" (Explicit
-  # axes): Muon's Newton-Schulz reshapes them (`optim._auto_sharded`) and
-  # QK-clip rescales split query/key heads.
-  flags = ("--config.train.optimizer=muon", "--config.train.qk_clip_tau=1.0",
-           "--config.train.steps=4")
-  run(tmp_path / "one", *flags)
-  run(tmp_path / "eight", *flags, "--config.mesh.data=1", "--config.mesh.fsdp=2",
-      "--config.mesh.expert=2", "--config.mesh.model=2", devices=8)
-  assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "eight"))
-  logits = [[record["train/max_attention_logit"] for record in map(
-      json.loads, open(tmp_path / name / "metrics.jsonl")) if "train/max_attention_logit" in record]
-      for name in ("one", "eight")]
-  assert len(logits[0]) == 4
-  np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4)
-
-
-@pytest.mark.slow
 def test_two_processes_match_one_device(tmp_path, single_device):
   port = free_port()
   procs = [run(tmp_path, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

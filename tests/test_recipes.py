@@ -15,7 +15,7 @@ from moejax import routing
 from moejax import run as run_lib
 from moejax import train as train_lib
 from moejax.nn import Experts, TransformerLM
-from moejax.nn.attention import CausalSelfAttention, LatentAttention, clip_factors
+from moejax.nn.attention import CausalSelfAttention, LatentAttention, Rope, clip_factors
 from moejax.nn.config import ModelConfig
 from moejax.routing import RouteContext, hashing
 from moejax.routing import routers as routers_lib
@@ -316,7 +316,7 @@ def _reference_max_logits(attention, x):
     kv = np.einsum("bmr,rnp->bnmp", np.asarray(latents[:, 0]), np.asarray(attention.kv_up[...]))
     k_rope = np.broadcast_to(np.asarray(k_rope), kv.shape[:3] + (attention.rope_dim,))
     k = np.concatenate([kv[..., :attention.nope], k_rope], axis=-1)
-    scale = (attention.nope + attention.rope_dim) ** -0.5
+    scale = (attention.nope + attention.rope_dim) ** -0.5 * attention.rope.softmax_factor
   else:
     q, k, _, _ = attention._project(x, positions)
     k = np.repeat(np.asarray(k), q.shape[1] // k.shape[1], axis=1)  # head n reads n // G
@@ -335,7 +335,9 @@ def test_qk_clip_caps_each_heads_largest_logit_at_tau(kind):
   if kind.startswith("latent"):
     attention = LatentAttention(d_model=32, num_heads=4, kv_rank=16,
                                 q_rank=0 if kind == "latent_full_query" else 24,
-                                nope=8, rope=8, v=12, rngs=rngs)
+                                nope=6, rope=4, v=10, rngs=rngs, rope_options=Rope(
+                                    interleave=True, yarn_factor=4.0,
+                                    yarn_original_max_positions=16, yarn_mscale_all_dim=0.8))
   else:
     attention = CausalSelfAttention(d_model=32, num_heads=4, head_dim=8, rngs=rngs,
                                     num_kv_heads=2 if kind == "grouped" else None)
@@ -358,15 +360,16 @@ def test_qk_clip_caps_each_heads_largest_logit_at_tau(kind):
   elif kind == "grouped":  # the query by gamma; the shared key heads as they were
     np.testing.assert_allclose(after["query"], before["query"] * gamma[:, None], rtol=1e-6)
     np.testing.assert_array_equal(after["kv"], before["kv"])
-  else:  # q_C and k_C by sqrt(gamma), q_R by gamma, v as is (k_R is shared)
+  else:  # q_C and k_C by sqrt(gamma), q_R by gamma, v as is (k_R is shared); Pn = 6
     name = "q_up" if "q_up" in before else "query"
-    np.testing.assert_allclose(after[name][..., :8], before[name][..., :8] * root[:, None],
+    assert after[name].shape[-1] == 10 and after["kv_up"].shape[-1] == 16  # Pn+Pr, Pn+Pv
+    np.testing.assert_allclose(after[name][..., :6], before[name][..., :6] * root[:, None],
                                rtol=1e-6)
-    np.testing.assert_allclose(after[name][..., 8:], before[name][..., 8:] * gamma[:, None],
+    np.testing.assert_allclose(after[name][..., 6:], before[name][..., 6:] * gamma[:, None],
                                rtol=1e-6)
-    np.testing.assert_allclose(after["kv_up"][..., :8],
-                               before["kv_up"][..., :8] * root[:, None], rtol=1e-6)
-    np.testing.assert_array_equal(after["kv_up"][..., 8:], before["kv_up"][..., 8:])
+    np.testing.assert_allclose(after["kv_up"][..., :6],
+                               before["kv_up"][..., :6] * root[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(after["kv_up"][..., 6:], before["kv_up"][..., 6:])
   np.testing.assert_allclose(clip_factors(jnp.array([-2.0, 0.5, 4.0]), 2.0), [1.0, 1.0, 0.5])
 
 

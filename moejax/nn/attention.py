@@ -515,12 +515,12 @@ class LatentAttention(nnx.Module):
     Pn of `kv_up`."""
     gamma = clip_factors(max_logits, tau)[:, None]  # [N, 1]
     root = jnp.sqrt(gamma)
+    # [N, Pn + Pr] and [N, Pn + Pv] factors by broadcasting (laid out like the
+    # heads when they are split over "model"; a concatenation would mix layouts).
+    no_pe = lambda width: jnp.arange(width) < self.nope  # noqa: E731
     query = self.query if self.query is not None else self.q_up
-    _rescaled(query, jnp.concatenate([jnp.broadcast_to(root, (self.num_heads, self.nope)),
-                                      jnp.broadcast_to(gamma, (self.num_heads, self.rope_dim))],
-                                     axis=1))
-    _rescaled(self.kv_up, jnp.concatenate([jnp.broadcast_to(root, (self.num_heads, self.nope)),
-                                           jnp.ones((self.num_heads, self.v_dim))], axis=1))
+    _rescaled(query, jnp.where(no_pe(self.nope + self.rope_dim), root, gamma))
+    _rescaled(self.kv_up, jnp.where(no_pe(self.nope + self.v_dim), root, 1.0))
 
   def decode(self, x: jax.Array, cache: tuple[jax.Array, jax.Array], index: jax.Array):
     """As `CausalSelfAttention.decode`, with the compressed cache
@@ -567,8 +567,10 @@ class LatentAttention(nnx.Module):
     batch, length, d_model = shape
     kv = jnp.einsum("bmr,rnp->bnmp", latents[:, 0], weight(self.kv_up, self.dtype))
     k_nope, v = kv[..., :self.nope], kv[..., self.nope:]  # [B, N, M, Pn], [B, N, M, Pv]
-    k = jnp.concatenate(
-        [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + (self.rope_dim,))], axis=-1)
+    # The shared rotary key, copied to every head, laid out like the heads
+    # (split over "model" on an Explicit mesh, where concatenation needs both alike).
+    shared = cache_like(jnp.broadcast_to(k_rope, k_nope.shape[:3] + (self.rope_dim,)), k_nope)
+    k = jnp.concatenate([k_nope, shared], axis=-1)
     scale = (self.nope + self.rope_dim) ** -0.5 * self.rope.softmax_factor
     context = _attend(q, k, v, visible, scale, max_logits)  # [B, N, L, Pv]
     context, largest = context if max_logits else (context, None)
