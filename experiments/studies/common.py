@@ -139,6 +139,11 @@ def by_config(rows: Sequence[dict], column: str, finished_only: bool = True
   return {name: mean_std(values) for name, values in groups.items()}
 
 
+def row_columns(rows: Sequence[dict], keep: Callable[[str], bool]) -> list[str]:
+  """The columns of `rows` that `keep` accepts, in the order they first appear."""
+  return [c for c in dict.fromkeys(k for row in rows for k in row) if keep(c)]
+
+
 def config_table(rows: Sequence[dict], columns: Iterable[str]) -> dict[str, dict[str, Any]]:
   """{config: {column: mean_std over its finished seeds}} for each column."""
   table: dict[str, dict[str, Any]] = {}

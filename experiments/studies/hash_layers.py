@@ -94,8 +94,8 @@ def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  columns = [c for c in dict.fromkeys(k for row in rows for k in row)
-             if c == "eval_loss" or c.endswith(("_late", "_id_purity", "_predictability"))]
+  columns = common.row_columns(rows, lambda c: c == "eval_loss" or c.endswith(
+      ("_late", "_id_purity", "_predictability")))
   table = common.config_table(rows, columns)
   for name, stats in common.paired_difference(rows, "eval_loss", "learned").items():
     table[name]["eval_loss_minus_learned"] = stats

@@ -127,8 +127,8 @@ def row_metrics(records: Sequence[dict], point, evaluations: Optional[dict]
 
 def summarize(rows: Sequence[dict], out: str) -> dict[str, Any]:
   del out
-  columns = [c for c in dict.fromkeys(k for row in rows for k in row)
-             if c == "eval_loss" or c.startswith(("changed_", "loss_gap_"))]
+  columns = common.row_columns(
+      rows, lambda c: c == "eval_loss" or c.startswith(("changed_", "loss_gap_")))
   return {"configs": common.config_table(rows, columns)}
 
 

@@ -236,14 +236,13 @@ def _check_train(train: ml_collections.ConfigDict) -> None:
   optimizer = train.get("optimizer", "adamw")
   _require(optimizer in ("adamw", "muon"),
            f"config.train.optimizer must be 'adamw' or 'muon', got {optimizer!r}")
-  tau = train.get("qk_clip_tau", 0.0)
-  _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
-           and math.isfinite(tau) and tau >= 0,
-           f"config.train.qk_clip_tau must be a finite number >= 0 (0 = off), got {tau!r}")
 
 
 def _check_qk_clip(config: ml_collections.ConfigDict) -> None:
   tau = config.train.qk_clip_tau
+  _require(isinstance(tau, (int, float)) and not isinstance(tau, bool)
+           and math.isfinite(tau) and tau >= 0,
+           f"config.train.qk_clip_tau must be a finite number >= 0 (0 = off), got {tau!r}")
   if not tau:
     return
   _require(config.model.qk_norm == "none",
